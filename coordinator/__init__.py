@@ -1,0 +1,1 @@
+"""Coordinator: global model, round planning, slicing, merging, evaluation, CLI."""

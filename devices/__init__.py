@@ -1,0 +1,1 @@
+"""Devices: board profiles, on-device profiling, flashing the runtime onto boards."""

@@ -1,0 +1,1 @@
+"""Edge runtime: what runs on a board. Its core imports without torch."""

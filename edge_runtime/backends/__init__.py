@@ -1,0 +1,1 @@
+"""Training backends (ONNX Runtime Training, ExecuTorch), picked by artifact kind."""

@@ -1,0 +1,1 @@
+"""Export: sub-model + local objective -> on-device training artifact."""
