@@ -11,11 +11,9 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 import numpy as np
-import numpy.typing as npt
 
+from msfusion.edge_runtime.indexing import IndexArray, expand_units
 from msfusion.errors import ConfigError
-
-IndexArray = npt.NDArray[np.int64]
 
 
 @dataclass(frozen=True)
@@ -137,13 +135,6 @@ class ModelSpec:
             u = np.asarray(units[group], dtype=np.int64)
             out[axis] = expand_units(u, unit_size)
         return out
-
-
-def expand_units(units: IndexArray, unit_size: int) -> IndexArray:
-    """Unit indices -> element indices: unit u covers [u*size, (u+1)*size)."""
-    if unit_size == 1:
-        return units.astype(np.int64)
-    return (units[:, None] * unit_size + np.arange(unit_size, dtype=np.int64)[None, :]).reshape(-1)
 
 
 def widths_for_ratio(spec: ModelSpec, ratio: float) -> dict[str, int]:
