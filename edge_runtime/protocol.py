@@ -1,0 +1,339 @@
+"""The fleet's wire schema: typed, versioned messages and one encode/decode pair.
+
+Both sides (coordinator and device) import this module; it needs msgspec only.
+
+Messages are frozen `msgspec.Struct`s encoded as MessagePack maps. Every message
+carries a ``type`` tag (which struct it is) and ``schema_version``.
+
+Versioning: ``SCHEMA_VERSION`` is a major version. `decode` rejects any message
+whose ``schema_version`` differs from ours with a `ProtocolError`, before it
+looks at the other fields, so an incompatible peer gets a clear reason rather
+than a field error. Compatible changes keep the version: a new field must have
+a default, and decoders ignore fields they do not know, so an older peer still
+reads a newer peer's messages. Renaming, retyping or removing a field, or
+tightening a constraint, bumps ``SCHEMA_VERSION``.
+
+Validation happens on decode (types, ranges, id patterns, cross-field rules in
+``__post_init__``); `encode` validates too, so a bad message fails at its
+sender. Constructing a struct directly checks only the cross-field rules
+(``ValueError``), not types or ranges.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+import msgspec
+from msgspec import Meta
+
+from msfusion.errors import (
+    ArtifactError,
+    DataError,
+    MemoryBudgetExceeded,
+    ProtocolError,
+)
+
+SCHEMA_VERSION = 1
+MAX_CHUNK_BYTES = 1 << 20  # 1 MiB: larger MQTT publishes were slower and less reliable
+
+# Ids go into topic names, so no '/', '+', '#', '$' or whitespace. `\Z`, not `$`:
+# `$` also matches before a trailing newline.
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z"
+
+Id = Annotated[str, Meta(pattern=ID_PATTERN)]
+Name = Annotated[str, Meta(min_length=1, max_length=256)]  # tensor and group names
+Sha256Hex = Annotated[str, Meta(pattern=r"^[0-9a-f]{64}\Z")]
+Count = Annotated[int, Meta(ge=0)]
+Positive = Annotated[int, Meta(ge=1)]
+Seconds = Annotated[float, Meta(ge=0.0)]
+Ratio = Annotated[float, Meta(gt=0.0, le=1.0)]
+
+DeviceState = Literal["idle", "training", "uploading", "offline"]
+BulkKind = Literal["artifact", "weights", "slice"]
+FailureCode = Literal["memory_budget", "artifact", "data", "protocol", "deadline", "internal"]
+
+
+class _Struct(msgspec.Struct, frozen=True, kw_only=True):
+    """Nested value (not a message on its own)."""
+
+
+class _Message(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+    """Top-level message: tagged by ``type``, versioned by ``schema_version``."""
+
+    schema_version: int = SCHEMA_VERSION
+
+
+class BulkRef(_Struct, frozen=True):
+    """Manifest of a bulk transfer sent as `Chunk`s (artifact, weights, slice)."""
+
+    transfer_id: Id
+    kind: BulkKind
+    total_bytes: Count
+    sha256: Sha256Hex
+    n_chunks: Positive
+    chunk_bytes: Annotated[int, Meta(ge=1, le=MAX_CHUNK_BYTES)]
+
+    def __post_init__(self) -> None:
+        expected = max(1, -(-self.total_bytes // self.chunk_bytes))
+        if self.n_chunks != expected:
+            raise ValueError(
+                f"n_chunks {self.n_chunks} does not fit {self.total_bytes} bytes "
+                f"in chunks of {self.chunk_bytes} (expected {expected})"
+            )
+
+
+class Capacity(_Struct, frozen=True):
+    """What a device can afford: the planner sizes its sub-model from this."""
+
+    memory_budget_bytes: Positive
+    cores: Positive
+    arch: Annotated[str, Meta(min_length=1, max_length=32)]  # "x86_64", "aarch64"
+    backends: Annotated[list[Id], Meta(min_length=1)]  # artifact kinds it can train
+    max_width_ratio: Ratio | None = None
+
+
+class ProfileEntry(_Struct, frozen=True):
+    """One measured training configuration on a device."""
+
+    width_ratio: Ratio
+    batch_size: Positive
+    peak_rss_bytes: Count
+    step_time_s: Seconds
+
+
+class AxisUnits(_Struct, frozen=True):
+    """One split axis of a tensor: which width group indexes it, in blocks of `unit_size`."""
+
+    axis: Count
+    group: Name
+    unit_size: Positive
+
+
+class ProfileReport(_Message, frozen=True, tag="profile"):
+    run_id: Id
+    device_id: Id
+    entries: list[ProfileEntry]
+
+
+class Registration(_Message, frozen=True, tag="register"):
+    run_id: Id
+    device_id: Id
+    capacity: Capacity
+    runtime_version: Annotated[str, Meta(min_length=1, max_length=64)]
+    profile: ProfileReport | None = None
+
+
+class Welcome(_Message, frozen=True, tag="welcome"):
+    """Coordinator's answer to a `Registration`."""
+
+    run_id: Id
+    device_id: Id
+    accepted: bool
+    reason: str = ""
+
+
+class RunControl(_Message, frozen=True, tag="control"):
+    run_id: Id
+    device_id: Id
+    command: Literal["stop"]
+    reason: str = ""
+
+
+class Heartbeat(_Message, frozen=True, tag="heartbeat"):
+    """Device state, published retained on its status topic (also its last will)."""
+
+    run_id: Id
+    device_id: Id
+    state: DeviceState
+    sent_at: Seconds  # sender's wall clock (time.time())
+    task_id: Id | None = None
+    progress: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.0
+
+
+class TrainTask(_Message, frozen=True, tag="task"):
+    """One device's work for one round: which sub-model, how to train it."""
+
+    run_id: Id
+    round_idx: Count
+    device_id: Id
+    task_id: Id
+    backend: Id  # artifact kind, one of the device's Capacity.backends
+    artifact: BulkRef
+    weights: BulkRef  # the global sub-model to start from
+    units: dict[Name, list[Count]]  # width group -> global unit indices, sub-model order
+    tensor_axes: dict[Name, list[AxisUnits]]  # tensor -> its split axes
+    local_epochs: Positive
+    batch_size: Positive
+    lr: Annotated[float, Meta(ge=0.0)]
+    max_samples: Count  # 0 = all of the device's shard
+    mu: Annotated[float, Meta(ge=0.0)]
+    tau: Annotated[float, Meta(gt=0.0)]
+    contrastive: Annotated[str, Meta(min_length=1, max_length=32)]
+    optimizer: Annotated[str, Meta(min_length=1, max_length=32)]
+    seed: Annotated[int, Meta(ge=0, le=2**63 - 1)]
+    deadline_s: Annotated[float, Meta(gt=0.0)]  # from receipt: clocks are not shared
+    signature: bytes = b""  # reserved for signed tasks
+
+    def __post_init__(self) -> None:
+        for tensor, axes in self.tensor_axes.items():
+            for axis in axes:
+                if axis.group not in self.units:
+                    raise ValueError(f"tensor {tensor!r} uses unknown group {axis.group!r}")
+
+    @property
+    def key(self) -> tuple[str, int, str, str]:
+        """Idempotency key: a redelivered task with this key is handled once."""
+        return (self.run_id, self.round_idx, self.device_id, self.task_id)
+
+
+class SliceResult(_Message, frozen=True, tag="result"):
+    """A trained slice is ready: its weights follow as a bulk transfer."""
+
+    run_id: Id
+    round_idx: Count
+    device_id: Id
+    task_id: Id
+    weights: BulkRef
+    n_samples: Count
+    loss_curve: list[float]  # may hold NaN: the coordinator judges the slice
+    step_time_s: Seconds
+    peak_rss_bytes: Count
+    wall_s: Seconds
+
+    @property
+    def key(self) -> tuple[str, int, str, str]:
+        return (self.run_id, self.round_idx, self.device_id, self.task_id)
+
+
+class TaskFailed(_Message, frozen=True, tag="failed"):
+    """The reply to a task that produced no slice (never sent with a result)."""
+
+    run_id: Id
+    round_idx: Count
+    device_id: Id
+    task_id: Id
+    code: FailureCode
+    reason: Annotated[str, Meta(max_length=4096)]
+    details: dict[Name, Union[int, float, str]] = {}
+
+    @property
+    def key(self) -> tuple[str, int, str, str]:
+        return (self.run_id, self.round_idx, self.device_id, self.task_id)
+
+
+class Chunk(_Message, frozen=True, tag="chunk"):
+    """One piece of a bulk transfer; its own sha256 lets a receiver drop a bad piece."""
+
+    transfer_id: Id
+    index: Count
+    n_chunks: Positive
+    sha256: Sha256Hex
+    data: Annotated[bytes, Meta(max_length=MAX_CHUNK_BYTES)]
+
+    def __post_init__(self) -> None:
+        if self.index >= self.n_chunks:
+            raise ValueError(f"chunk index {self.index} >= n_chunks {self.n_chunks}")
+
+
+class ChunkRequest(_Message, frozen=True, tag="chunk_request"):
+    """A receiver asks for chunks it is missing; `device_id` names the subtree it concerns."""
+
+    run_id: Id
+    device_id: Id
+    transfer_id: Id
+    missing: Annotated[list[Count], Meta(min_length=1)]
+
+
+Message = Union[
+    Registration,
+    ProfileReport,
+    Welcome,
+    RunControl,
+    Heartbeat,
+    TrainTask,
+    SliceResult,
+    TaskFailed,
+    Chunk,
+    ChunkRequest,
+]
+MESSAGE_TYPES: tuple[type[_Message], ...] = Message.__args__  # type: ignore[attr-defined]
+_TAGS = frozenset(t.__struct_config__.tag for t in MESSAGE_TYPES)
+
+
+class _Envelope(msgspec.Struct):
+    """What every version of the schema agrees on: read first, to check the version."""
+
+    type: str
+    schema_version: int
+
+
+_encoder = msgspec.msgpack.Encoder()
+_envelope_decoder = msgspec.msgpack.Decoder(_Envelope)
+_decoder: msgspec.msgpack.Decoder[Message] = msgspec.msgpack.Decoder(Message)
+
+
+def encode(msg: Message, *, validate: bool = True) -> bytes:
+    """Encode a message as MessagePack.
+
+    Args:
+        msg: any message type of this module.
+        validate: decode the bytes again so a malformed message fails here, at its sender.
+
+    Returns:
+        The bytes to publish.
+
+    Raises:
+        ProtocolError: `msg` is not a message or does not validate.
+    """
+    if not isinstance(msg, MESSAGE_TYPES):
+        raise ProtocolError(f"not a protocol message: {type(msg).__name__}")
+    try:
+        data = _encoder.encode(msg)
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(f"cannot encode {type(msg).__name__}: {exc}") from exc
+    if validate:
+        decode(data)
+    return data
+
+
+def decode(data: bytes) -> Message:
+    """Decode and validate one message.
+
+    Args:
+        data: bytes as produced by `encode`.
+
+    Returns:
+        The message, every field validated.
+
+    Raises:
+        ProtocolError: malformed bytes, a different schema version, an unknown
+            message type, or a field that fails validation (the reason says which).
+    """
+    try:
+        envelope = _envelope_decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(f"malformed message: {exc}") from exc
+    if envelope.schema_version != SCHEMA_VERSION:
+        raise ProtocolError(
+            f"schema version {envelope.schema_version} of a {envelope.type!r} message "
+            f"is not supported (this side speaks {SCHEMA_VERSION})"
+        )
+    if envelope.type not in _TAGS:
+        raise ProtocolError(f"unknown message type {envelope.type!r}")
+    try:
+        return _decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(f"invalid {envelope.type!r} message: {exc}") from exc
+
+
+def failure_code(exc: BaseException) -> FailureCode:
+    """Map an exception to the `TaskFailed.code` a device reports for it."""
+    if isinstance(exc, MemoryBudgetExceeded):
+        return "memory_budget"
+    if isinstance(exc, ArtifactError):
+        return "artifact"
+    if isinstance(exc, DataError):
+        return "data"
+    if isinstance(exc, ProtocolError):
+        return "protocol"
+    return "internal"
