@@ -88,6 +88,7 @@ class EngineConfig:
         rounds: number of rounds.
         seed: seeds the global model's initialization and every local run.
         eval_batch_size: batch size for evaluation.
+        eval_window: also evaluate the first device's window as a standalone model.
     """
 
     model: ModelConfig
@@ -98,6 +99,7 @@ class EngineConfig:
     rounds: int = 10
     seed: int = 0
     eval_batch_size: int = 500
+    eval_window: bool = False
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,7 @@ class RoundRecord:
     round_idx: int
     overlap: float
     metrics: Mapping[str, float]
+    window_metrics: Mapping[str, float]
     disagreement: float
     coverage: float
     merged: tuple[str, ...]
@@ -296,10 +299,19 @@ class ReferenceEngine:
         self.weights, report = merge_slices(self.weights, self.spec, updates, round_idx)
         self.disagreement = report.disagreement
         metrics = evaluate(self.config.model, self.weights, self.test, self.config.eval_batch_size)
-        record = self._record(round_idx, plan, report, metrics, local_losses, time.perf_counter() - t0)
+        window = self.evaluate_window(plan) if self.config.eval_window else {}
+        record = self._record(round_idx, plan, report, metrics, window, local_losses, time.perf_counter() - t0)
         self.history.append(record)
         log.info("round %d: %s overlap %.3f disagreement %.3f", round_idx, metrics, plan.overlap, report.disagreement)
         return record
+
+    def evaluate_window(self, plan: SplitPlan) -> dict[str, float]:
+        """The second figure (msfusion.md, section 6): the first device's window of the
+        merged model, as a standalone sub-model with its scaler."""
+        first = self.devices[0].device_id
+        units = plan.units(first)
+        sub = slice_weights(self.weights, self.spec, units)
+        return evaluate(self.config.model, sub, self.test, self.config.eval_batch_size, plan.widths(first))
 
     def _record(
         self,
@@ -307,6 +319,7 @@ class ReferenceEngine:
         plan: SplitPlan,
         report: MergeReport,
         metrics: Mapping[str, float],
+        window_metrics: Mapping[str, float],
         local_losses: Sequence[float],
         wall_s: float,
     ) -> RoundRecord:
@@ -314,6 +327,7 @@ class ReferenceEngine:
             round_idx=round_idx,
             overlap=plan.overlap,
             metrics=dict(metrics),
+            window_metrics=dict(window_metrics),
             disagreement=report.disagreement,
             coverage=report.coverage,
             merged=report.merged,
