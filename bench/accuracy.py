@@ -144,7 +144,7 @@ def run_one(case: Case, budget: str, strategy: str, shards: list[ArrayDataset], 
     """Train one (case, budget, strategy) and return its figures."""
     share = float(Fraction(budget))
     ratio = ratio_for_budget(model_spec(model), share)
-    base = EngineConfig(model=model, local=case.local, rounds=case.rounds[budget], seed=seed, eval_window=True)
+    base = EngineConfig(model=model, local=case.local, rounds=case.rounds[budget], seed=seed, eval_window=True, eval_expected=True)
     cfg, device_ratio = strategy_config(strategy, base, ratio, mu)
     engine = ReferenceEngine(cfg, shards, test, [device_ratio] * len(shards))
     plan = plan_round(engine.spec, [DeviceSlot("d", device_ratio)], 0, cfg.overlap.initial, cfg.plan)
@@ -163,6 +163,7 @@ def run_one(case: Case, budget: str, strategy: str, shards: list[ArrayDataset], 
         "best": best,
         "curve": curve,
         "window_curve": [r.window_metrics.get(case.metric, float("nan")) for r in history],
+        "expected_curve": [r.expected_metrics.get(case.metric, float("nan")) for r in history],
         "overlap": [r.overlap for r in history],
         "disagreement": [r.disagreement for r in history],
         "rounds": len(history),
@@ -177,12 +178,12 @@ def run_one(case: Case, budget: str, strategy: str, shards: list[ArrayDataset], 
 
 def print_table(rows: list[dict[str, object]]) -> None:
     """A plain-text table of the figures (stdout)."""
-    header = f"{'case':20} {'budget':6} {'strategy':16} {'final':>8} {'best':>8} {'window':>8} {'params':>9} {'MFLOP/s':>8} {'KB/round':>9} {'wall s':>7}"
+    header = f"{'case':20} {'budget':6} {'strategy':16} {'final':>8} {'best':>8} {'window':>8} {'expect':>8} {'params':>9} {'MFLOP/s':>8} {'KB/round':>9} {'wall s':>7}"
     print(header)
     print("-" * len(header))
     for r in rows:
         print(
-            f"{r['case']:20} {r['budget']:6} {r['strategy']:16} {r['final']:8.4f} {r['best']:8.4f} {r['window_curve'][-1]:8.4f} "
+            f"{r['case']:20} {r['budget']:6} {r['strategy']:16} {r['final']:8.4f} {r['best']:8.4f} {r['window_curve'][-1]:8.4f} {r['expected_curve'][-1]:8.4f} "
             f"{r['params_per_device']:9d} {r['flops_per_sample_per_device'] / 1e6:8.2f} "
             f"{r['bytes_per_device_per_round'] / 1024:9.1f} {r['wall_s']:7.1f}"
         )

@@ -18,6 +18,7 @@ import numpy.typing as npt
 import torch
 
 from msfusion.coordinator.datasets import ArrayDataset
+from msfusion.coordinator.inference import CoHoldStats
 from msfusion.coordinator.loss import ContrastiveVariant, LocalObjective, cross_entropy
 from msfusion.coordinator.merging import MergeReport, SliceUpdate, merge_slices
 from msfusion.coordinator.models import ModelConfig, build_model, flops_per_sample, load_numpy, model_spec, state_to_numpy
@@ -89,6 +90,8 @@ class EngineConfig:
         seed: seeds the global model's initialization and every local run.
         eval_batch_size: batch size for evaluation.
         eval_window: also evaluate the first device's window as a standalone model.
+        eval_expected: also evaluate the expected-sub-model full model
+            (coordinator/inference.py).
     """
 
     model: ModelConfig
@@ -100,6 +103,7 @@ class EngineConfig:
     seed: int = 0
     eval_batch_size: int = 500
     eval_window: bool = False
+    eval_expected: bool = False
 
 
 @dataclass(frozen=True)
@@ -119,6 +123,7 @@ class RoundRecord:
     overlap: float
     metrics: Mapping[str, float]
     window_metrics: Mapping[str, float]
+    expected_metrics: Mapping[str, float]
     disagreement: float
     coverage: float
     merged: tuple[str, ...]
@@ -265,6 +270,18 @@ class ReferenceEngine:
         self.overlap = config.overlap.initial
         self.disagreement: float | None = None
         self.history: list[RoundRecord] = []
+        full = build_model(config.model)
+        self._scaled = [f"{name}.weight" for name in full.input_scales()]
+        self._scales: dict[tuple[tuple[str, int], ...], dict[str, float]] = {}
+        self.cohold = CoHoldStats(self.spec, self._scaled)
+
+    def scales(self, widths: Mapping[str, int]) -> dict[str, float]:
+        """The scaler of every scaled layer of the sub-model at `widths`, by weight name."""
+        key = tuple(sorted(widths.items()))
+        if key not in self._scales:
+            model = build_model(self.config.model, widths)
+            self._scales[key] = {f"{n}.weight": s for n, s in model.input_scales().items()}
+        return self._scales[key]
 
     def plan(self, round_idx: int) -> SplitPlan:
         """Round `round_idx`'s plan (also adapts the overlap target)."""
@@ -295,12 +312,20 @@ class ReferenceEngine:
             )
             memory.weights, memory.index = result.weights, index_now
             updates.append(SliceUpdate(device.device_id, round_idx, units, result.weights, result.n_samples))
+            self.cohold.add(units, self.scales(plan.widths(device.device_id)))
             local_losses.extend(result.loss_curve)
         self.weights, report = merge_slices(self.weights, self.spec, updates, round_idx)
         self.disagreement = report.disagreement
         metrics = evaluate(self.config.model, self.weights, self.test, self.config.eval_batch_size)
         window = self.evaluate_window(plan) if self.config.eval_window else {}
-        record = self._record(round_idx, plan, report, metrics, window, local_losses, time.perf_counter() - t0)
+        expected = (
+            evaluate(self.config.model, self.cohold.expected_weights(self.weights), self.test, self.config.eval_batch_size)
+            if self.config.eval_expected
+            else {}
+        )
+        record = self._record(
+            round_idx, plan, report, metrics, window, expected, local_losses, time.perf_counter() - t0
+        )
         self.history.append(record)
         log.info("round %d: %s overlap %.3f disagreement %.3f", round_idx, metrics, plan.overlap, report.disagreement)
         return record
@@ -320,6 +345,7 @@ class ReferenceEngine:
         report: MergeReport,
         metrics: Mapping[str, float],
         window_metrics: Mapping[str, float],
+        expected_metrics: Mapping[str, float],
         local_losses: Sequence[float],
         wall_s: float,
     ) -> RoundRecord:
@@ -328,6 +354,7 @@ class ReferenceEngine:
             overlap=plan.overlap,
             metrics=dict(metrics),
             window_metrics=dict(window_metrics),
+            expected_metrics=dict(expected_metrics),
             disagreement=report.disagreement,
             coverage=report.coverage,
             merged=report.merged,

@@ -1,0 +1,152 @@
+"""A private MQTT broker for a simulated fleet: Mosquitto when installed, else amqtt, on 127.0.0.1 only."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+from msfusion.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+HOST = "127.0.0.1"  # never 0.0.0.0: a private broker is reachable from this machine only
+
+
+class Broker(Protocol):
+    """A started broker."""
+
+    @property
+    def url(self) -> str: ...
+
+    def stop(self) -> None: ...
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_listening(port: int, timeout_s: float, alive: Any = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if alive is not None and not alive():
+            raise ConfigError("the broker exited while starting")
+        try:
+            socket.create_connection((HOST, port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise ConfigError(f"the broker did not listen on {HOST}:{port} within {timeout_s} s")
+
+
+def mosquitto_binary() -> str | None:
+    """The mosquitto executable, if installed."""
+    found = shutil.which("mosquitto")
+    if found:
+        return found
+    return "/usr/sbin/mosquitto" if os.access("/usr/sbin/mosquitto", os.X_OK) else None
+
+
+class MosquittoBroker:
+    """Mosquitto with its own config and persistence folder on a free local port."""
+
+    def __init__(self, binary: str, log_path: Path, timeout_s: float = 10.0) -> None:
+        self.port = free_port()
+        # A root Mosquitto drops to user `mosquitto`, which must read the config and write the database.
+        self.dir = Path(tempfile.mkdtemp(prefix="msfusion-broker-"))
+        self.dir.chmod(0o777)
+        conf = self.dir / "mosquitto.conf"
+        conf.write_text(
+            f"listener {self.port} {HOST}\nallow_anonymous true\n"
+            f"persistence true\npersistence_location {self.dir}/\n"
+            "log_dest stdout\nlog_type error\nlog_type warning\nlog_type notice\n"
+        )
+        conf.chmod(0o644)
+        with open(log_path, "ab") as out:
+            self._proc = subprocess.Popen([binary, "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT)
+        try:
+            _wait_listening(self.port, timeout_s, lambda: self._proc.poll() is None)
+        except ConfigError:
+            self.stop()
+            raise
+        log.info("started mosquitto on %s:%d (log %s)", HOST, self.port, log_path)
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{HOST}:{self.port}"
+
+    def stop(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class AmqttBroker:
+    """amqtt's pure-Python broker, embedded in a background thread with its own event loop."""
+
+    def __init__(self, timeout_s: float = 10.0) -> None:
+        from amqtt.broker import Broker as _Amqtt
+
+        logging.getLogger("amqtt").setLevel(logging.CRITICAL)  # it logs every client hiccup as an error
+        self.port = free_port()
+        config = {
+            "listeners": {"default": {"type": "tcp", "bind": f"{HOST}:{self.port}"}},
+            "sys_interval": 0,
+            "auth": {"allow-anonymous": True, "plugins": ["auth_anonymous"]},
+            "topic-check": {"enabled": False},
+        }
+        self._loop = asyncio.new_event_loop()
+        self._broker = _Amqtt(config, loop=self._loop)
+        self._thread = threading.Thread(target=self._loop.run_forever, name="amqtt", daemon=True)
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._broker.start(), self._loop).result(timeout_s)
+        _wait_listening(self.port, timeout_s)
+        log.info("started embedded amqtt on %s:%d", HOST, self.port)
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{HOST}:{self.port}"
+
+    def stop(self) -> None:
+        try:
+            asyncio.run_coroutine_threadsafe(self._broker.shutdown(), self._loop).result(10)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+
+
+def start_private_broker(log_path: Path, prefer: str = "auto") -> Broker:
+    """Start a broker for this process's use on a free 127.0.0.1 port.
+
+    Args:
+        log_path: where Mosquitto writes its log.
+        prefer: "auto" (mosquitto when installed, else amqtt), "mosquitto" or "amqtt".
+
+    Returns:
+        The started broker; call `stop()` when done.
+
+    Raises:
+        ConfigError: the broker did not start.
+    """
+    binary = mosquitto_binary() if prefer in ("auto", "mosquitto") else None
+    if binary is not None:
+        return MosquittoBroker(binary, log_path)
+    if prefer == "mosquitto":
+        raise ConfigError("mosquitto is not installed (Debian: apt-get install mosquitto)")
+    return AmqttBroker()

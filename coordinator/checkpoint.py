@@ -1,0 +1,104 @@
+"""Checkpoints: the global weights (safetensors) plus the run's JSON state, resumable bit for bit.
+
+A checkpoint holds everything the next round depends on and nothing drawn
+from an RNG: the global weights, the next round's index, the overlap target
+the next round plans with, the last disagreement, and the run's session id
+(task ids are derived from it, so a resumed coordinator asks the same
+questions and devices answer redelivered tasks from their records). Both
+files are written to temporary names and renamed, weights first; `state.json`
+names the weights' sha256, so a torn pair is detected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import numpy.typing as npt
+
+from msfusion.coordinator.slicing import Weights
+from msfusion.edge_runtime.weights import pack_weights, unpack_weights
+from msfusion.errors import ArtifactError, ConfigError
+
+WEIGHTS_FILE = "global.safetensors"
+STATE_FILE = "state.json"
+FORMAT = "msfusion-checkpoint-1"
+
+
+@dataclass(frozen=True)
+class RunState:
+    """The coordinator's state between rounds (everything but the weights).
+
+    Attributes:
+        run_id: the run.
+        session: random id fixed at the run's start; prefixes every task id.
+        next_round: the round to run next (rounds before it are merged).
+        overlap: the overlap target the next round plans with.
+        disagreement: measured at the last merge (None before the first).
+        backend: the artifact kind of the run.
+    """
+
+    run_id: str
+    session: str
+    next_round: int
+    overlap: float
+    disagreement: float | None
+    backend: str
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(folder: Path, weights: Mapping[str, npt.NDArray[np.float32]], state: RunState) -> None:
+    """Write weights then state, each atomically.
+
+    Args:
+        folder: the checkpoint folder (created if missing).
+        weights: the global weights after the last merged round.
+        state: the run state for the next round.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    data = pack_weights(weights)
+    _atomic_write(folder / WEIGHTS_FILE, data)
+    record = {"format": FORMAT, "weights_sha256": hashlib.sha256(data).hexdigest(), **asdict(state)}
+    _atomic_write(folder / STATE_FILE, json.dumps(record, indent=2).encode("utf-8"))
+
+
+def load_checkpoint(folder: Path) -> tuple[Weights, RunState]:
+    """Read a checkpoint back exactly as it was saved.
+
+    Raises:
+        ConfigError: no checkpoint in `folder`.
+        ArtifactError: a malformed state file, or weights that do not match it.
+    """
+    state_path = folder / STATE_FILE
+    if not state_path.exists():
+        raise ConfigError(f"no checkpoint in {folder} (nothing to resume)")
+    try:
+        record = json.loads(state_path.read_text(encoding="utf-8"))
+        if record.pop("format") != FORMAT:
+            raise ArtifactError(f"{state_path}: not a {FORMAT} file")
+        sha = record.pop("weights_sha256")
+        state = RunState(**record)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ArtifactError(f"{state_path} is malformed: {exc}") from exc
+    data = (folder / WEIGHTS_FILE).read_bytes()
+    if hashlib.sha256(data).hexdigest() != sha:
+        raise ArtifactError(f"{folder / WEIGHTS_FILE} does not match {state_path}")
+    return unpack_weights(data), state

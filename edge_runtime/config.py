@@ -1,0 +1,116 @@
+"""The device daemon's configuration: one frozen dataclass loaded from a TOML file (no torch).
+
+Example `device.toml`::
+
+    device_id = "dev003"
+    run_id = "fmnist"
+    broker = "mqtt://192.168.1.10:1883"
+    username = "dev003"           # optional; the broker's ACL confines it to its subtree
+    password = "..."
+    data_dir = "/var/lib/msfusion/shard"     # written by `msfusion partition`
+    state_dir = "/var/lib/msfusion/state"    # previous slice, handled tasks, artifact cache
+    memory_budget_bytes = 536870912
+    backends = ["ort"]            # artifact kinds this board trains: "ort", "executorch"
+    # max_width_ratio = 0.5       # optional cap reported to the coordinator
+    # heartbeat_s = 5.0
+    # keepalive_s = 10
+    # stall_s = 5.0               # seconds without a new chunk before asking for missing ones
+    # threads = 1                 # intra-op threads for training
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from msfusion.edge_runtime.protocol import ID_PATTERN
+from msfusion.edge_runtime.transport import parse_broker_url
+from msfusion.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    """Everything a device daemon needs (see the module docstring for the TOML form)."""
+
+    device_id: str
+    run_id: str
+    data_dir: Path
+    state_dir: Path
+    memory_budget_bytes: int
+    broker: str = "mqtt://127.0.0.1:1883"
+    username: str | None = None
+    password: str | None = None
+    backends: tuple[str, ...] = ("ort",)
+    max_width_ratio: float | None = None
+    heartbeat_s: float = 5.0
+    keepalive_s: int = 10
+    stall_s: float = 5.0
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("device_id", "run_id"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not re.match(ID_PATTERN, value):
+                raise ConfigError(f"{name} {value!r} is not a safe id ({ID_PATTERN})")
+        object.__setattr__(self, "data_dir", Path(self.data_dir))
+        object.__setattr__(self, "state_dir", Path(self.state_dir))
+        object.__setattr__(self, "backends", tuple(self.backends))
+        parse_broker_url(self.broker)
+        if not isinstance(self.memory_budget_bytes, int) or self.memory_budget_bytes < 1:
+            raise ConfigError(f"memory_budget_bytes must be a positive integer, got {self.memory_budget_bytes!r}")
+        if not self.backends or any(b not in ("ort", "executorch") for b in self.backends):
+            raise ConfigError(f"backends must name 'ort' and/or 'executorch', got {self.backends!r}")
+        if self.max_width_ratio is not None and not 0.0 < self.max_width_ratio <= 1.0:
+            raise ConfigError(f"max_width_ratio must be in (0, 1], got {self.max_width_ratio}")
+        if self.heartbeat_s <= 0 or self.keepalive_s < 1 or self.stall_s <= 0 or self.threads < 1:
+            raise ConfigError("heartbeat_s, stall_s must be > 0; keepalive_s, threads >= 1")
+
+
+def load_device_config(path: str | Path, **overrides: Any) -> DeviceConfig:
+    """Read a device TOML file; keyword overrides (not None) win over the file.
+
+    Raises:
+        ConfigError: unreadable TOML, an unknown key, or an invalid value.
+    """
+    try:
+        table: dict[str, Any] = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read device config {path}: {exc}") from exc
+    table.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in fields(DeviceConfig)}
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in {path}; known: {sorted(known)}")
+    try:
+        return DeviceConfig(**table)
+    except TypeError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
+def to_toml(config: DeviceConfig) -> str:
+    """The config as TOML text (what `msfusion simulate` writes for each device)."""
+    lines = []
+    for f in fields(DeviceConfig):
+        value = getattr(config, f.name)
+        if value is None:
+            continue
+        if isinstance(value, Path):
+            value = str(value)
+        if isinstance(value, tuple):
+            lines.append(f"{f.name} = [{', '.join(repr_toml(v) for v in value)}]")
+        else:
+            lines.append(f"{f.name} = {repr_toml(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def repr_toml(value: Any) -> str:
+    """One scalar as TOML."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'
