@@ -4,9 +4,12 @@ A checkpoint holds everything the next round depends on and nothing drawn
 from an RNG: the global weights, the next round's index, the overlap target
 the next round plans with, the last disagreement, and the run's session id
 (task ids are derived from it, so a resumed coordinator asks the same
-questions and devices answer redelivered tasks from their records). Both
-files are written to temporary names and renamed, weights first; `state.json`
-names the weights' sha256, so a torn pair is detected.
+questions and devices answer redelivered tasks from their records).
+
+Crash safety: the weights go to a new file per round (`global-rNNNNN.safetensors`),
+then `state.json` is atomically replaced to name that file and its sha256,
+then older weights files are removed. A crash at any point leaves a
+`state.json` whose weights file exists and matches.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from msfusion.coordinator.slicing import Weights
 from msfusion.edge_runtime.weights import pack_weights, unpack_weights
 from msfusion.errors import ArtifactError, ConfigError
 
-WEIGHTS_FILE = "global.safetensors"
+WEIGHTS_PATTERN = "global-r{round:05d}.safetensors"
 STATE_FILE = "state.json"
 FORMAT = "msfusion-checkpoint-1"
 
@@ -52,6 +55,16 @@ class RunState:
     backend: str
 
 
+def weights_digest(weights: Mapping[str, npt.NDArray[np.float32]]) -> str:
+    """sha256 over every tensor's name, shape and float32 bytes, in name order (bit-exact identity)."""
+    h = hashlib.sha256()
+    for name in sorted(weights):
+        array = np.ascontiguousarray(weights[name], dtype="<f4")
+        h.update(f"{name}\0{list(array.shape)}\0".encode())
+        h.update(array.view(np.uint8).data)
+    return h.hexdigest()
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -75,9 +88,13 @@ def save_checkpoint(folder: Path, weights: Mapping[str, npt.NDArray[np.float32]]
     """
     folder.mkdir(parents=True, exist_ok=True)
     data = pack_weights(weights)
-    _atomic_write(folder / WEIGHTS_FILE, data)
-    record = {"format": FORMAT, "weights_sha256": hashlib.sha256(data).hexdigest(), **asdict(state)}
+    name = WEIGHTS_PATTERN.format(round=state.next_round)
+    _atomic_write(folder / name, data)
+    record = {"format": FORMAT, "weights_file": name, "weights_sha256": hashlib.sha256(data).hexdigest(), **asdict(state)}
     _atomic_write(folder / STATE_FILE, json.dumps(record, indent=2).encode("utf-8"))
+    for old in folder.glob("global-r*.safetensors"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
 
 
 def load_checkpoint(folder: Path) -> tuple[Weights, RunState]:
@@ -95,10 +112,14 @@ def load_checkpoint(folder: Path) -> tuple[Weights, RunState]:
         if record.pop("format") != FORMAT:
             raise ArtifactError(f"{state_path}: not a {FORMAT} file")
         sha = record.pop("weights_sha256")
+        weights_path = folder / Path(record.pop("weights_file")).name
         state = RunState(**record)
     except (ValueError, KeyError, TypeError) as exc:
         raise ArtifactError(f"{state_path} is malformed: {exc}") from exc
-    data = (folder / WEIGHTS_FILE).read_bytes()
+    try:
+        data = weights_path.read_bytes()
+    except OSError as exc:
+        raise ArtifactError(f"checkpoint weights {weights_path} are unreadable: {exc}") from exc
     if hashlib.sha256(data).hexdigest() != sha:
-        raise ArtifactError(f"{folder / WEIGHTS_FILE} does not match {state_path}")
+        raise ArtifactError(f"{weights_path} does not match {state_path}")
     return unpack_weights(data), state

@@ -7,6 +7,7 @@ A run file looks like this (every table and key is optional except `model`)::
     out = "runs/fmnist"
     backend = "ort"            # artifact kind the devices train: "ort" or "executorch"
     eval_shard = "runs/fmnist/shards/test"
+    # artifact_cache = "~/.cache/msfusion/artifacts"
 
     [engine]                   # the algorithm: exactly the reference engine's knobs
     rounds = 10
@@ -33,7 +34,7 @@ import enum
 import tomllib
 import types
 import typing
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Mapping
@@ -103,6 +104,7 @@ class CoordinatorConfig:
         out: output folder (metrics, checkpoints, final model, plots).
         eval_shard: shard folder of held-out data to evaluate the global model on.
         backend: the artifact kind devices train ("ort" or "executorch").
+        artifact_cache: folder of exported artifacts, reused across runs (None: the exporter's default).
         round: per-round knobs.
         fleet: fleet knobs.
     """
@@ -115,6 +117,7 @@ class CoordinatorConfig:
     out: Path = Path("runs/run")
     eval_shard: Path | None = None
     backend: str = "ort"
+    artifact_cache: Path | None = None
     round: RoundConfig = field(default_factory=RoundConfig)
     fleet: FleetConfig = field(default_factory=FleetConfig)
 
@@ -127,8 +130,9 @@ class CoordinatorConfig:
             raise ConfigError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         parse_broker_url(self.broker)
         object.__setattr__(self, "out", Path(self.out))
-        if self.eval_shard is not None:
-            object.__setattr__(self, "eval_shard", Path(self.eval_shard))
+        for name in ("eval_shard", "artifact_cache"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)))
 
 
 def _convert(kind: Any, value: Any, where: str) -> Any:
@@ -219,8 +223,3 @@ def load_config(path: str | Path | None, overrides: Mapping[str, Any] | None = N
     if not isinstance(config, CoordinatorConfig):  # for the type checker
         raise ConfigError("internal: not a CoordinatorConfig")
     return config
-
-
-def with_out(config: CoordinatorConfig, out: Path) -> CoordinatorConfig:
-    """A copy of `config` writing into `out`."""
-    return replace(config, out=Path(out))

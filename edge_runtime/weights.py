@@ -58,7 +58,21 @@ def pack_weights(weights: Mapping[str, npt.ArrayLike]) -> bytes:
         # safetensors reads raw memory: the array must be contiguous.
         arrays[name] = np.asarray(array, dtype=np.float32, order="C")
     metadata = {"format": FORMAT, "sha256": _digest(arrays)}
-    return safetensors.numpy.save(arrays, metadata=metadata)
+    return _canonical_header(safetensors.numpy.save(arrays, metadata=metadata))
+
+
+def _canonical_header(data: bytes) -> bytes:
+    """The same safetensors bytes with the header's keys sorted.
+
+    safetensors writes the metadata map in a per-process random order, so the
+    same tensors would pack to different bytes (and sha256) in two processes;
+    a resumed coordinator must send the very bytes it sent before its crash.
+    """
+    (header_len,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + header_len])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # keep the data section 8-byte aligned, as safetensors does
+    return struct.pack("<Q", len(text)) + text + data[8 + header_len :]
 
 
 def _read_metadata(data: bytes) -> dict[str, str]:

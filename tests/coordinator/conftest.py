@@ -34,3 +34,29 @@ def tiny_spec() -> ModelSpec:
 def tiny_weights(tiny_spec: ModelSpec) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     return {n: rng.standard_normal(s).astype(np.float32) for n, s in tiny_spec.shapes.items()}
+
+
+# The fleet tests (test_fleet*.py) share one partition, one reference run and one artifact cache.
+
+
+@pytest.fixture(scope="session")
+def fleet_shards(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    from fleet_harness import make_shards
+
+    return make_shards(tmp_path_factory.mktemp("fleet-shards"))
+
+
+@pytest.fixture(scope="session")
+def fleet_reference(fleet_shards):  # type: ignore[no-untyped-def]
+    from fleet_harness import reference_weights
+
+    return reference_weights(fleet_shards)
+
+
+@pytest.fixture(scope="session")
+def fleet_artifacts(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    from fleet_harness import ENGINE
+
+    from msfusion.coordinator.artifacts import ExportedArtifacts
+
+    return ExportedArtifacts(ENGINE, "ort", cache_dir=tmp_path_factory.mktemp("fleet-artifacts"))

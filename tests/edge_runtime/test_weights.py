@@ -102,3 +102,18 @@ def test_check_finite_names_the_tensor() -> None:
 
 def test_nbytes_counts_float32() -> None:
     assert nbytes(sample_weights()) == 4 * (8 * 27 + 8 + 80 + 1)
+
+
+def test_packing_is_byte_identical_across_processes() -> None:
+    # safetensors orders its header map at random per process; a resumed coordinator must resend the same bytes.
+    import subprocess
+    import sys
+
+    script = (
+        "import hashlib, numpy as np\n"
+        "from msfusion.edge_runtime.weights import pack_weights\n"
+        "w = {f't{i}': np.arange(i + 1, dtype=np.float32) for i in range(12)}\n"
+        "print(hashlib.sha256(pack_weights(w)).hexdigest())\n"
+    )
+    digests = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout for _ in range(4)}
+    assert len(digests) == 1

@@ -1,0 +1,118 @@
+"""Fleet overhead benchmark: a simulated fleet over a private Mosquitto, figures per round.
+
+Prints, per round: wall time; the coordinator's own overhead (plan + slice +
+publish + merge) as a share of it; bytes sent to each device against the fp32
+size of its slice (after round 1 the artifact is cached on the device, so
+only weights travel); and merge throughput, both in the run and in a
+stand-alone measurement of `MergeAccumulator`. Targets are printed, not
+asserted: overhead <= 5% at 8 devices, bytes per round <= 1.05x slice bytes
+after the first round.
+
+    .venv/bin/python bench/fleet.py --devices 8 --rounds 4 --out bench/results/fleet
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from msfusion.coordinator.artifacts import ExportedArtifacts
+from msfusion.coordinator.config import RoundConfig
+from msfusion.coordinator.engine import EngineConfig, LocalTrainConfig
+from msfusion.coordinator.merging import MergeAccumulator, SliceUpdate
+from msfusion.coordinator.models import ModelConfig, build_model, model_spec, state_to_numpy
+from msfusion.coordinator.planning import DeviceSlot, PlanConfig, plan_round
+from msfusion.coordinator.report import read_metrics
+from msfusion.coordinator.simulate import PartitionConfig, SimulationConfig, simulate
+from msfusion.coordinator.slicing import slice_weights
+
+OVERHEAD = ("plan_s", "slice_s", "publish_s", "merge_s")
+
+
+def merge_throughput(model: ModelConfig, devices: int, ratio: float, repeats: int = 5) -> float:
+    """MB of fp32 slices folded into the global model per second by MergeAccumulator."""
+    spec = model_spec(model)
+    weights = state_to_numpy(build_model(model, seed=0))
+    plan = plan_round(spec, [DeviceSlot(f"d{i}", ratio) for i in range(devices)], 0, 0.5, PlanConfig())
+    updates = [
+        SliceUpdate(d, 0, plan.units(d), slice_weights(weights, spec, plan.units(d)), 100) for d in plan.windows
+    ]
+    size = sum(sum(a.nbytes for a in u.weights.values()) for u in updates)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        acc = MergeAccumulator(weights, spec, 0)
+        for update in updates:
+            acc.add(update)
+        acc.result()
+    return size * repeats / (time.perf_counter() - started) / 1e6
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--devices", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--channels", default="64,128,256", help="CNN conv widths")
+    parser.add_argument("--ratio", type=float, default=0.25, help="every device's width cap")
+    parser.add_argument("--local-samples", type=int, default=256, help="samples per local epoch")
+    parser.add_argument("--backend", default="ort")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/fleet"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    model = ModelConfig(arch="cnn", channels=tuple(int(c) for c in args.channels.split(",")))
+    engine = EngineConfig(model=model, local=LocalTrainConfig(max_samples=args.local_samples), rounds=args.rounds)
+    if args.out.exists():
+        shutil.rmtree(args.out)
+    config = SimulationConfig(
+        engine=engine,
+        partition=PartitionConfig(devices=args.devices, scheme="iid", samples_per_device=2 * args.local_samples, test_samples=1000),
+        out=args.out,
+        backend=args.backend,
+        max_width_ratio=args.ratio,
+        round=RoundConfig(deadline_s=600),
+    )
+    summary = simulate(config, ExportedArtifacts(engine, args.backend, cache_dir=args.out / "artifact-cache"))
+    lines = [line for line in read_metrics(args.out) if line["merged"]]
+    print(f"\n{args.devices} devices, CNN {args.channels}, width cap {args.ratio}, {args.backend}; "
+          f"{model_spec(model).param_count()} parameters; final {summary.final_metrics}")  # fmt: skip
+    header = f"{'round':>5} {'wall s':>7} {'plan ms':>8} {'slice ms':>9} {'pub ms':>7} {'merge ms':>9} {'overhead':>9} {'KB down/dev':>12} {'KB slice':>9} {'down/slice':>11} {'up/slice':>9}"
+    print(header)
+    print("-" * len(header))
+    rows = []
+    for line in lines:
+        t = line["timings_s"]
+        wall = line["wall_s"]
+        overhead = sum(t.get(k, 0.0) for k in OVERHEAD)
+        down = np.mean(list(line["bytes_down"].values()))
+        up = np.mean(list(line["bytes_up"].values()))
+        fp32 = np.mean(list(line["slice_bytes"].values()))
+        rows.append({"round": line["round_idx"], "wall_s": wall, "overhead_share": overhead / wall,
+                     "bytes_down_per_device": down, "bytes_up_per_device": up, "slice_bytes": fp32})  # fmt: skip
+        print(f"{line['round_idx'] + 1:5d} {wall:7.2f} {1e3 * t['plan_s']:8.1f} {1e3 * t['slice_s']:9.1f} "
+              f"{1e3 * t['publish_s']:7.1f} {1e3 * t['merge_s']:9.1f} {100 * overhead / wall:8.2f}% "
+              f"{down / 1e3:12.1f} {fp32 / 1e3:9.1f} {down / fp32:11.3f} {up / fp32:9.3f}")  # fmt: skip
+    merged_mb = sum(sum(line["slice_bytes"].values()) for line in lines) / 1e6
+    merge_s = sum(line["timings_s"]["merge_s"] for line in lines)
+    standalone = merge_throughput(model, args.devices, args.ratio)
+    later = rows[1:] or rows
+    print(f"\nmerge throughput: {merged_mb / merge_s:.0f} MB/s in the run, {standalone:.0f} MB/s stand-alone")
+    worst_overhead = max(r["overhead_share"] for r in rows)
+    worst_bytes = max(r["bytes_down_per_device"] / r["slice_bytes"] for r in later)
+    print(f"target overhead <= 5% at 8 devices: worst {100 * worst_overhead:.2f}% "
+          f"({'met' if worst_overhead <= 0.05 else 'NOT met'})")  # fmt: skip
+    print(f"target bytes per round <= 1.05x slice after round 1: worst {worst_bytes:.3f}x "
+          f"({'met' if worst_bytes <= 1.05 else 'NOT met'})")  # fmt: skip
+    (args.out / "bench.json").write_text(json.dumps({"rows": rows, "merge_mb_s_run": merged_mb / merge_s,
+                                                     "merge_mb_s_standalone": standalone}, indent=1))  # fmt: skip
+    print(f"json: {args.out / 'bench.json'}")
+    return 0 if summary.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,392 @@
+"""On-device training benchmark: ONNX Runtime Training, ExecuTorch and torch eager side by side.
+
+For each model (cnn, resnet, charlm: the accuracy benchmark's configurations)
+at widths 1, 1/2 and 1/4 of every width group, it measures
+
+- export time and artifact size per backend (validation time beside it),
+- the weight-transfer size (the sub-model's weights packed as on the wire),
+- step time (median over the timed steps, after warm-up steps) and peak RSS
+  of local training, for ORT, ExecuTorch and torch eager,
+
+with the local objective of the accuracy benchmark (MOON term on, mu 0.1, by
+default) and its optimizers (SGD momentum 0.9 for the image models, AdamW for
+the char-LM), batch size 32. Every export and every training run happens in
+a fresh subprocess, so no run shares memory or warm caches with another, and
+the ONNX Runtime run never imports torch (as on a board). Every runtime
+gets the same number of intra-op threads (--threads, default 1).
+
+Peak RSS is reported twice: the whole process (runtime libraries included:
+torch alone is a few hundred MB) and its growth over the RSS after imports
+(what the model, its activations and the runtime's buffers add).
+
+It prints a table with ratios to torch eager and the targets (printed, not
+asserted): ORT step time <= 0.8x torch eager; peak RSS at width 1/2 <= 0.35x
+width 1. All figures go to --out as JSON.
+
+    .venv/bin/python bench/ondevice.py --out bench/results/ondevice-quick.json --quick
+    .venv/bin/python bench/ondevice.py --out bench/results/ondevice.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# Torch-free at import: the ORT worker runs this file as a board would.
+MODELS: dict[str, dict[str, Any]] = {
+    "cnn": {"config": {"arch": "cnn", "channels": [32, 64, 128]}, "optimizer": "sgd", "lr": 0.05, "classes": 10},
+    "resnet": {"config": {"arch": "resnet", "channels": [32, 64, 128]}, "optimizer": "sgd", "lr": 0.05, "classes": 10},
+    "charlm": {"config": {"arch": "charlm"}, "optimizer": "adamw", "lr": 3e-3, "classes": 81},
+}
+WIDTHS = {"1": 1.0, "1/2": 0.5, "1/4": 0.25}
+RUNTIMES = ("torch", "ort", "executorch")
+BATCH = 32
+
+
+def _run_worker(args: list[str], timeout_s: float, threads: int = 0) -> dict[str, Any]:
+    """Run this file as a worker in a fresh interpreter; its last stdout line is JSON."""
+    env = dict(os.environ)
+    if threads > 0:
+        env["OMP_NUM_THREADS"] = str(threads)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", *args], capture_output=True, text=True, timeout=timeout_s, env=env
+    )
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-8:])
+        return {"error": f"worker {args[0]} failed ({proc.returncode}): {tail}"}
+    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+# ---------------------------------------------------------------- workers
+
+
+def _loss_config(loss: str) -> Any:
+    from msfusion.coordinator.engine import LossConfig
+    from msfusion.coordinator.loss import ContrastiveVariant
+
+    return LossConfig(ContrastiveVariant.MOON, mu=0.1, tau=0.5) if loss == "moon" else LossConfig()
+
+
+def _model(name: str, ratio: float) -> tuple[Any, dict[str, int]]:
+    from msfusion.coordinator.models import ModelConfig, model_spec
+    from msfusion.coordinator.spec import widths_for_ratio
+
+    cfg = ModelConfig(**MODELS[name]["config"])
+    return cfg, widths_for_ratio(model_spec(cfg), ratio)
+
+
+def worker_export(opts: argparse.Namespace) -> dict[str, Any]:
+    """Export (and validate) one artifact into opts.dir."""
+    import onnxruntime
+
+    from msfusion.edge_runtime.artifacts import ArtifactKind, OptimizerConfig, artifact_bytes
+    from msfusion.export.cache import artifact_key, default_exporter
+    from msfusion.export.validate import validate_artifact
+
+    onnxruntime.set_default_logger_severity(3)
+    cfg, widths = _model(opts.model, opts.ratio)
+    loss = _loss_config(opts.loss)
+    kind = ArtifactKind(opts.kind)
+    optimizer = OptimizerConfig(MODELS[opts.model]["optimizer"])
+    key = artifact_key(cfg, widths, loss, optimizer, BATCH, kind)
+    start = time.perf_counter()
+    manifest = default_exporter(kind)(cfg, widths, loss, Path(opts.dir), optimizer=optimizer, batch_size=BATCH, key=key)
+    export_s = time.perf_counter() - start
+    start = time.perf_counter()
+    report = validate_artifact(Path(opts.dir), cfg, widths, loss)
+    return {
+        "export_s": export_s,
+        "validate_s": time.perf_counter() - start,
+        "validate_max_weight_error": report.max_weight_error,
+        "artifact_bytes": artifact_bytes(manifest),
+    }
+
+
+def _batches(x_shape: tuple[int, ...], x_dtype: str, y_shape: tuple[int, ...], classes: int, n: int) -> list[Any]:
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(n):
+        if x_dtype == "int64":
+            x = rng.integers(0, classes, x_shape, dtype=np.int64)
+        else:
+            x = rng.standard_normal(x_shape).astype(np.float32)
+        out.append((x, rng.integers(0, classes, y_shape, dtype=np.int64)))
+    return out
+
+
+def worker_train(opts: argparse.Namespace) -> dict[str, Any]:
+    """Train opts.warmup + opts.steps steps in one runtime; report step time and memory."""
+    from msfusion.edge_runtime.memory import MemorySampler
+    from msfusion.edge_runtime.weights import unpack_weights
+
+    work = Path(opts.dir)
+    start = unpack_weights((work / "start.safetensors").read_bytes())
+    global_ref = unpack_weights((work / "global.safetensors").read_bytes())
+    previous = unpack_weights((work / "previous.safetensors").read_bytes())
+    classes = MODELS[opts.model]["classes"]
+    lr = MODELS[opts.model]["lr"]
+    times: list[float] = []
+    losses: list[float] = []
+    _import_runtime(opts.runtime, opts.threads)  # libraries are the baseline; the sampler sees load + training
+    with MemorySampler() as sampler:
+        step = _torch_stepper(opts, start, global_ref, previous) if opts.runtime == "torch" else _backend_stepper(
+            opts, start, global_ref, previous
+        )
+        x_shape, x_dtype, y_shape = step.shapes
+        batches = _batches(x_shape, x_dtype, y_shape, classes, opts.warmup + opts.steps)
+        for i, (x, y) in enumerate(batches):
+            began = time.perf_counter()
+            losses.append(step(x, y, lr))
+            if i >= opts.warmup:
+                times.append(time.perf_counter() - began)
+    report = sampler.report
+    assert report is not None  # noqa: S101 (a benchmark script, not library code)
+    return {
+        "step_time_s": statistics.median(times),
+        "step_time_mean_s": statistics.fmean(times),
+        "peak_rss_bytes": report.peak_rss_bytes,
+        "baseline_rss_bytes": report.baseline_rss_bytes,
+        "growth_bytes": report.growth_bytes,
+        "peak_uss_bytes": report.peak_uss_bytes,
+        "final_loss": losses[-1],
+        "torch_loaded": "torch" in sys.modules,
+    }
+
+
+def _import_runtime(runtime: str, threads: int) -> None:
+    if runtime == "ort":
+        import msfusion.edge_runtime.backends.ort  # noqa: F401
+    elif runtime == "executorch":
+        import msfusion.edge_runtime.backends.executorch  # noqa: F401
+        import executorch.extension.training  # noqa: F401
+    else:
+        import msfusion.export.validate  # noqa: F401 (torch, the models, the objective)
+    if runtime != "ort" and threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _backend_stepper(opts: argparse.Namespace, start: Any, global_ref: Any, previous: Any) -> Any:
+    from msfusion.edge_runtime.artifacts import load_manifest, reference_weights
+    from msfusion.edge_runtime.backends.base import make_backend
+
+    artifact = Path(opts.artifact)
+    manifest = load_manifest(artifact)
+    backend = make_backend(manifest.kind, num_threads=opts.threads)
+    backend.load(artifact, manifest)
+    backend.set_weights(start, reference_weights(manifest, global_ref, previous))
+
+    def step(x: Any, y: Any, lr: float) -> float:
+        return backend.train_step(x, y, lr)
+
+    x_info, y_info = manifest.inputs
+    step.shapes = (x_info.shape, x_info.dtype, y_info.shape)  # type: ignore[attr-defined]
+    return step
+
+
+def _torch_stepper(opts: argparse.Namespace, start: Any, global_ref: Any, previous: Any) -> Any:
+    import torch
+
+    from msfusion.edge_runtime.artifacts import OptimizerConfig
+    from msfusion.export.validate import batch_inputs, build_objective, make_torch_optimizer
+
+    cfg, widths = _model(opts.model, opts.ratio)
+    objective = build_objective(cfg, widths, _loss_config(opts.loss), start, global_ref, previous)
+    optimizer = make_torch_optimizer(
+        list(objective.model.parameters()), OptimizerConfig(MODELS[opts.model]["optimizer"]), MODELS[opts.model]["lr"]
+    )
+
+    def step(x: Any, y: Any, lr: float) -> float:
+        loss = objective(torch.from_numpy(x), torch.from_numpy(y))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return float(loss.detach())
+
+    x_info, y_info = batch_inputs(cfg, BATCH)
+    step.shapes = (x_info.shape, x_info.dtype, y_info.shape)  # type: ignore[attr-defined]
+    return step
+
+
+# ---------------------------------------------------------------- driver
+
+
+def measure(opts: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
+    """Every (model, width, runtime) row."""
+    from msfusion.export.validate import random_weights
+    from msfusion.edge_runtime.weights import pack_weights
+
+    rows = []
+    for model in opts.models:
+        for label in opts.widths:
+            cfg, widths = _model(model, WIDTHS[label])
+            work = root / model / label.replace("/", "_")
+            work.mkdir(parents=True)
+            start = random_weights(cfg, widths, seed=1)
+            weights_blob = pack_weights(start)
+            (work / "start.safetensors").write_bytes(weights_blob)
+            (work / "global.safetensors").write_bytes(pack_weights(random_weights(cfg, widths, seed=2)))
+            (work / "previous.safetensors").write_bytes(pack_weights(random_weights(cfg, widths, seed=3)))
+            common = ["--model", model, "--ratio", str(WIDTHS[label]), "--loss", opts.loss]
+            exports: dict[str, dict[str, Any]] = {}
+            for kind in [k for k in ("ort", "executorch") if k in opts.runtimes]:
+                artifact = work / kind
+                exports[kind] = _run_worker(["export", *common, "--kind", kind, "--dir", str(artifact)], 1800)
+                exports[kind]["artifact"] = str(artifact)
+            for runtime in opts.runtimes:
+                args = ["train", *common, "--runtime", runtime, "--dir", str(work), "--threads", str(opts.threads)]
+                args += ["--steps", str(opts.steps), "--warmup", str(opts.warmup)]
+                export = exports.get(runtime, {})
+                if runtime != "torch":
+                    if "error" in export:
+                        rows.append({"model": model, "width": label, "runtime": runtime, "error": export["error"]})
+                        continue
+                    args += ["--artifact", export["artifact"]]
+                result = _run_worker(args, 1800, opts.threads)
+                row = {"model": model, "width": label, "runtime": runtime, "weight_bytes": len(weights_blob)}
+                row.update({k: v for k, v in export.items() if k != "artifact"})
+                row.update(result)
+                rows.append(row)
+                print(_format_row(row), flush=True)
+    _add_ratios(rows)
+    return rows
+
+
+def _add_ratios(rows: list[dict[str, Any]]) -> None:
+    by_key = {(r["model"], r["width"], r["runtime"]): r for r in rows if "error" not in r}
+    for row in rows:
+        if "error" in row:
+            continue
+        eager = by_key.get((row["model"], row["width"], "torch"))
+        if eager:
+            row["step_vs_torch"] = row["step_time_s"] / eager["step_time_s"]
+            row["rss_vs_torch"] = row["peak_rss_bytes"] / eager["peak_rss_bytes"]
+        full = by_key.get((row["model"], "1", row["runtime"]))
+        if full:
+            row["rss_vs_width1"] = row["peak_rss_bytes"] / full["peak_rss_bytes"]
+            row["growth_vs_width1"] = row["growth_bytes"] / max(full["growth_bytes"], 1)
+
+
+def _format_row(row: dict[str, Any]) -> str:
+    if "error" in row:
+        return f"{row['model']:7} {row['width']:4} {row['runtime']:10} ERROR {row['error'][:200]}"
+    export = f"{row['export_s']:7.1f} {row['artifact_bytes'] / 1024:9.0f}" if "export_s" in row else f"{'-':>7} {'-':>9}"
+    return (
+        f"{row['model']:7} {row['width']:4} {row['runtime']:10} {export} {row['weight_bytes'] / 1024:9.0f} "
+        f"{row['step_time_s'] * 1000:9.1f} {row.get('step_vs_torch', float('nan')):6.2f} "
+        f"{row['peak_rss_bytes'] / 2**20:8.0f} {row.get('rss_vs_torch', float('nan')):6.2f} "
+        f"{row['growth_bytes'] / 2**20:8.1f} {row.get('rss_vs_width1', float('nan')):6.2f} "
+        f"{row.get('growth_vs_width1', float('nan')):6.2f}"
+    )
+
+
+HEADER = (
+    f"{'model':7} {'wid':4} {'runtime':10} {'exp_s':>7} {'art_KiB':>9} {'wts_KiB':>9} {'step_ms':>9} {'xtorch':>6} "
+    f"{'rss_MiB':>8} {'xtorch':>6} {'grow_MiB':>8} {'xw1':>6} {'grow_xw1':>6}"
+)
+
+
+def print_summary(rows: list[dict[str, Any]]) -> list[str]:
+    """The table and the two targets, as printed lines."""
+    lines = [HEADER] + [_format_row(r) for r in rows]
+    lines.append("")
+    lines.append("targets (printed, not asserted):")
+    for row in rows:
+        if row.get("runtime") == "ort" and "step_vs_torch" in row:
+            verdict = "met" if row["step_vs_torch"] <= 0.8 else "missed"
+            lines.append(
+                f"  ORT step time / torch eager, {row['model']} width {row['width']}: "
+                f"{row['step_vs_torch']:.2f} (target <= 0.80: {verdict})"
+            )
+    for row in rows:
+        if row.get("width") == "1/2" and "rss_vs_width1" in row:
+            verdict = "met" if row["rss_vs_width1"] <= 0.35 else "missed"
+            lines.append(
+                f"  peak RSS width 1/2 / width 1, {row['model']} {row['runtime']}: {row['rss_vs_width1']:.2f} "
+                f"(target <= 0.35: {verdict}); growth over the runtime's baseline: {row['growth_vs_width1']:.2f}"
+            )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, help="JSON output path")
+    parser.add_argument("--quick", action="store_true", help="fewer timed steps (a few minutes on 2 cores)")
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of cnn,resnet,charlm")
+    parser.add_argument("--widths", default=",".join(WIDTHS), help="comma-separated subset of 1,1/2,1/4")
+    parser.add_argument("--runtimes", default=",".join(RUNTIMES), help="comma-separated subset of torch,ort,executorch")
+    parser.add_argument("--loss", choices=("moon", "off"), default="moon", help="contrastive term (mu 0.1) or plain CE")
+    parser.add_argument("--steps", type=int, default=0, help="timed steps (default 5 quick, 40 full)")
+    parser.add_argument(
+        "--warmup", type=int, default=0, help="untimed steps first, as torch's first steps are slow (default 3 quick, 5 full)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="intra-op threads of every runtime (default 1: on a shared machine, spinning thread pools "
+        "measure the scheduler, not the kernels); 0 = each runtime's default",
+    )  # fmt: skip
+    # Worker mode (internal): one export or one training run in a fresh process.
+    parser.add_argument("--worker", choices=("export", "train"), help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--ratio", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--kind", help=argparse.SUPPRESS)
+    parser.add_argument("--runtime", choices=RUNTIMES, help=argparse.SUPPRESS)
+    parser.add_argument("--dir", help=argparse.SUPPRESS)
+    parser.add_argument("--artifact", help=argparse.SUPPRESS)
+    opts = parser.parse_args(argv)
+
+    if opts.worker:
+        if opts.runtime == "ort":
+            # A board has no torch. With torch merely installed, onnxruntime's import-time
+            # validation imports it (onnxruntime_validation.py probes ortmodule): +280 MB RSS.
+            sys.modules["torch"] = None  # type: ignore[assignment]
+        result = worker_export(opts) if opts.worker == "export" else worker_train(opts)
+        print(json.dumps(result))
+        return 0
+    if opts.out is None:
+        parser.error("--out is required")
+    opts.models = [m for m in opts.models.split(",") if m]
+    opts.widths = [w for w in opts.widths.split(",") if w]
+    opts.runtimes = [r for r in RUNTIMES if r in opts.runtimes.split(",")]
+    unknown = sorted(set(opts.models) - set(MODELS)) + sorted(set(opts.widths) - set(WIDTHS))
+    if unknown:
+        parser.error(f"unknown models or widths: {unknown}")
+    opts.steps = opts.steps or (5 if opts.quick else 40)
+    opts.warmup = opts.warmup or (3 if opts.quick else 5)
+
+    began = time.perf_counter()
+    print(HEADER, flush=True)
+    with tempfile.TemporaryDirectory(prefix="msfusion-ondevice-") as root:
+        rows = measure(opts, Path(root))
+    lines = print_summary(rows)
+    print("\n".join(lines))
+    meta = {
+        "quick": opts.quick, "loss": opts.loss, "batch_size": BATCH, "steps": opts.steps, "warmup": opts.warmup,
+        "threads": opts.threads, "runtimes": opts.runtimes,
+        "models": {m: MODELS[m] for m in opts.models}, "cpu_count": os.cpu_count(),
+        "machine": platform.machine(), "python": platform.python_version(), "wall_s": time.perf_counter() - began,
+    }  # fmt: skip
+    from msfusion.edge_runtime.artifacts import ArtifactKind
+    from msfusion.export.cache import runtime_versions
+
+    meta["versions"] = {**runtime_versions(ArtifactKind.ORT), **runtime_versions(ArtifactKind.EXECUTORCH)}
+    opts.out.parent.mkdir(parents=True, exist_ok=True)
+    opts.out.write_text(json.dumps({"meta": meta, "rows": rows, "summary": lines}, indent=1))
+    print(f"wrote {opts.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""The `TrainingBackend` interface and the one factory that picks a backend by artifact kind (torch-free)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from msfusion.edge_runtime.artifacts import ArtifactKind, ArtifactManifest
+from msfusion.errors import ArtifactError
+
+
+class TrainingBackend(Protocol):
+    """Trains one artifact: load it, set weights, step, read the weights back.
+
+    Contract (checked over every backend by tests/edge_runtime/test_backends.py):
+    - `load` verifies the artifact and raises `ArtifactError` when the runtime
+      refuses it.
+    - `set_weights` starts a task: it sets every trainable and frozen tensor
+      and resets the optimizer state (momentum, moments, step count).
+    - `train_step` runs forward, backward and one optimizer step on a batch of
+      exactly the artifact's batch size and returns the loss before the step.
+    - `weights` returns copies of the trainable tensors under the spec's names.
+    """
+
+    kind: ArtifactKind
+
+    def load(self, artifact_dir: Path, manifest: ArtifactManifest) -> None:
+        """Load the artifact in `artifact_dir` described by `manifest`.
+
+        Raises:
+            ArtifactError: the runtime cannot load it (corrupt file, IR version, missing kernel).
+        """
+        ...
+
+    def set_weights(
+        self,
+        trainable: Mapping[str, npt.NDArray[np.float32]],
+        frozen: Mapping[str, npt.NDArray[np.float32]],
+    ) -> None:
+        """Set the trainable tensors (spec names) and the frozen references; reset the optimizer.
+
+        Raises:
+            ArtifactError: a missing, unexpected or mis-shaped tensor.
+        """
+        ...
+
+    def train_step(self, x: npt.NDArray[np.generic], y: npt.NDArray[np.int64], lr: float) -> float:
+        """One optimizer step on batch (x, y) at learning rate `lr`; returns the loss."""
+        ...
+
+    def weights(self) -> dict[str, npt.NDArray[np.float32]]:
+        """Copies of the trainable tensors, by spec name."""
+        ...
+
+    def close(self) -> None:
+        """Release the runtime's sessions and buffers."""
+        ...
+
+
+def make_backend(kind: ArtifactKind | str, *, num_threads: int = 0) -> TrainingBackend:
+    """The backend that trains artifacts of `kind`.
+
+    The runtime is imported here, not at module import: the ONNX Runtime
+    backend needs onnxruntime-training only, the ExecuTorch one loads torch.
+
+    Args:
+        kind: artifact kind (or its wire name, "ort" / "executorch").
+        num_threads: intra-op threads (0 = the runtime's default).
+
+    Returns:
+        An unloaded backend.
+
+    Raises:
+        ArtifactError: an unknown kind, or its runtime is not installed.
+    """
+    try:
+        kind = ArtifactKind(kind)
+    except ValueError as exc:
+        raise ArtifactError(f"unknown artifact kind {kind!r}") from exc
+    backend: TrainingBackend
+    try:
+        if kind is ArtifactKind.ORT:
+            from msfusion.edge_runtime.backends.ort import OrtBackend
+
+            backend = OrtBackend(num_threads=num_threads)
+        else:
+            from msfusion.edge_runtime.backends.executorch import ExecuTorchBackend
+
+            backend = ExecuTorchBackend(num_threads=num_threads)
+    except ImportError as exc:
+        raise ArtifactError(f"the {kind.value} runtime is not installed on this device: {exc}") from exc
+    return backend

@@ -1,0 +1,373 @@
+"""The device daemon: connect, register, take tasks, answer each exactly once (torch-free).
+
+One thread reads broker events and runs tasks (`trainer.train_task`); a
+second only publishes heartbeats, so the coordinator sees the device alive
+during long local training. The broker publishes a retained "offline"
+heartbeat (the last will) if the daemon dies. Replies are idempotent per
+(run, round, device, task): the `Ledger` on disk remembers handled tasks and
+the last reply, which a redelivered task gets again, byte for byte.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import platform
+import signal
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import psutil
+
+from msfusion import __version__
+from msfusion.edge_runtime import topics
+from msfusion.edge_runtime.bulk import BulkSender, receive
+from msfusion.edge_runtime.config import DeviceConfig
+from msfusion.edge_runtime.ledger import Ledger, StoredReply
+from msfusion.edge_runtime.protocol import (
+    ID_PATTERN,
+    BulkRef,
+    Capacity,
+    Chunk,
+    ChunkRequest,
+    DeviceState,
+    FailureCode,
+    Heartbeat,
+    Registration,
+    RunControl,
+    SliceResult,
+    TaskFailed,
+    TrainTask,
+    Welcome,
+    decode,
+    encode,
+)
+from msfusion.edge_runtime.trainer import TaskOutcome, train_task, warm_up
+from msfusion.edge_runtime.transport import BrokerUnavailable, ConnectionChanged, MqttTransport, Received, parse_broker_url
+from msfusion.errors import ArtifactError, ConfigError, MsfusionError, ProtocolError
+
+log = logging.getLogger(__name__)
+
+REGISTER_RETRY_S = 5.0  # re-register until welcomed (the coordinator may start after us)
+EARLY_CHUNK_BYTES = 32 << 20  # chunks that arrive before their task are kept up to this
+
+
+class ExitCode(enum.IntEnum):
+    """The daemon's exit codes."""
+
+    STOPPED = 0  # told to stop, or SIGTERM / SIGINT
+    INTERNAL = 1
+    CONFIG = 2  # bad config, or the broker refused our credentials
+    REFUSED = 3  # the coordinator refused the registration
+
+
+class HeartbeatThread(threading.Thread):
+    """Publishes this device's state every `interval_s`, and at once when it changes."""
+
+    def __init__(self, transport: MqttTransport, run_id: str, device_id: str, interval_s: float) -> None:
+        super().__init__(name="heartbeat", daemon=True)
+        self._transport = transport
+        self._topic = topics.status(run_id, device_id)
+        self._run_id = run_id
+        self._device_id = device_id
+        self._interval_s = interval_s
+        self._lock = threading.Lock()
+        self._state: DeviceState = "idle"
+        self._task_id: str | None = None
+        self._progress = 0.0
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+
+    def set(self, state: DeviceState, task_id: str | None = None, progress: float = 0.0) -> None:
+        with self._lock:
+            changed = state != self._state
+            self._state, self._task_id, self._progress = state, task_id, min(1.0, max(0.0, progress))
+        if changed:
+            self._wake.set()
+
+    def progress(self, share: float) -> None:
+        with self._lock:
+            self._progress = min(1.0, max(0.0, share))
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self._interval_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            with self._lock:
+                beat = Heartbeat(
+                    run_id=self._run_id, device_id=self._device_id, state=self._state,
+                    sent_at=time.time(), task_id=self._task_id, progress=self._progress,
+                )  # fmt: skip
+            if not self._transport.connected:
+                continue
+            try:
+                self._transport.publish_nowait(self._topic, encode(beat), retain=True)
+            except MsfusionError as exc:
+                log.debug("heartbeat not sent: %s", exc)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+
+def offline_beat(run_id: str, device_id: str) -> bytes:
+    """The retained heartbeat that says this device is gone (last will and clean exit)."""
+    data: bytes = encode(Heartbeat(run_id=run_id, device_id=device_id, state="offline", sent_at=time.time()))
+    return data
+
+
+def _probe_ids(payload: bytes) -> tuple[int, str]:
+    """Best-effort (round, task id) of a task that failed validation, for its TaskFailed."""
+    import re
+
+    try:
+        raw = msgspec.msgpack.decode(payload)
+    except msgspec.DecodeError:
+        return 0, "malformed"
+    if not isinstance(raw, dict):
+        return 0, "malformed"
+    round_idx = raw.get("round_idx")
+    task_id = raw.get("task_id")
+    round_ok = isinstance(round_idx, int) and not isinstance(round_idx, bool) and 0 <= round_idx < 2**63
+    task_ok = isinstance(task_id, str) and re.match(ID_PATTERN, task_id)
+    return (round_idx if round_ok else 0), (task_id if task_ok else "malformed")  # type: ignore[return-value]
+
+
+@dataclass
+class _Upload:
+    """The last slice sent, kept to serve the coordinator's chunk requests."""
+
+    sender: BulkSender
+
+
+class Daemon:
+    """One device's daemon.
+
+    Args:
+        config: the device's config.
+    """
+
+    def __init__(self, config: DeviceConfig) -> None:
+        self.config = config
+        self.ledger = Ledger(config.state_dir)
+        host, port = parse_broker_url(config.broker)
+        self.transport = MqttTransport(
+            f"device-{config.run_id}-{config.device_id}",
+            host,
+            port,
+            username=config.username,
+            password=config.password,
+            will=(topics.status(config.run_id, config.device_id), offline_beat(config.run_id, config.device_id), True),
+            keepalive_s=config.keepalive_s,
+        )
+        self.beat = HeartbeatThread(self.transport, config.run_id, config.device_id, config.heartbeat_s)
+        self._stop = threading.Event()
+        self._welcomed = False
+        self._last_register = 0.0
+        self._upload: _Upload | None = None
+        self._early: OrderedDict[str, list[Received]] = OrderedDict()  # transfer id -> chunks before their task
+        self._early_bytes = 0
+        self.exit_code: ExitCode = ExitCode.STOPPED
+
+    # Lifecycle.
+
+    def run(self) -> ExitCode:
+        """Serve until told to stop; returns an `ExitCode`."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(sig, lambda *_: self._stop.set())
+        try:
+            warm_up(self.config.backends)
+            self._connect()
+        except (ConfigError, ArtifactError) as exc:
+            log.error("%s", exc)
+            return ExitCode.CONFIG
+        for topic_filter in topics.device_filters(self.config.run_id, self.config.device_id):
+            self.transport.subscribe(topic_filter)
+        self.beat.start()
+        self._last_register = time.monotonic()  # the connect event registers; retries start after REGISTER_RETRY_S
+        try:
+            while not self._stop.is_set():
+                if not self._welcomed and time.monotonic() - self._last_register > REGISTER_RETRY_S:
+                    self._register()
+                event = self.transport.get(0.5)
+                if event is not None:
+                    self._handle(event)
+        finally:
+            self.beat.stop()
+            try:
+                self.transport.publish(topics.status(self.config.run_id, self.config.device_id),
+                                       offline_beat(self.config.run_id, self.config.device_id), retain=True, timeout_s=2)
+            except MsfusionError:
+                pass  # the broker is gone; our last will says the same
+            self.transport.close()
+        return self.exit_code
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _connect(self) -> None:
+        """Connect, retrying with exponential backoff (paho keeps reconnecting after that)."""
+        delay = 0.5
+        while not self._stop.is_set():
+            try:
+                self.transport.connect(timeout_s=10)
+                log.info("connected to %s as %s", self.config.broker, self.config.device_id)
+                return
+            except BrokerUnavailable as exc:
+                log.warning("%s; retrying in %.1f s", exc, delay)
+                self._stop.wait(delay)
+                delay = min(delay * 2, 30.0)
+
+    def _register(self) -> None:
+        cfg = self.config
+        capacity = Capacity(
+            memory_budget_bytes=cfg.memory_budget_bytes,
+            cores=psutil.cpu_count(logical=True) or 1,
+            arch=platform.machine() or "unknown",
+            backends=list(cfg.backends),
+            max_width_ratio=cfg.max_width_ratio,
+        )
+        msg = Registration(run_id=cfg.run_id, device_id=cfg.device_id, capacity=capacity, runtime_version=__version__)
+        self._last_register = time.monotonic()
+        try:
+            # Retained: a coordinator that starts (or restarts) later still sees it.
+            self.transport.publish(topics.register(cfg.run_id, cfg.device_id), encode(msg), retain=True)
+        except MsfusionError as exc:
+            log.warning("registration not sent: %s", exc)
+
+    # Events.
+
+    def _handle(self, event: Any) -> None:
+        if isinstance(event, ConnectionChanged):
+            log.info("connection %s (%s)", "up" if event.connected else "down", event.reason)
+            if event.connected:
+                self._register()
+            return
+        if not isinstance(event, Received):
+            return
+        try:
+            where = topics.parse(event.topic)
+        except ProtocolError as exc:
+            log.warning("ignored a message on %s: %s", event.topic, exc)
+            return
+        try:
+            msg = decode(event.payload)
+        except ProtocolError as exc:
+            log.warning("malformed message on %s: %s", event.topic, exc)
+            if where.kind == topics.TASK:
+                round_idx, task_id = _probe_ids(event.payload)
+                self._send_failure_unrecorded(round_idx, task_id, "protocol", str(exc))
+            return
+        if isinstance(msg, TrainTask):
+            self._on_task(msg)
+        elif isinstance(msg, Welcome):
+            self._welcomed = msg.accepted
+            if not msg.accepted:
+                log.error("the coordinator refused this device: %s", msg.reason)
+                self.exit_code = ExitCode.REFUSED
+                self._stop.set()
+        elif isinstance(msg, RunControl) and msg.command == "stop":
+            log.info("told to stop: %s", msg.reason)
+            self._stop.set()
+        elif isinstance(msg, ChunkRequest) and where.kind == topics.UPREQ:
+            self._serve_upload(msg)
+        elif isinstance(msg, Chunk) and where.kind == topics.BULK:
+            self._keep_early(msg.transfer_id, event)
+
+    def _keep_early(self, transfer_id: str, event: Received) -> None:
+        """A chunk with no task waiting for it: keep it (bounded) in case its task comes next."""
+        self._early.setdefault(transfer_id, []).append(event)
+        self._early_bytes += len(event.payload)
+        while self._early_bytes > EARLY_CHUNK_BYTES and self._early:
+            _, dropped = self._early.popitem(last=False)
+            self._early_bytes -= sum(len(e.payload) for e in dropped)
+
+    def _serve_upload(self, request: ChunkRequest) -> None:
+        upload = self._upload
+        if upload is None or upload.sender.manifest.transfer_id != request.transfer_id:
+            log.warning("asked for chunks of %s, which this device no longer holds", request.transfer_id)
+            return
+        try:
+            upload.sender.serve(request)
+        except MsfusionError as exc:
+            log.warning("could not serve %s: %s", request.transfer_id, exc)
+
+    # Tasks.
+
+    def fetch(self, manifest: BulkRef, pull: bool) -> bytes:
+        """Receive one bulk transfer addressed to this device (pull: ask for every chunk first)."""
+        cfg = self.config
+        topic = topics.bulk(cfg.run_id, cfg.device_id, manifest.transfer_id)
+        early = self._early.pop(manifest.transfer_id, [])
+        self._early_bytes -= sum(len(e.payload) for e in early)
+        self.transport.put_back(early)
+
+        def request(missing: list[int]) -> None:
+            ask = ChunkRequest(run_id=cfg.run_id, device_id=cfg.device_id, transfer_id=manifest.transfer_id, missing=missing)
+            self.transport.publish(topics.req(cfg.run_id, cfg.device_id), encode(ask))
+
+        payload: bytes = receive(
+            self.transport, manifest, topic, cfg.stall_s, request_missing=request, retries=3, pull=pull and not early
+        )
+        return payload
+
+    def _on_task(self, task: TrainTask) -> None:
+        cfg = self.config
+        if task.run_id != cfg.run_id or task.device_id != cfg.device_id:
+            log.warning("ignored a task for %s/%s", task.run_id, task.device_id)
+            return
+        if self.ledger.handled(task.key):
+            stored = self.ledger.last_reply()
+            if stored is not None and stored.key == task.key:
+                log.info("task %s was redelivered: sending the same reply again", task.task_id)
+                self._send(stored)
+            else:
+                log.info("ignored stale redelivered task %s", task.task_id)
+            return
+        log.info("round %d: task %s", task.round_idx, task.task_id)
+        self.beat.set("training", task.task_id)
+        outcome: TaskOutcome = train_task(task, self, self.ledger.previous_slice(), self.config, self.beat.progress)
+        stored = StoredReply(task.key, encode(outcome.reply), outcome.slice_bytes)
+        # Recorded before it is sent: whatever happens next, this task's answer is this one.
+        if isinstance(outcome.reply, SliceResult):
+            self.ledger.record(task.key, stored.reply, outcome.slice_bytes, task.units, task.tensor_axes)
+        else:
+            self.ledger.record(task.key, stored.reply)
+        self.beat.set("uploading", task.task_id, 1.0)
+        self._send(stored)
+        self.beat.set("idle")
+
+    def _send(self, stored: StoredReply) -> None:
+        """Upload a slice's chunks (if any), then the reply message."""
+        cfg = self.config
+        try:
+            reply = decode(stored.reply)
+            if isinstance(reply, SliceResult) and stored.slice_bytes is not None:
+                topic = topics.up(cfg.run_id, cfg.device_id, reply.weights.transfer_id)
+                sender = BulkSender(self.transport, topic, reply.weights, stored.slice_bytes)
+                self._upload = _Upload(sender)
+                sender.send()
+            self.transport.publish(topics.result(cfg.run_id, cfg.device_id), stored.reply)
+        except MsfusionError as exc:
+            # Not a failure of the task: the coordinator asks again (chunk request or redelivery).
+            log.warning("reply not fully sent: %s", exc)
+
+    def _send_failure_unrecorded(self, round_idx: int, task_id: str, code: FailureCode, reason: str) -> None:
+        """A TaskFailed for a task that could not even be decoded (nothing to record it under)."""
+        cfg = self.config
+        failed = TaskFailed(
+            run_id=cfg.run_id, round_idx=round_idx, device_id=cfg.device_id, task_id=task_id,
+            code=code, reason=reason[:4000],
+        )  # fmt: skip
+        try:
+            self.transport.publish(topics.result(cfg.run_id, cfg.device_id), encode(failed))
+        except MsfusionError as exc:
+            log.warning("failure reply not sent: %s", exc)
+

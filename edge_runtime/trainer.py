@@ -1,0 +1,293 @@
+"""Local training on the device: E epochs over the shard through a `TrainingBackend` (torch-free).
+
+`train_local` is the device loop: set the weights, draw the seeded batch
+order the reference engine draws (edge_runtime/batches.py), step, and measure
+step time and peak memory. The MQTT daemon's `train_task(task)` wraps it:
+fetch and unpack the artifact (`artifacts.unpack_artifact`), unpack the
+weights (`weights.unpack_weights`), build the frozen references
+(`artifacts.reference_weights` over `indexing.reslice_previous`), call
+`train_local`, and pack the result (`weights.pack_weights`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from msfusion.edge_runtime.artifacts import MANIFEST_NAME, load_manifest, reference_weights, unpack_artifact
+from msfusion.edge_runtime.backends.base import TrainingBackend, make_backend
+from msfusion.edge_runtime.batches import batch_indices, samples_per_epoch
+from msfusion.edge_runtime.bulk import make_manifest
+from msfusion.edge_runtime.indexing import TensorIndex, reslice_previous
+from msfusion.edge_runtime.ledger import slice_index
+from msfusion.edge_runtime.memory import MemoryReport, MemorySampler
+from msfusion.edge_runtime.protocol import BulkRef, SliceResult, TaskFailed, TrainTask, failure_code
+from msfusion.edge_runtime.shards import read_shard
+from msfusion.edge_runtime.weights import pack_weights, unpack_weights
+from msfusion.errors import ArtifactError, ConfigError, MemoryBudgetExceeded, MsfusionError
+
+if TYPE_CHECKING:
+    from msfusion.edge_runtime.config import DeviceConfig
+
+log = logging.getLogger(__name__)
+
+Weights = dict[str, npt.NDArray[np.float32]]
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    """What one local training run returns.
+
+    Attributes:
+        weights: the trained slice (trainable tensors only, spec names).
+        n_samples: samples trained per epoch (the merge weight).
+        loss_curve: the loss of every step, before its update (may hold NaN).
+        step_time_s: mean seconds per `train_step`.
+        wall_s: seconds for the whole run, weight setting included.
+        peak_rss_bytes: peak resident memory during the run.
+        memory: the full memory report.
+    """
+
+    weights: Weights
+    n_samples: int
+    loss_curve: tuple[float, ...]
+    step_time_s: float
+    wall_s: float
+    peak_rss_bytes: int
+    memory: MemoryReport
+
+
+def train_local(
+    backend: TrainingBackend,
+    trainable: Mapping[str, npt.NDArray[np.float32]],
+    frozen: Mapping[str, npt.NDArray[np.float32]],
+    x: npt.NDArray[np.generic],
+    y: npt.NDArray[np.int64],
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    max_samples: int = 0,
+    lr_schedule: str = "none",
+    progress: Callable[[float], None] | None = None,
+) -> LocalResult:
+    """Train a loaded backend over a local shard, as the reference engine's `local_train` does.
+
+    Args:
+        backend: a backend with its artifact loaded (its batch size must be `batch_size`).
+        trainable: the starting sub-model weights (spec names).
+        frozen: the frozen references (`artifacts.reference_weights`).
+        x: the shard's inputs, (N, ...).
+        y: the shard's targets, (N,) or (N, T).
+        epochs: local epochs E.
+        batch_size: samples per step.
+        lr: learning rate.
+        seed: the batch-order seed (the same as the reference engine's).
+        max_samples: cap on samples per epoch (0 = the whole shard).
+        lr_schedule: only "none" (a constant lr) is supported.
+        progress: called after every step with the share of steps done (for heartbeats).
+
+    Returns:
+        The trained slice and its figures.
+
+    Raises:
+        ConfigError: bad epochs, an unknown schedule, mismatched x and y, or
+            fewer samples than one batch.
+        ArtifactError: the backend refused the weights or a batch.
+    """
+    if lr_schedule != "none":
+        raise ConfigError(f"lr_schedule {lr_schedule!r} is not supported (only 'none')")
+    if epochs < 1 or lr <= 0:
+        raise ConfigError(f"epochs must be >= 1 and lr > 0, got {epochs} and {lr}")
+    if len(x) != len(y):
+        raise ConfigError(f"the shard has {len(x)} inputs but {len(y)} targets")
+    n_samples = samples_per_epoch(len(x), batch_size, max_samples)
+    order = list(batch_indices(len(x), batch_size, epochs, seed, max_samples))  # ConfigError if < 1 batch
+
+    losses: list[float] = []
+    step_total = 0.0
+    start = time.perf_counter()
+    with MemorySampler() as sampler:
+        backend.set_weights(trainable, frozen)
+        for done, index in enumerate(order, start=1):
+            x_batch, y_batch = x[index], y[index]  # (N, ...) -> (batch_size, ...)
+            step_start = time.perf_counter()
+            losses.append(backend.train_step(x_batch, y_batch, lr))
+            step_total += time.perf_counter() - step_start
+            if progress is not None:
+                progress(done / len(order))
+        weights = backend.weights()
+    wall_s = time.perf_counter() - start
+    memory = sampler.report
+    if memory is None:  # unreachable: the context manager always stops the sampler
+        raise RuntimeError("memory sampler produced no report")
+    return LocalResult(
+        weights=weights,
+        n_samples=n_samples,
+        loss_curve=tuple(losses),
+        step_time_s=step_total / len(order),
+        wall_s=wall_s,
+        peak_rss_bytes=memory.peak_rss_bytes,
+        memory=memory,
+    )
+
+
+# ---------------------------------------------------------------- one task from the fleet
+
+
+@dataclass(frozen=True)
+class TaskOutcome:
+    """A task's one reply (a SliceResult or a TaskFailed, never both) and the slice a result carries."""
+
+    reply: SliceResult | TaskFailed
+    slice_bytes: bytes | None
+
+
+class TaskIO(Protocol):
+    """How `train_task` receives a task's bulk data (the daemon implements it over MQTT)."""
+
+    def fetch(self, manifest: BulkRef, pull: bool) -> bytes:
+        """The verified payload of a transfer; `pull` asks the sender for every chunk first."""
+        ...
+
+
+class _DeadlinePassed(MsfusionError):
+    """Local training outlasted the task's deadline (counted from receipt: clocks are not shared)."""
+
+
+def warm_up(backends: tuple[str, ...]) -> None:
+    """Import each backend's runtime now, so the first task does not pay for it (ONNX Runtime: ~2 s).
+
+    Raises:
+        ArtifactError: a runtime is not installed.
+    """
+    for kind in backends:
+        make_backend(kind).close()
+        if kind == "ort":
+            import onnxruntime.training.api  # noqa: F401
+
+
+class _Progress:
+    """A backend that reports the share of steps done after each step (for heartbeats)."""
+
+    def __init__(self, backend: TrainingBackend, steps: int, on_progress: Callable[[float], None] | None) -> None:
+        self._backend = backend
+        self._steps = max(1, steps)
+        self._done = 0
+        self._on_progress = on_progress
+        self.kind = backend.kind
+
+    def load(self, artifact_dir: Any, manifest: Any) -> None:
+        self._backend.load(artifact_dir, manifest)
+
+    def set_weights(self, trainable: Mapping[str, Any], frozen: Mapping[str, Any]) -> None:
+        self._backend.set_weights(trainable, frozen)
+
+    def train_step(self, x: npt.NDArray[np.generic], y: npt.NDArray[np.int64], lr: float) -> float:
+        loss = float(self._backend.train_step(x, y, lr))
+        self._done += 1
+        if self._on_progress is not None:
+            self._on_progress(self._done / self._steps)
+        return loss
+
+    def weights(self) -> Weights:
+        trained: Weights = self._backend.weights()
+        return trained
+
+    def close(self) -> None:
+        self._backend.close()
+
+
+def slice_transfer_id(task: TrainTask) -> str:
+    """The upload id of a task's trained slice (unique per run, round, device and task)."""
+    text = f"s-{task.task_id}-{task.device_id}"
+    return text if len(text) <= 64 else "s-" + hashlib.sha256(text.encode()).hexdigest()[:40]
+
+
+def train_task(
+    task: TrainTask,
+    io: TaskIO,
+    previous: tuple[Weights, Mapping[str, TensorIndex]] | None,
+    config: DeviceConfig,
+    on_progress: Callable[[float], None] | None = None,
+) -> TaskOutcome:
+    """Run one fleet task: artifact, weights, the re-sliced negative, local training, the packed slice.
+
+    Args:
+        task: the task (validated on decode).
+        io: receives the artifact and weights transfers.
+        previous: the last trained local slice and its element indices (None before the first).
+        config: the device's config (data, state folder, budget, backends, threads).
+        on_progress: called with the share of steps done.
+
+    Returns:
+        The reply to send: a SliceResult with its packed slice, or a TaskFailed
+        naming why (memory budget, artifact, data, protocol, internal).
+    """
+    started = time.perf_counter()
+    try:
+        if task.backend not in config.backends:
+            raise ArtifactError(f"task needs backend {task.backend!r}; this device runs {list(config.backends)}")
+        # The artifact: fetched once per content sha256, then from the device's cache.
+        artifact_dir = config.state_dir / "artifacts" / task.artifact.sha256
+        if not (artifact_dir / MANIFEST_NAME).exists():
+            staging = artifact_dir.with_name(f".{task.artifact.sha256}.partial")
+            shutil.rmtree(staging, ignore_errors=True)
+            unpack_artifact(io.fetch(task.artifact, pull=True), staging)
+            staging.rename(artifact_dir)
+        manifest = load_manifest(artifact_dir)
+        # The global sub-model this round starts from, and the contrastive term's positive.
+        start = unpack_weights(io.fetch(task.weights, pull=False))
+        # The previous local slice re-sliced to this round's units: the contrastive negative.
+        index_now = slice_index(task.units, task.tensor_axes)
+        prev_weights, prev_index = previous if previous is not None else (None, None)
+        negative = reslice_previous(start, index_now, prev_weights, prev_index)
+        x, y, _ = read_shard(config.data_dir)
+        backend = make_backend(task.backend, num_threads=config.threads)
+        try:
+            backend.load(artifact_dir, manifest)
+            if manifest.batch_size != task.batch_size:
+                raise ArtifactError(f"artifact trains batches of {manifest.batch_size}, the task says {task.batch_size}")
+            steps = task.local_epochs * samples_per_epoch(len(x), task.batch_size, task.max_samples) // task.batch_size
+            result = train_local(
+                _Progress(backend, steps, on_progress), start, reference_weights(manifest, start, negative), x, y,
+                epochs=task.local_epochs, batch_size=task.batch_size, lr=task.lr, seed=task.seed,
+                max_samples=task.max_samples,
+            )  # fmt: skip
+        finally:
+            backend.close()
+        if result.peak_rss_bytes > config.memory_budget_bytes:
+            raise MemoryBudgetExceeded(
+                f"training peaked at {result.peak_rss_bytes} bytes, over the budget of {config.memory_budget_bytes}",
+                peak_bytes=result.peak_rss_bytes, budget_bytes=config.memory_budget_bytes,
+            )  # fmt: skip
+        if time.perf_counter() - started > task.deadline_s:
+            # The round has closed without us: say so instead of uploading a slice nobody merges.
+            raise _DeadlinePassed(f"training took {time.perf_counter() - started:.1f} s, over the task's {task.deadline_s:.1f} s")
+        packed = pack_weights(result.weights)
+        upload = make_manifest(slice_transfer_id(task), "slice", packed)
+        reply: SliceResult | TaskFailed = SliceResult(
+            run_id=task.run_id, round_idx=task.round_idx, device_id=task.device_id, task_id=task.task_id,
+            weights=upload, n_samples=result.n_samples, loss_curve=list(result.loss_curve),
+            step_time_s=result.step_time_s, peak_rss_bytes=result.peak_rss_bytes,
+            wall_s=time.perf_counter() - started,
+        )  # fmt: skip
+        return TaskOutcome(reply, packed)
+    except Exception as exc:  # noqa: BLE001 - the task's boundary: every failure becomes one TaskFailed
+        if isinstance(exc, (MsfusionError, OSError)):
+            log.warning("task %s failed: %s", task.task_id, exc)
+        else:
+            log.exception("task %s failed unexpectedly", task.task_id)
+        failed = TaskFailed(
+            run_id=task.run_id, round_idx=task.round_idx, device_id=task.device_id, task_id=task.task_id,
+            code="deadline" if isinstance(exc, _DeadlinePassed) else failure_code(exc), reason=str(exc)[:4000],
+        )  # fmt: skip
+        return TaskOutcome(failed, None)

@@ -1,0 +1,198 @@
+"""Sub-model + local objective -> an ExecuTorch training program (.pte).
+
+Pipeline: `build_objective` (the reference's `LocalObjective`) wrapped so the
+frozen references are program *inputs* -> `torch.export.export` ->
+`_export_forward_backward` (joint graph: loss, then gradients, then
+parameters) -> `executorch.exir.to_edge(...).to_executorch()`. The device
+trains it through `executorch.extension.training`
+(edge_runtime/backends/executorch.py).
+
+Why the references are inputs: a program's non-trainable parameters become
+constants baked into the .pte, so a new round would need a new program. As
+inputs they are set every step from the weights that travel with the task.
+
+One workaround, for a kernel bug: ExecuTorch 1.5.1's portable
+`max_pool2d_with_indices_backward` scatter-adds into an output it never
+zeroes, so every Conv -> MaxPool gradient picks up stale memory
+(pytorch/executorch#21686, fixed after 1.5.1 by #21878). We decompose
+non-overlapping max pooling into reshape + amax before autograd, so the
+backward is eq/sum/div/mul. Its gradient splits ties evenly where max_pool2d
+picks the first maximum; our models pool right after a ReLU, whose backward
+zeroes exactly the tied (zero) entries, so the gradients are identical.
+Validation (export/validate.py) is what catches kernels like that one.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from msfusion.coordinator.engine import LossConfig
+from msfusion.coordinator.models import ModelConfig, model_spec, resolve_widths
+from msfusion.edge_runtime.artifacts import (
+    GLOBAL_REF_PREFIX,
+    PREV_REF_PREFIX,
+    ArtifactKind,
+    ArtifactManifest,
+    OptimizerConfig,
+    TensorInfo,
+    describe_files,
+    write_manifest,
+)
+from msfusion.edge_runtime.backends.executorch import METHOD, PROGRAM
+from msfusion.errors import ArtifactError
+from msfusion.export.cache import runtime_versions
+from msfusion.export.validate import batch_inputs, build_objective, loss_signature, random_weights
+
+log = logging.getLogger(__name__)
+
+PARAM_PREFIX = "objective.model."  # _FrozenAsInputs.objective.model
+
+
+class _FrozenAsInputs(nn.Module):
+    """forward(x, y, *frozen) -> (loss,): the objective with its references read from inputs."""
+
+    def __init__(self, objective: nn.Module, frozen_names: Sequence[str]) -> None:
+        super().__init__()
+        self.objective = objective
+        self.frozen_names = tuple(frozen_names)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, *frozen: torch.Tensor) -> tuple[torch.Tensor]:
+        tensors = dict(zip(self.frozen_names, frozen))
+        loss: torch.Tensor = torch.func.functional_call(self.objective, tensors, (x, y), strict=False)
+        return (loss,)
+
+
+def export_submodel(
+    model_cfg: ModelConfig,
+    widths: Mapping[str, int] | None,
+    loss: LossConfig,
+    out_dir: Path,
+    *,
+    optimizer: str | OptimizerConfig = "sgd",
+    batch_size: int = 32,
+    key: str = "",
+    seed: int = 0,
+) -> ArtifactManifest:
+    """Export the sub-model at `widths` with its local objective as an ExecuTorch training program.
+
+    The optimizer is not part of the program: the device applies it to the
+    program's gradients (`ArtifactManifest.optimizer` says which one).
+
+    Args:
+        model_cfg: architecture.
+        widths: units per group (None: full width).
+        loss: contrastive knobs (baked into the graph).
+        out_dir: directory to write the artifact into (created if missing).
+        optimizer: "sgd" / "adamw" or a full configuration.
+        batch_size: samples per step (static).
+        key: the cache key to record in the manifest.
+        seed: seeds the placeholder weights traced into the program (overwritten on the device).
+
+    Returns:
+        The manifest, also written as `out_dir/manifest.json`.
+
+    Raises:
+        ArtifactError: torch.export, autograd or lowering failed.
+    """
+    from executorch.exir import EdgeCompileConfig, to_edge
+    from torch.export import export
+    from torch.export.experimental import _export_forward_backward
+
+    optimizer = OptimizerConfig.of(optimizer)
+    widths = resolve_widths(model_spec(model_cfg), widths)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    objective = build_objective(
+        model_cfg, widths, loss,
+        random_weights(model_cfg, widths, seed),
+        random_weights(model_cfg, widths, seed + 1),
+        random_weights(model_cfg, widths, seed + 2),
+    )  # fmt: skip
+    refs = {
+        name: tensor.detach()
+        for name, tensor in objective.named_parameters()
+        if name.startswith((GLOBAL_REF_PREFIX, PREV_REF_PREFIX))
+    }
+    # The references stop being parameters of the program: functional_call feeds them from inputs.
+    for prefix in (GLOBAL_REF_PREFIX, PREV_REF_PREFIX):
+        ref_module = getattr(objective, prefix.rstrip("."))
+        if ref_module is not None:
+            _parameters_to_plain_tensors(ref_module)
+    wrapper = _FrozenAsInputs(objective, list(refs))
+    x_info, y_info = batch_inputs(model_cfg, batch_size)
+    example = (
+        torch.zeros(x_info.shape, dtype=getattr(torch, x_info.dtype)),
+        torch.zeros(y_info.shape, dtype=torch.int64),
+        *refs.values(),
+    )
+    try:
+        program = export(wrapper, example, strict=False)
+        program = program.run_decompositions({torch.ops.aten.max_pool2d.default: _max_pool2d_as_amax})
+        program = _export_forward_backward(program)
+        edge = to_edge(program, compile_config=EdgeCompileConfig(_check_ir_validity=False))
+        executorch_program = edge.to_executorch()
+    except ArtifactError:
+        raise
+    except Exception as exc:  # noqa: BLE001 (export, autograd and lowering raise many types)
+        raise ArtifactError(f"ExecuTorch export failed: {type(exc).__name__}: {str(exc)[-600:]}") from exc
+    (out_dir / PROGRAM).write_bytes(executorch_program.buffer)
+
+    params = tuple(
+        TensorInfo(name, tuple(tensor.shape)) for name, tensor in objective.model.named_parameters()
+    )
+    manifest = ArtifactManifest(
+        kind=ArtifactKind.EXECUTORCH,
+        key=key,
+        arch=model_cfg.arch,
+        files=describe_files(out_dir, [PROGRAM]),
+        params=params,
+        frozen=tuple(TensorInfo(name, tuple(tensor.shape)) for name, tensor in refs.items()),
+        inputs=(x_info, y_info),
+        optimizer=optimizer,
+        loss=loss_signature(loss),
+        param_prefix=PARAM_PREFIX,
+        versions=runtime_versions(ArtifactKind.EXECUTORCH),
+    )
+    write_manifest(out_dir, manifest)
+    log.info("exported ExecuTorch program %s (%d bytes, method %s)", key[:12], len(executorch_program.buffer), METHOD)
+    return manifest
+
+
+def _parameters_to_plain_tensors(module: nn.Module) -> None:
+    """Replace every parameter of `module` by a plain tensor attribute (not lifted into the program)."""
+    for submodule in module.modules():
+        for name, parameter in list(submodule.named_parameters(recurse=False)):
+            del submodule._parameters[name]
+            setattr(submodule, name, parameter.detach())
+
+
+def _max_pool2d_as_amax(
+    x: torch.Tensor,
+    kernel_size: Sequence[int] | int,
+    stride: Sequence[int] | int = (),
+    padding: Sequence[int] | int = 0,
+    dilation: Sequence[int] | int = 1,
+    ceil_mode: bool = False,
+) -> Any:
+    """max_pool2d with kernel == stride, no padding: (B, C, H, W) -> (B, C, H//k, k, W//k, k) -> amax."""
+    kernel = _pair(kernel_size)
+    strides = _pair(stride) if stride else kernel
+    if strides != kernel or _pair(padding) != (0, 0) or _pair(dilation) != (1, 1) or ceil_mode:
+        return NotImplemented  # keep the stock op; validation checks its gradient
+    batch, channels, height, width = x.shape
+    kh, kw = kernel
+    rows, cols = height // kh, width // kw
+    windows = x[:, :, : rows * kh, : cols * kw].reshape(batch, channels, rows, kh, cols, kw)
+    return windows.amax(dim=(3, 5))
+
+
+def _pair(value: Sequence[int] | int) -> tuple[int, int]:
+    if isinstance(value, int):
+        return (value, value)
+    values = tuple(int(v) for v in value)
+    return (values[0], values[0]) if len(values) == 1 else (values[0], values[1])

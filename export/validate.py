@@ -1,0 +1,303 @@
+"""The PyTorch reference for training artifacts, and the check every new artifact must pass.
+
+`validate_artifact` loads an artifact in its own runtime, trains a few steps
+from given weights on given batches, and compares the losses and the updated
+weights with `reference_train` (LocalObjective + the same optimizer in torch
+eager). Exporters build their graphs from `build_objective`, so the artifact
+and the reference are the same module.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from msfusion.coordinator.engine import LossConfig
+from msfusion.coordinator.loss import ContrastiveVariant, LocalObjective
+from msfusion.coordinator.models import ModelConfig, build_model, load_numpy, model_spec, resolve_widths, state_to_numpy
+from msfusion.edge_runtime.artifacts import (
+    ArtifactManifest,
+    OptimizerConfig,
+    TensorInfo,
+    load_manifest,
+    reference_weights,
+)
+from msfusion.edge_runtime.backends.base import make_backend
+from msfusion.errors import ArtifactError
+
+log = logging.getLogger(__name__)
+
+Weights = dict[str, npt.NDArray[np.float32]]
+Batch = tuple[npt.NDArray[np.generic], npt.NDArray[np.int64]]
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How close an artifact must track the PyTorch reference.
+
+    Attributes:
+        loss_rtol: relative tolerance on every step's loss.
+        weight_atol: absolute tolerance on every trained weight element.
+    """
+
+    loss_rtol: float = 1e-4
+    weight_atol: float = 1e-4
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    """Outcome of one validation run (only returned when it passed)."""
+
+    losses: tuple[float, ...]
+    reference_losses: tuple[float, ...]
+    max_weight_error: float
+    worst_tensor: str
+
+
+def loss_signature(loss: LossConfig) -> dict[str, object]:
+    """The loss knobs that shape the graph; every inactive term collapses to plain cross-entropy."""
+    if not loss.active:
+        return {"variant": ContrastiveVariant.OFF.value, "mu": 0.0, "tau": 0.0}
+    return {"variant": loss.variant.value, "mu": float(loss.mu), "tau": float(loss.tau)}
+
+
+def batch_inputs(model_cfg: ModelConfig, batch_size: int) -> tuple[TensorInfo, TensorInfo]:
+    """The static (x, y) an artifact of `model_cfg` trains on (docs/design.md, Models)."""
+    if model_cfg.task == "lm":
+        shape = (batch_size, model_cfg.context)
+        return TensorInfo("x", shape, "int64"), TensorInfo("y", shape, "int64")
+    x_shape = (batch_size, model_cfg.in_channels, model_cfg.image_size, model_cfg.image_size)
+    return TensorInfo("x", x_shape, "float32"), TensorInfo("y", (batch_size,), "int64")
+
+
+def random_batch(model_cfg: ModelConfig, batch_size: int, rng: np.random.Generator) -> Batch:
+    """A random batch shaped like real data (normalized images, or character ids)."""
+    x_info, y_info = batch_inputs(model_cfg, batch_size)
+    classes = model_cfg.vocab_size if model_cfg.task == "lm" else model_cfg.num_classes
+    if model_cfg.task == "lm":
+        x: npt.NDArray[np.generic] = rng.integers(0, model_cfg.vocab_size, x_info.shape, dtype=np.int64)
+    else:
+        x = rng.standard_normal(x_info.shape).astype(np.float32)
+    return x, rng.integers(0, classes, y_info.shape, dtype=np.int64)
+
+
+def random_weights(model_cfg: ModelConfig, widths: Mapping[str, int], seed: int) -> Weights:
+    """The initial weights `build_model` draws for the sub-model at `widths` from `seed`."""
+    return state_to_numpy(build_model(model_cfg, widths, seed=seed))
+
+
+def build_objective(
+    model_cfg: ModelConfig,
+    widths: Mapping[str, int],
+    loss: LossConfig,
+    trainable: Mapping[str, npt.NDArray[np.float32]],
+    global_ref: Mapping[str, npt.NDArray[np.float32]] | None = None,
+    prev_ref: Mapping[str, npt.NDArray[np.float32]] | None = None,
+) -> LocalObjective:
+    """The local objective of a sub-model, as both the exporters and the reference use it.
+
+    Args:
+        model_cfg: architecture.
+        widths: units per group of the sub-model.
+        loss: contrastive knobs.
+        trainable: the sub-model's weights (spec names).
+        global_ref: the frozen global sub-model (needed when the term is on).
+        prev_ref: the frozen previous local sub-model (MOON; None uses `global_ref`).
+
+    Returns:
+        The objective in training mode; only `objective.model` requires grad.
+    """
+    model = build_model(model_cfg, widths)
+    load_numpy(model, trainable)
+    global_model = prev_model = None
+    if loss.active:
+        if global_ref is None:
+            raise ArtifactError("the contrastive term needs the global reference weights")
+        global_model = build_model(model_cfg, widths)
+        load_numpy(global_model, global_ref)
+        if loss.variant is ContrastiveVariant.MOON:
+            prev_model = build_model(model_cfg, widths)
+            load_numpy(prev_model, prev_ref if prev_ref is not None else global_ref)
+    objective = LocalObjective(model, global_model, prev_model, loss.mu, loss.tau, loss.variant)
+    objective.train()
+    return objective
+
+
+def make_torch_optimizer(params: list[torch.nn.Parameter], optimizer: OptimizerConfig, lr: float) -> torch.optim.Optimizer:
+    """The torch optimizer an artifact's optimizer reproduces."""
+    if optimizer.name == "adamw":
+        return torch.optim.AdamW(
+            params, lr=lr, betas=optimizer.betas, eps=optimizer.eps, weight_decay=optimizer.weight_decay
+        )
+    return torch.optim.SGD(params, lr=lr, momentum=optimizer.momentum, weight_decay=optimizer.weight_decay)
+
+
+def reference_train(
+    model_cfg: ModelConfig,
+    widths: Mapping[str, int],
+    loss: LossConfig,
+    optimizer: OptimizerConfig,
+    trainable: Mapping[str, npt.NDArray[np.float32]],
+    global_ref: Mapping[str, npt.NDArray[np.float32]] | None,
+    prev_ref: Mapping[str, npt.NDArray[np.float32]] | None,
+    batches: Sequence[Batch],
+    lr: float,
+) -> tuple[list[float], Weights]:
+    """Train in torch eager exactly as an artifact should.
+
+    Returns:
+        The loss of every step (before its update) and the final trainable weights.
+    """
+    objective = build_objective(model_cfg, widths, loss, trainable, global_ref, prev_ref)
+    opt = make_torch_optimizer(list(objective.model.parameters()), optimizer, lr)
+    losses = []
+    for x, y in batches:
+        value = objective(torch.from_numpy(np.asarray(x)), torch.from_numpy(np.asarray(y)))
+        opt.zero_grad(set_to_none=True)
+        value.backward()
+        opt.step()
+        losses.append(float(value.detach()))
+    return losses, state_to_numpy(objective.model)
+
+
+def compare(
+    losses: Sequence[float],
+    weights: Mapping[str, npt.NDArray[np.float32]],
+    reference_losses: Sequence[float],
+    reference_weights_: Mapping[str, npt.NDArray[np.float32]],
+    tolerance: Tolerance,
+    what: str,
+) -> ValidationReport:
+    """Check a run against the reference and say which part is at fault.
+
+    The first step's loss comes from the starting weights, so a mismatch there
+    is the forward graph or the loss; a mismatch only later, or in the trained
+    weights, is the backward graph or the optimizer update.
+
+    Raises:
+        ArtifactError: naming the first step whose loss differs and the tensor
+            that drifted furthest.
+    """
+    worst, error = "", 0.0
+    for name, want in reference_weights_.items():
+        if name not in weights:
+            raise ArtifactError(f"{what}: the runtime returned no tensor {name!r}")
+        got = weights[name]
+        if got.shape != want.shape:
+            raise ArtifactError(f"{what}: tensor {name!r} came back as {got.shape}, expected {want.shape}")
+        diff = float(np.max(np.abs(got - want))) if got.size else 0.0
+        diff = diff if np.isfinite(diff) else float("inf")
+        if diff > error or not worst:
+            worst, error = name, diff
+    bad_steps = [
+        step
+        for step, (got_loss, want_loss) in enumerate(zip(losses, reference_losses))
+        if not np.isfinite(got_loss) or abs(got_loss - want_loss) > tolerance.loss_rtol * max(abs(want_loss), 1e-12)
+    ]
+    if bad_steps and bad_steps[0] == 0:
+        raise ArtifactError(
+            f"{what}: the first loss {losses[0]:.7g} differs from the PyTorch reference "
+            f"{reference_losses[0]:.7g} (rtol {tolerance.loss_rtol:g}): the forward graph or the loss is wrong"
+        )
+    if bad_steps or error > tolerance.weight_atol:
+        where = f"the loss first differs at step {bad_steps[0]}; " if bad_steps else ""
+        raise ArtifactError(
+            f"{what}: after {len(losses)} step(s) tensor {worst!r} differs from the PyTorch reference by "
+            f"{error:.3g} (atol {tolerance.weight_atol:g}); {where}the forward pass matched, so the gradient "
+            f"or the optimizer update on the path to {worst!r} is wrong"
+        )
+    return ValidationReport(tuple(losses), tuple(reference_losses), error, worst)
+
+
+def validate_artifact(
+    artifact_dir: Path,
+    model_cfg: ModelConfig,
+    widths: Mapping[str, int] | None,
+    loss: LossConfig,
+    *,
+    trainable: Mapping[str, npt.NDArray[np.float32]] | None = None,
+    global_ref: Mapping[str, npt.NDArray[np.float32]] | None = None,
+    prev_ref: Mapping[str, npt.NDArray[np.float32]] | None = None,
+    batches: Sequence[Batch] | None = None,
+    lr: float | None = None,
+    steps: int = 1,
+    seed: int = 0,
+    tolerance: Tolerance = Tolerance(),
+) -> ValidationReport:
+    """Load an artifact in its runtime, train, and compare with the PyTorch reference.
+
+    Weights and batches default to seeded random ones (`random_weights`, `random_batch`).
+
+    AdamW and zero gradients: a tensor whose true gradient is exactly zero
+    (an attention key bias: softmax ignores a shift shared by all keys) gets
+    gradients of pure rounding noise, which AdamW normalizes into steps of up
+    to lr in a direction that differs between runtimes. The AdamW default lr
+    of 1e-3 keeps that below the weight tolerance for a few steps.
+
+    Args:
+        artifact_dir: the artifact directory (manifest and files).
+        model_cfg: architecture the artifact was exported from.
+        widths: units per group (None: full width).
+        loss: contrastive knobs the artifact was exported with.
+        trainable: starting sub-model weights.
+        global_ref: frozen global reference (defaults to `trainable`, as in round 1).
+        prev_ref: frozen previous local reference (defaults to other random weights).
+        batches: the batches to train on (defaults to `steps` random ones).
+        lr: learning rate (default: 0.05 for SGD, 1e-3 for AdamW; see below).
+        steps: number of random batches when `batches` is None.
+        seed: seeds the default weights and batches.
+        tolerance: how close the run must track the reference.
+
+    Returns:
+        The report of a passing run.
+
+    Raises:
+        ArtifactError: the runtime cannot load or run the artifact (naming the
+            version or op at fault), or its losses or weights leave the tolerance.
+    """
+    manifest = load_manifest(Path(artifact_dir))
+    widths = resolve_widths(model_spec(model_cfg), widths)
+    rng = np.random.default_rng(seed)
+    trainable = trainable if trainable is not None else random_weights(model_cfg, widths, seed)
+    global_ref = global_ref if global_ref is not None else trainable
+    prev_ref = prev_ref if prev_ref is not None else random_weights(model_cfg, widths, seed + 1)
+    if batches is None:
+        batches = [random_batch(model_cfg, manifest.batch_size, rng) for _ in range(steps)]
+    lr = lr if lr is not None else (1e-3 if manifest.optimizer.name == "adamw" else 0.05)
+    what = f"{manifest.kind.value} artifact {manifest.key[:12] or '(no key)'}"
+    _check_versions(manifest, what)
+
+    backend = make_backend(manifest.kind)
+    try:
+        backend.load(Path(artifact_dir), manifest)
+        backend.set_weights(trainable, reference_weights(manifest, global_ref, prev_ref))
+        losses = [backend.train_step(x, y, lr) for x, y in batches]
+        weights = backend.weights()
+    except ArtifactError as exc:
+        raise ArtifactError(f"{what}: {exc}") from exc
+    finally:
+        backend.close()
+    ref_losses, ref_weights = reference_train(
+        model_cfg, widths, loss, manifest.optimizer, trainable, global_ref, prev_ref, batches, lr
+    )
+    report = compare(losses, weights, ref_losses, ref_weights, tolerance, what)
+    log.info("%s validated: losses %s, max weight error %.3g (%s)", what, losses, report.max_weight_error, report.worst_tensor)
+    return report
+
+
+def _check_versions(manifest: ArtifactManifest, what: str) -> None:
+    """Refuse an artifact exported for another runtime version than the one installed."""
+    from msfusion.export.cache import runtime_versions
+
+    installed = runtime_versions(manifest.kind)
+    for package, version in manifest.versions.items():
+        if package in installed and installed[package] != version:
+            raise ArtifactError(
+                f"{what} was exported for {package} {version}, but {package} {installed[package]} is installed"
+            )

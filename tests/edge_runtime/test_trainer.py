@@ -1,0 +1,67 @@
+"""train_local on a real backend reproduces the reference engine's local training."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+
+from msfusion.coordinator.datasets import ArrayDataset
+from msfusion.coordinator.engine import LocalTrainConfig, local_train
+from msfusion.edge_runtime.artifacts import ArtifactKind, reference_weights
+from msfusion.edge_runtime.backends.base import make_backend
+from msfusion.edge_runtime.trainer import train_local
+from msfusion.errors import ConfigError
+from msfusion.export.cache import CachedArtifact
+from msfusion.export.validate import random_batch, random_weights
+
+
+@pytest.fixture
+def shard(case: Any) -> ArrayDataset:
+    x, y = random_batch(case.model, 50, np.random.default_rng(1))
+    return ArrayDataset(x, y)
+
+
+def test_train_local_matches_the_reference_engine(
+    case: Any, exported: Callable[..., CachedArtifact], shard: ArrayDataset
+) -> None:
+    # Prepare
+    artifact = exported(ArtifactKind.ORT)
+    start = random_weights(case.model, case.widths, seed=2)
+    previous = random_weights(case.model, case.widths, seed=3)
+    config = LocalTrainConfig(epochs=2, batch_size=case.batch, lr=0.05, optimizer="sgd", momentum=0.9, max_samples=40)
+    backend = make_backend(ArtifactKind.ORT)
+    backend.load(artifact.path, artifact.manifest)
+    # Execute
+    result = train_local(
+        backend, start, reference_weights(artifact.manifest, start, previous), shard.x, shard.y,
+        epochs=2, batch_size=case.batch, lr=0.05, seed=7, max_samples=40,
+    )  # fmt: skip
+    expected = local_train(case.model, case.widths, start, previous, shard, config, case.moon, seed=7)
+    # Assert
+    assert result.n_samples == expected.n_samples == 40
+    assert len(result.loss_curve) == 2 * 40 // case.batch
+    np.testing.assert_allclose(result.loss_curve, expected.loss_curve, rtol=1e-4)
+    for name, value in expected.weights.items():
+        np.testing.assert_allclose(result.weights[name], value, atol=1e-4, err_msg=name)
+    assert result.step_time_s > 0 and result.wall_s >= result.step_time_s * len(result.loss_curve)
+    assert result.peak_rss_bytes >= result.memory.baseline_rss_bytes > 0
+
+
+def test_train_local_refuses_a_shard_smaller_than_one_batch(case: Any, exported: Callable[..., CachedArtifact]) -> None:
+    artifact = exported(ArtifactKind.ORT)
+    backend = make_backend(ArtifactKind.ORT)
+    backend.load(artifact.path, artifact.manifest)
+    start = random_weights(case.model, case.widths, seed=2)
+    x, y = random_batch(case.model, case.batch - 1, np.random.default_rng(0))
+    with pytest.raises(ConfigError, match="cannot fill one batch"):
+        train_local(
+            backend, start, reference_weights(artifact.manifest, start), x, y,
+            epochs=1, batch_size=case.batch, lr=0.05, seed=0,
+        )  # fmt: skip
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        train_local(
+            backend, start, reference_weights(artifact.manifest, start), x, y,
+            epochs=1, batch_size=case.batch, lr=0.05, seed=0, lr_schedule="cosine",
+        )  # fmt: skip

@@ -1,0 +1,98 @@
+"""validate_artifact passes sound artifacts and names what is wrong with broken ones."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+from onnxruntime.training import artifacts
+
+from msfusion.edge_runtime.artifacts import ArtifactKind, describe_files, load_manifest, write_manifest
+from msfusion.edge_runtime.backends.ort import TRAINING_MODEL
+from msfusion.errors import ArtifactError
+from msfusion.export.cache import CachedArtifact
+from msfusion.export.onnx_training import _explain_generate_error
+from msfusion.export.validate import validate_artifact
+
+
+@pytest.fixture
+def ort_copy(tmp_path: Path, exported: Callable[..., CachedArtifact]) -> Path:
+    """A private copy of the small CNN's ORT artifact, free to break."""
+    copy = tmp_path / "artifact"
+    shutil.copytree(exported(ArtifactKind.ORT).path, copy)
+    return copy
+
+
+def _rewrite_training_model(directory: Path, edit: Callable[[onnx.ModelProto], None]) -> None:
+    """Edit the training graph and re-seal the manifest, so only the runtime can object."""
+    model = onnx.load(directory / TRAINING_MODEL)
+    edit(model)
+    onnx.save(model, directory / TRAINING_MODEL)
+    manifest = load_manifest(directory, verify=False)
+    write_manifest(directory, replace(manifest, files=describe_files(directory, [f.name for f in manifest.files])))
+
+
+@pytest.mark.parametrize("kind", list(ArtifactKind), ids=lambda kind: kind.value)
+def test_a_sound_artifact_passes(kind: ArtifactKind, case: Any, exported: Callable[..., CachedArtifact]) -> None:
+    report = validate_artifact(exported(kind).path, case.model, case.widths, case.moon, steps=2)
+    assert len(report.losses) == 2 and report.max_weight_error < 1e-4
+    np.testing.assert_allclose(report.losses, report.reference_losses, rtol=1e-4)
+
+
+def test_a_newer_ir_version_is_named_with_the_onnx_to_use(ort_copy: Path, case: Any) -> None:
+    def bump(model: onnx.ModelProto) -> None:
+        model.ir_version = 11
+
+    _rewrite_training_model(ort_copy, bump)
+    with pytest.raises(ArtifactError, match=r"IR version 11.*onnx==1\.17\.0"):
+        validate_artifact(ort_copy, case.model, case.widths, case.moon)
+
+
+def test_a_truncated_graph_is_named(ort_copy: Path, case: Any) -> None:
+    path = ort_copy / TRAINING_MODEL
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    manifest = load_manifest(ort_copy, verify=False)
+    write_manifest(ort_copy, replace(manifest, files=describe_files(ort_copy, [f.name for f in manifest.files])))
+    with pytest.raises(ArtifactError, match="not a readable ONNX protobuf"):
+        validate_artifact(ort_copy, case.model, case.widths, case.moon)
+
+
+def test_a_file_changed_behind_the_manifest_fails_its_checksum(ort_copy: Path, case: Any) -> None:
+    with open(ort_copy / TRAINING_MODEL, "ab") as handle:
+        handle.write(b"\x00")
+    with pytest.raises(ArtifactError, match=f"{TRAINING_MODEL}.*(bytes|sha256)"):
+        validate_artifact(ort_copy, case.model, case.widths, case.moon)
+
+
+def test_a_wrong_update_is_caught_and_the_tensor_named(ort_copy: Path, case: Any) -> None:
+    # The graph still loads and runs, but its SGD momentum is 0.5 instead of 0.9.
+    def weaken(model: onnx.ModelProto) -> None:
+        for index, init in enumerate(model.graph.initializer):
+            if init.name == "msfusion.sgd.momentum":
+                model.graph.initializer[index].CopyFrom(numpy_helper.from_array(np.array(0.5, np.float32), init.name))
+
+    _rewrite_training_model(ort_copy, weaken)
+    with pytest.raises(ArtifactError, match=r"after 3 step\(s\) tensor '[\w.]+' differs"):
+        validate_artifact(ort_copy, case.model, case.widths, case.moon, steps=3)
+
+
+def test_a_missing_gradient_op_is_named(tmp_path: Path) -> None:
+    # Prepare: a graph whose loss runs through ReduceMax, which ORT 1.19 cannot differentiate
+    weight = numpy_helper.from_array(np.ones((3, 4), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("ReduceMax", ["h"], ["loss"], keepdims=0)],
+        "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("loss", onnx.TensorProto.FLOAT, [])], [weight],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    # Execute
+    with pytest.raises(RuntimeError) as raised:
+        artifacts.generate_artifacts(model, requires_grad=["w"], artifact_directory=tmp_path)
+    # Assert
+    assert "op ReduceMax" in str(_explain_generate_error(raised.value))
