@@ -160,7 +160,7 @@ def worker_train(opts: argparse.Namespace) -> dict[str, Any]:
         "growth_bytes": report.growth_bytes,
         "peak_uss_bytes": report.peak_uss_bytes,
         "final_loss": losses[-1],
-        "torch_loaded": "torch" in sys.modules,
+        "torch_loaded": sys.modules.get("torch") is not None,
     }
 
 

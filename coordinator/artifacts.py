@@ -6,14 +6,22 @@ round of a shape only weights travel.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
+import shutil
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from msfusion.coordinator.engine import EngineConfig
+from msfusion.coordinator.models import model_spec
+from msfusion.coordinator.spec import widths_for_ratio
 from msfusion.edge_runtime.artifacts import ArtifactKind, OptimizerConfig, pack_artifact
 from msfusion.edge_runtime.bulk import make_manifest
+from msfusion.edge_runtime.profiling import ProfileSet, ProfileSetPoint, load_profile_set, write_profile_set_index
 from msfusion.edge_runtime.protocol import BulkRef
+from msfusion.errors import ConfigError
 from msfusion.export.cache import ArtifactCache
 
 log = logging.getLogger(__name__)
@@ -63,3 +71,59 @@ class ExportedArtifacts:
             manifest = make_manifest(f"a-{manifest.sha256[:40]}", "artifact", data)
             self._blobs[shape] = (manifest, data)
         return self._blobs[shape]
+
+
+def profile_key(engine: EngineConfig, backend: str) -> str:
+    """Names what a device profile measures: the model, loss, optimizer and artifact kind (not the widths or batch).
+
+    A coordinator sizes a device from its profile only when the keys agree.
+    """
+    from msfusion.export.validate import loss_signature
+
+    payload = {
+        "model": dataclasses.asdict(engine.model),
+        "loss": loss_signature(engine.loss),
+        "optimizer": dataclasses.asdict(optimizer_of(engine)),
+        "kind": ArtifactKind(backend).value,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=list).encode()).hexdigest()[:32]
+
+
+def export_profile_set(
+    engine: EngineConfig, backend: str, widths: Sequence[float], batch_sizes: Sequence[int], out_dir: Path,
+    cache_dir: Path | None = None,
+) -> ProfileSet:  # fmt: skip
+    """The artifacts a device profiles (`msfusion-device profile --artifacts out_dir`), one per width x batch size.
+
+    Args:
+        engine: model, loss and optimizer of the run the devices will train.
+        backend: artifact kind.
+        widths: width ratios in (0, 1].
+        batch_sizes: batch sizes.
+        out_dir: the folder to write (artifacts are copied out of the export cache).
+        cache_dir: the export cache (None: the default).
+
+    Returns:
+        The profile set.
+
+    Raises:
+        ConfigError: a bad width or batch size.
+        ArtifactError: an export failed.
+    """
+    if not widths or not batch_sizes or any(not 0.0 < w <= 1.0 for w in widths) or any(b < 1 for b in batch_sizes):
+        raise ConfigError(f"profile widths must be in (0, 1] and batch sizes >= 1, got {widths}, {batch_sizes}")
+    cache = ArtifactCache(Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE)
+    spec = model_spec(engine.model)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    points = []
+    for ratio in sorted(set(widths), reverse=True):
+        for batch in sorted(set(batch_sizes)):
+            cached = cache.get_or_export(
+                engine.model, widths_for_ratio(spec, ratio), engine.loss, optimizer_of(engine), batch, ArtifactKind(backend)
+            )
+            name = f"w{ratio:g}-b{batch}"
+            shutil.rmtree(out_dir / name, ignore_errors=True)
+            shutil.copytree(cached.path, out_dir / name)
+            points.append(ProfileSetPoint(ratio, batch, name))
+    write_profile_set_index(out_dir, profile_key(engine, backend), ArtifactKind(backend).value, points)
+    return load_profile_set(out_dir)

@@ -97,8 +97,9 @@ class ProfileEntry(_Struct, frozen=True):
 
     width_ratio: Ratio
     batch_size: Positive
-    peak_rss_bytes: Count
+    peak_rss_bytes: Count  # the process's peak: sampled RSS and the kernel's VmHWM
     step_time_s: Seconds
+    peak_uss_bytes: Count = 0  # memory this process alone held (0: not measured)
 
 
 class AxisUnits(_Struct, frozen=True):
@@ -110,9 +111,14 @@ class AxisUnits(_Struct, frozen=True):
 
 
 class ProfileReport(_Message, frozen=True, tag="profile"):
+    """A device's measured training configurations (`msfusion-device profile`), sent with its registration."""
+
     run_id: Id
     device_id: Id
     entries: list[ProfileEntry]
+    # Names the model, loss and optimizer the profiled artifacts implement
+    # (coordinator.artifacts.profile_key): a coordinator ignores a profile of another model.
+    model_key: Annotated[str, Meta(max_length=64)] = ""
 
 
 class Registration(_Message, frozen=True, tag="register"):

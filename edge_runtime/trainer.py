@@ -170,9 +170,9 @@ def warm_up(backends: tuple[str, ...]) -> None:
         ArtifactError: a runtime is not installed.
     """
     for kind in backends:
+        # Creating a backend imports its runtime. Not onnxruntime.training.api: that
+        # package's __init__ imports torch, which a board does not have (backends/ort.py).
         make_backend(kind).close()
-        if kind == "ort":
-            import onnxruntime.training.api  # noqa: F401
 
 
 class _Progress:

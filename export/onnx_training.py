@@ -121,6 +121,7 @@ def export_submodel(
     missing = [name for name in trainable if name not in initializers]
     if missing:
         raise ArtifactError(f"the ONNX graph lost trainable tensor {missing[0]!r} (unused by the loss?)")
+    # Frozen: the contrastive references, plus any other initializer (a buffer such as a mask).
     not_trainable = [name for name in initializers if name not in set(trainable)]
 
     with tempfile.TemporaryDirectory(prefix="msfusion-ort-") as scratch:

@@ -58,7 +58,9 @@ class ExecuTorchBackend:
 
     def load(self, artifact_dir: Path, manifest: ArtifactManifest) -> None:
         """Verify and load the program, then run it once to reach its weights."""
-        from executorch.extension.training import _load_for_executorch_for_training
+        with warnings.catch_warnings():  # every training entry point is marked experimental
+            warnings.filterwarnings("ignore", message="This API is experimental")
+            from executorch.extension.training import _load_for_executorch_for_training
 
         if manifest.kind is not ArtifactKind.EXECUTORCH:
             raise ArtifactError(f"ExecuTorchBackend cannot train a {manifest.kind.value} artifact")
