@@ -222,11 +222,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budgets", default="1/4,1/16")
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--rounds", type=int, default=0, help="override the rounds of every case")
+    parser.add_argument("--max-samples", type=int, default=0, help="override samples per device per round")
+    parser.add_argument("--test-size", type=int, default=0, help="evaluate on the first N test samples")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--mu", type=float, default=0.1, help="contrastive weight of the msfusion strategies")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     wanted = set(args.cases.split(","))
     rows: list[dict[str, object]] = []
@@ -235,14 +239,18 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if args.rounds:
             case = replace(case, rounds={b: args.rounds for b in case.rounds})
+        if args.max_samples:
+            case = replace(case, local=replace(case.local, max_samples=args.max_samples))
         shards, test, model = load_case_data(case, args.quick, args.seed)
+        if args.test_size:
+            test = test.subset(np.arange(min(args.test_size, len(test))))
         for budget in args.budgets.split(","):
             for strategy in args.strategies.split(","):
                 row = run_one(case, budget, strategy, shards, test, model, args.seed, args.mu)
                 rows.append(row)
                 print(f"{case.name} {budget} {strategy}: final {row['final']:.4f} best {row['best']:.4f} "
                       f"({row['wall_s']:.0f} s)", flush=True)
-                args.out.write_text(json.dumps({"quick": args.quick, "devices": N_DEVICES, "results": rows}, indent=1))
+                args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "devices": N_DEVICES, "results": rows}, indent=1))
     print()
     print_table(rows)
     for path in plot(rows, args.out):
