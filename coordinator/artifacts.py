@@ -91,7 +91,7 @@ def profile_key(engine: EngineConfig, backend: str) -> str:
 
 def export_profile_set(
     engine: EngineConfig, backend: str, widths: Sequence[float], batch_sizes: Sequence[int], out_dir: Path,
-    cache_dir: Path | None = None,
+    cache_dir: Path | None = None, validate: bool = True,
 ) -> ProfileSet:  # fmt: skip
     """The artifacts a device profiles (`msfusion-device profile --artifacts out_dir`), one per width x batch size.
 
@@ -102,6 +102,7 @@ def export_profile_set(
         batch_sizes: batch sizes.
         out_dir: the folder to write (artifacts are copied out of the export cache).
         cache_dir: the export cache (None: the default).
+        validate: validate each new export against torch (export/validate.py).
 
     Returns:
         The profile set.
@@ -112,7 +113,7 @@ def export_profile_set(
     """
     if not widths or not batch_sizes or any(not 0.0 < w <= 1.0 for w in widths) or any(b < 1 for b in batch_sizes):
         raise ConfigError(f"profile widths must be in (0, 1] and batch sizes >= 1, got {widths}, {batch_sizes}")
-    cache = ArtifactCache(Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE)
+    cache = ArtifactCache(Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE, validate=validate)
     spec = model_spec(engine.model)
     out_dir.mkdir(parents=True, exist_ok=True)
     points = []

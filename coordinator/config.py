@@ -21,7 +21,7 @@ A run file looks like this (every table and key is optional except `model`)::
     [engine.loss]              # variant ("off", "positive", "moon"), mu, tau
 
     [round]                    # deadline_s, quorum, max_attempts, stall_s
-    [fleet]                    # min_devices, wait_s, heartbeat_timeout_s
+    [fleet]                    # min_devices, wait_s, heartbeat_timeout_s, memory_margin
 
 `load_config(path, overrides)` applies CLI flags (a flat dict of top-level,
 `round.*` and `fleet.*` keys) after the file, then validates everything.
@@ -81,15 +81,20 @@ class FleetConfig:
         min_devices: registered, live devices needed before a round starts.
         wait_s: how long to wait for them before the run fails.
         heartbeat_timeout_s: a device silent for this long counts as offline.
+        memory_margin: share of a device's budget kept free of the peak its
+            profile predicts for the width it is given, in [0, 1).
     """
 
     min_devices: int = 1
     wait_s: float = 120.0
     heartbeat_timeout_s: float = 30.0
+    memory_margin: float = 0.1
 
     def __post_init__(self) -> None:
         if self.min_devices < 1 or self.wait_s <= 0 or self.heartbeat_timeout_s <= 0:
             raise ConfigError("fleet.min_devices must be >= 1, wait_s and heartbeat_timeout_s > 0")
+        if not 0.0 <= self.memory_margin < 1.0:
+            raise ConfigError(f"fleet.memory_margin must be in [0, 1), got {self.memory_margin}")
 
 
 @dataclass(frozen=True)

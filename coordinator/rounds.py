@@ -23,7 +23,7 @@ from msfusion.coordinator.config import RoundConfig
 from msfusion.coordinator.link import CoordinatorLink, Inbound, Malformed, SliceArrived
 from msfusion.coordinator.merging import MergeAccumulator, SliceUpdate
 from msfusion.coordinator.overlap import next_overlap
-from msfusion.coordinator.planning import plan_round
+from msfusion.coordinator.planning import effective_ratios, plan_round
 from msfusion.coordinator.service import Fleet
 from msfusion.coordinator.slicing import Weights, slice_weights
 from msfusion.coordinator.spec import IndexArray, ModelSpec
@@ -101,6 +101,7 @@ class RoundOutcome:
     bytes_up: dict[str, int] = field(default_factory=dict)
     slice_bytes: dict[str, int] = field(default_factory=dict)  # fp32 size of each device's slice
     peak_rss_bytes: dict[str, int] = field(default_factory=dict)
+    width_ratios: dict[str, float] = field(default_factory=dict)  # the ratio each device trained at
     start_sha256: str = ""  # weights_digest of the global weights the round started from
     end_sha256: str = ""  # ... and of the merged weights (empty when not merged)
 
@@ -157,6 +158,7 @@ class _Sent:
     weights: bytes  # packed global sub-model
     units: Mapping[str, IndexArray]
     fp32_bytes: int  # the slice's raw size, the yardstick for bytes on the wire
+    width_ratio: float  # the ratio the device trains at (a memory failure caps it below this)
 
 
 def handle_fleet_message(ctx: RoundContext, inbound: Inbound, now: float) -> None:
@@ -202,6 +204,8 @@ def run_round(
     # Plan (the core): devices in id order, as the reference engine orders them.
     devices = ctx.fleet.participants(time.monotonic())
     plan = plan_round(ctx.spec, devices, round_idx, state.overlap, ctx.engine.plan)
+    # The ratio each device trains at (msfusion may plan one below what the device affords).
+    ratios = {d.device_id: float(r) for d, r in zip(devices, effective_ratios(devices, state.overlap, ctx.engine.plan.strategy))}
     lap("plan_s")
 
     # Export or reuse: one artifact per distinct sub-model shape.
@@ -224,7 +228,7 @@ def run_round(
         manifest = make_manifest(transfer_id("w", task_id, device.device_id), "weights", packed)
         artifact = artifacts[tuple(sorted(plan.widths(device.device_id).items()))][0]
         task = make_task(ctx, round_idx, task_id, device.device_id, index, units, artifact, manifest)
-        sent[device.device_id] = _Sent(task, packed, units, nbytes(sub))
+        sent[device.device_id] = _Sent(task, packed, units, nbytes(sub), ratios[device.device_id])
     lap("slice_s")
 
     # Send.
@@ -253,6 +257,7 @@ def run_round(
         bytes_up={d: ctx.link.bytes_up[d] - up_before.get(d, 0) for d in sent},
         slice_bytes={d: item.fp32_bytes for d, item in sent.items()},
         peak_rss_bytes=peak_rss,
+        width_ratios={d: item.width_ratio for d, item in sent.items()},
         timings_s=timings,
         start_sha256=weights_digest(weights),
     )
@@ -364,6 +369,8 @@ def _collect(
             if isinstance(msg, TaskFailed):
                 replies[device_id] = f"failed: {msg.code}: {msg.reason}"
                 ctx.fleet.note_failure(device_id, f"{msg.code}: {msg.reason}")
+                if msg.code == "memory_budget":
+                    ctx.fleet.memory_exceeded(device_id, item.width_ratio)  # a narrower width from the next round on
                 continue
             arrived = ctx.link.expect_slice(msg)
             if arrived is not None:

@@ -20,7 +20,7 @@ from msfusion.coordinator.datasets import ArrayDataset
 from msfusion.coordinator.link import CoordinatorLink, Inbound
 from msfusion.coordinator.models import build_model, model_spec, state_to_numpy
 from msfusion.coordinator.rounds import ArtifactSource, RoundContext, RoundOutcome, first_overlap, handle_fleet_message, run_round
-from msfusion.coordinator.service import Fleet
+from msfusion.coordinator.service import Fleet, Sizing
 from msfusion.coordinator.slicing import Weights
 from msfusion.edge_runtime.protocol import RunControl
 from msfusion.edge_runtime.shards import read_shard
@@ -84,6 +84,16 @@ def initial_state(config: CoordinatorConfig, resume: bool) -> tuple[Weights, Run
     return weights, state
 
 
+def run_sizing(config: CoordinatorConfig) -> Sizing:
+    """How devices that register with a profile are sized for this run's model and batch size."""
+    from msfusion.coordinator.artifacts import profile_key
+    from msfusion.devices.sizes import model_sizes
+
+    engine = config.engine
+    return Sizing(model_sizes(engine.model), profile_key(engine, config.backend), engine.local.batch_size,
+                  config.fleet.memory_margin)  # fmt: skip
+
+
 def wait_for_devices(ctx: RoundContext, needed: int, wait_s: float, progress: RunProgress | None) -> None:
     """Handle registrations and heartbeats until `needed` devices are live.
 
@@ -139,7 +149,7 @@ def run_coordinator(
     transport.connect()
     link = CoordinatorLink(transport, config.run_id, stall_s=config.round.stall_s)
     link.subscribe()
-    fleet = Fleet(spec, config.run_id, config.backend, config.fleet.heartbeat_timeout_s)
+    fleet = Fleet(spec, config.run_id, config.backend, config.fleet.heartbeat_timeout_s, run_sizing(config))
 
     def tick(round_idx: int, replies: Mapping[str, str]) -> None:
         if progress is not None:

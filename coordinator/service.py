@@ -3,7 +3,15 @@
 One `DeviceRecord` per registered device, of fixed size: the fleet's state
 grows with the number of devices, never with the number of rounds.
 
-Width from memory budget (until measured profiles exist, a later issue): a
+Width from a measured profile (`ratio_from_profile`): a device that ran
+`msfusion-device profile` registers with the measured peak memory of a few
+widths of the run's model. The coordinator fits `devices.memory_model` on them
+(overhead + bytes per parameter + bytes per activation) and gives the device
+the widest ratio whose predicted peak fits its budget less a safety margin
+(`fleet.memory_margin`). The planner's capacity-aware double shifting keeps
+coverage even across the mixed widths.
+
+Width from memory budget alone (no profile, or one of another model): a
 sub-model with P parameters costs about `BYTES_PER_PARAM` bytes per
 parameter to train (fp32 weights, gradients, one optimizer moment, and the
 frozen global and previous-local references of the contrastive term: 6 x 4
@@ -15,23 +23,79 @@ parameters, and gets the largest width ratio whose sub-model fits that share
 (`spec.ratio_for_budget`), capped by the `max_width_ratio` it may report.
 Activations are not counted: the device's own memory guard catches a budget
 that was too optimistic and answers `TaskFailed("memory_budget")`.
+
+After such a failure the device gets a cap, `MEMORY_BACKOFF` times the ratio
+it failed at, for the rest of the run (`Fleet.memory_exceeded`); it halves
+again if it fails again, so a device converges on a width it can train.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
 from msfusion.coordinator.planning import DeviceSlot
 from msfusion.coordinator.spec import ModelSpec, ratio_for_budget
-from msfusion.edge_runtime.protocol import Heartbeat, Registration, Welcome
-from msfusion.errors import ConfigError
+from msfusion.devices.memory_model import (
+    RATIO_STEPS,
+    MemoryModel,
+    fit_memory_model,
+    largest_affordable_ratio,
+    samples_from_profile,
+)
+from msfusion.devices.sizes import ModelSizes
+from msfusion.edge_runtime.protocol import Heartbeat, ProfileReport, Registration, Welcome
+from msfusion.errors import ConfigError, MemoryBudgetExceeded
 
 log = logging.getLogger(__name__)
 
 BYTES_PER_PARAM = 24
 RUNTIME_BYTES = 400 << 20
+MEMORY_BACKOFF = 0.5  # after a memory_budget failure: cap = this x the ratio that failed
+
+
+@dataclass(frozen=True)
+class Sizing:
+    """What sizing a device from its profile needs to know of the run.
+
+    Attributes:
+        sizes: the model's parameter and activation counts by width ratio.
+        model_key: `coordinator.artifacts.profile_key` of the run: profiles of another model are ignored.
+        batch_size: the batch size devices train with.
+        safety_margin: share of the budget kept free of the predicted peak, in [0, 1).
+    """
+
+    sizes: ModelSizes
+    model_key: str
+    batch_size: int
+    safety_margin: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.safety_margin < 1.0 or self.batch_size < 1:
+            raise ConfigError(f"safety_margin must be in [0, 1) and batch_size >= 1, got {self.safety_margin}, {self.batch_size}")
+
+
+def ratio_from_profile(profile: ProfileReport, budget_bytes: int, sizing: Sizing) -> tuple[float, MemoryModel]:
+    """The widest ratio whose peak, predicted from the device's measured profile, fits its budget with the margin.
+
+    Args:
+        profile: the device's profile (at least three points at two widths).
+        budget_bytes: the device's memory budget.
+        sizing: the run's model sizes, key, batch size and margin.
+
+    Returns:
+        The ratio (a multiple of 1/1024) and the fitted memory model.
+
+    Raises:
+        ConfigError: the profile is of another model, or too thin to fit.
+        MemoryBudgetExceeded: not even the narrowest sub-model fits.
+    """
+    if profile.model_key != sizing.model_key:
+        raise ConfigError(f"the profile is of model {profile.model_key or '(unnamed)'!r}, this run trains {sizing.model_key!r}")
+    model = fit_memory_model(samples_from_profile(profile.entries), sizing.sizes)
+    return largest_affordable_ratio(model, budget_bytes, sizing.batch_size, sizing.safety_margin), model
 
 
 def ratio_for_memory(spec: ModelSpec, budget_bytes: int, reported_max: float | None = None) -> float:
@@ -70,6 +134,8 @@ class DeviceRecord:
     progress: float = 0.0
     failures: int = 0
     last_failure: str = ""
+    memory_cap: float = 1.0  # lowered after memory_budget failures; kept across re-registrations
+    sized_by: str = "budget"  # "profile" when the ratio came from the device's measured profile
 
 
 class Fleet:
@@ -80,14 +146,40 @@ class Fleet:
         run_id: the run; messages of other runs are refused.
         backend: the artifact kind this run trains; devices without it are refused.
         heartbeat_timeout_s: silence after which a device counts as offline.
+        sizing: sizes devices that register with a profile (None: the budget rule for all).
     """
 
-    def __init__(self, spec: ModelSpec, run_id: str, backend: str, heartbeat_timeout_s: float) -> None:
+    def __init__(
+        self, spec: ModelSpec, run_id: str, backend: str, heartbeat_timeout_s: float, sizing: Sizing | None = None
+    ) -> None:
         self._spec = spec
         self._run_id = run_id
         self._backend = backend
         self._timeout_s = heartbeat_timeout_s
+        self._sizing = sizing
         self.devices: dict[str, DeviceRecord] = {}
+
+    def _ratio(self, msg: Registration) -> tuple[float, str]:
+        """A registering device's width ratio and how it was found ("profile" or "budget").
+
+        Raises:
+            ConfigError, MemoryBudgetExceeded: the device cannot train even the narrowest sub-model.
+        """
+        capacity = msg.capacity
+        if msg.profile is not None and self._sizing is not None:
+            try:
+                ratio, model = ratio_from_profile(msg.profile, capacity.memory_budget_bytes, self._sizing)
+            except ConfigError as exc:
+                log.warning("device %s: profile not used (%s); sizing it from its budget", msg.device_id, exc)
+            else:
+                log.info(
+                    "device %s: profile fit %.0f MiB + %.1f B/param + %.2f B/activation (max error %.1f%%)",
+                    msg.device_id, model.overhead_bytes / 2**20, model.bytes_per_param, model.bytes_per_activation,
+                    100 * model.max_relative_error,
+                )  # fmt: skip
+                capped = min(ratio, capacity.max_width_ratio) if capacity.max_width_ratio is not None else ratio
+                return capped, "profile"
+        return ratio_for_memory(self._spec, capacity.memory_budget_bytes, capacity.max_width_ratio), "budget"
 
     def register(self, msg: Registration, now: float) -> Welcome:
         """Admit (or re-admit) a device; the answer goes back on its control topic."""
@@ -96,11 +188,11 @@ class Fleet:
             reason = f"this coordinator runs {self._run_id!r}, not {msg.run_id!r}"
         elif self._backend not in msg.capacity.backends:
             reason = f"run needs backend {self._backend!r}, device has {msg.capacity.backends}"
-        ratio = 0.0
+        ratio, sized_by = 0.0, "budget"
         if not reason:
             try:
-                ratio = ratio_for_memory(self._spec, msg.capacity.memory_budget_bytes, msg.capacity.max_width_ratio)
-            except ConfigError as exc:
+                ratio, sized_by = self._ratio(msg)
+            except (ConfigError, MemoryBudgetExceeded) as exc:
                 reason = str(exc)
         if reason:
             log.warning("refused device %s: %s", msg.device_id, reason)
@@ -115,10 +207,35 @@ class Fleet:
             last_seen=now,
             failures=known.failures if known else 0,
             last_failure=known.last_failure if known else "",
+            memory_cap=known.memory_cap if known else 1.0,
+            sized_by=sized_by,
         )
         self.devices[msg.device_id] = record
-        log.info("device %s registered: budget %d B -> width ratio %.4f", msg.device_id, record.memory_budget_bytes, ratio)
+        log.info(
+            "device %s registered: budget %d B -> width ratio %.4f (from its %s)%s", msg.device_id,
+            record.memory_budget_bytes, ratio, sized_by,
+            f", capped at {record.memory_cap:.4f} after running out of memory" if record.memory_cap < ratio else "",
+        )  # fmt: skip
         return Welcome(run_id=self._run_id, device_id=msg.device_id, accepted=True)
+
+    def width_ratio(self, device_id: str) -> float:
+        """The ratio a device trains at: its sized ratio under its memory cap."""
+        record = self.devices[device_id]
+        return min(record.max_ratio, record.memory_cap)
+
+    def memory_exceeded(self, device_id: str, failed_ratio: float) -> float:
+        """A device ran out of memory training at `failed_ratio`: cap it at `MEMORY_BACKOFF` times that.
+
+        Returns:
+            The device's new cap (a multiple of 1/1024, at least 1/1024).
+        """
+        record = self.devices.get(device_id)
+        cap = max(1, math.floor(failed_ratio * MEMORY_BACKOFF * RATIO_STEPS)) / RATIO_STEPS
+        if record is None:
+            return cap
+        record.memory_cap = min(record.memory_cap, cap)
+        log.warning("device %s ran out of memory at width %.4f: capped at %.4f", device_id, failed_ratio, record.memory_cap)
+        return record.memory_cap
 
     def heartbeat(self, msg: Heartbeat, now: float) -> None:
         """Note a device's state; an "offline" heartbeat is its last will."""
@@ -148,7 +265,7 @@ class Fleet:
     def participants(self, now: float) -> list[DeviceSlot]:
         """The online devices in ring order (sorted by id, as the reference engine orders them)."""
         return [
-            DeviceSlot(device_id, self.devices[device_id].max_ratio)
+            DeviceSlot(device_id, self.width_ratio(device_id))
             for device_id in sorted(self.devices)
             if self.online(device_id, now)
         ]

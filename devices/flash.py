@@ -33,7 +33,6 @@ from msfusion.devices import units
 from msfusion.devices.profiles import BoardProfile
 from msfusion.devices.wheelhouse import (
     PURE_SDISTS,
-    BundleError,
     WheelFile,
     WheelSources,
     build_project_wheel,
@@ -44,7 +43,7 @@ from msfusion.devices.wheelhouse import (
     parse_wheel_filename,
 )
 from msfusion.edge_runtime.config import DeviceConfig, to_toml
-from msfusion.errors import ConfigError
+from msfusion.errors import BundleError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +53,6 @@ CONFIG = "device.toml"
 INSTALL_SCRIPT = "install.sh"
 _ELF_MACHINE = {0xB7: "aarch64", 0x3E: "x86_64"}  # e_machine of an ELF file
 
-# device.toml keys a later issue adds (TLS, signed tasks). Commented out: the
-# daemon's config loader rejects keys it does not know yet.
-RESERVED_CONFIG = """
-# Reserved for TLS to the broker and signed tasks (a later release reads them):
-# ca_cert = ""
-# task_signing_public_key = ""
-"""
 
 
 @dataclass(frozen=True)
@@ -251,7 +243,7 @@ def _build(
         raise BundleError(f"wheels that will not install on {profile.name}:\n" + "\n".join(problems))
 
     # 2. The config, the units and the install script.
-    _write(out_dir / CONFIG, to_toml(config) + RESERVED_CONFIG, 0o600)
+    _write(out_dir / CONFIG, to_toml(config), 0o600)
     _write(out_dir / units.DEVICE_UNIT, units.device_unit(profile.memory_max_bytes, profile.cores), 0o644)
     _write(out_dir / units.FIRSTBOOT_UNIT, units.firstboot_unit(), 0o644)
     requirement = f"msfusion{extra}=={version}"

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Sequence
 
 from msfusion.devices.profiles import BoardProfile
-from msfusion.errors import MsfusionError
+from msfusion.errors import BundleError as BundleError  # re-exported: it was defined here first
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +49,6 @@ if not probe.evaluate():
 sys.argv = ["pip", *sys.argv[2:]]
 runpy.run_module("pip", run_name="__main__", alter_sys=True)
 """
-
-
-class BundleError(MsfusionError):
-    """A bundle could not be built or installed (download failed, wrong wheel, bad bundle)."""
 
 
 @dataclass(frozen=True)

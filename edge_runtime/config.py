@@ -16,6 +16,11 @@ Example `device.toml`::
     # keepalive_s = 10
     # stall_s = 5.0               # seconds without a new chunk before asking for missing ones
     # threads = 1                 # intra-op threads for training
+    ca_cert = ""                  # reserved (TLS to the broker, a later release): unused for now
+    task_signing_public_key = ""  # reserved (signed tasks, a later release): unused for now
+
+`msfusion-device profile` saves the device's measured profile in
+`state_dir/profile.json`; the daemon sends it when it registers.
 """
 
 from __future__ import annotations
@@ -49,6 +54,8 @@ class DeviceConfig:
     keepalive_s: int = 10
     stall_s: float = 5.0
     threads: int = 1
+    ca_cert: str = ""  # reserved for TLS to the broker; read by nothing yet
+    task_signing_public_key: str = ""  # reserved for verifying signed tasks; read by nothing yet
 
     def __post_init__(self) -> None:
         for name in ("device_id", "run_id"):
@@ -67,6 +74,8 @@ class DeviceConfig:
             raise ConfigError(f"max_width_ratio must be in (0, 1], got {self.max_width_ratio}")
         if self.heartbeat_s <= 0 or self.keepalive_s < 1 or self.stall_s <= 0 or self.threads < 1:
             raise ConfigError("heartbeat_s, stall_s must be > 0; keepalive_s, threads >= 1")
+        if not isinstance(self.ca_cert, str) or not isinstance(self.task_signing_public_key, str):
+            raise ConfigError("ca_cert and task_signing_public_key must be strings")
 
 
 def load_device_config(path: str | Path, **overrides: Any) -> DeviceConfig:

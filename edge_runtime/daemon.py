@@ -28,6 +28,8 @@ from msfusion.edge_runtime import topics
 from msfusion.edge_runtime.bulk import BulkSender, receive
 from msfusion.edge_runtime.config import DeviceConfig
 from msfusion.edge_runtime.ledger import Ledger, StoredReply
+from msfusion.edge_runtime.memory import release_memory
+from msfusion.edge_runtime.profiling import PROFILE_FILE, load_profile
 from msfusion.edge_runtime.protocol import (
     ID_PATTERN,
     BulkRef,
@@ -37,6 +39,7 @@ from msfusion.edge_runtime.protocol import (
     DeviceState,
     FailureCode,
     Heartbeat,
+    ProfileReport,
     Registration,
     RunControl,
     SliceResult,
@@ -173,7 +176,23 @@ class Daemon:
         self._upload: _Upload | None = None
         self._early: OrderedDict[str, list[Received]] = OrderedDict()  # transfer id -> chunks before their task
         self._early_bytes = 0
+        self._profile = self._load_profile()
         self.exit_code: ExitCode = ExitCode.STOPPED
+
+    def _load_profile(self) -> ProfileReport | None:
+        """The profile `msfusion-device profile` saved in the state folder (None: none, or unreadable)."""
+        path = self.config.state_dir / PROFILE_FILE
+        try:
+            profile = load_profile(path)
+        except ProtocolError as exc:
+            log.warning("ignoring the profile in %s: %s", path, exc)
+            return None
+        if profile is None:
+            log.info("no profile in %s: the coordinator sizes this device from its budget alone", path)
+            return None
+        log.info("registering with the profile in %s (%d points)", path, len(profile.entries))
+        # The same board under another id or run: the measurements still hold.
+        return msgspec.structs.replace(profile, run_id=self.config.run_id, device_id=self.config.device_id)
 
     # Lifecycle.
 
@@ -234,7 +253,10 @@ class Daemon:
             backends=list(cfg.backends),
             max_width_ratio=cfg.max_width_ratio,
         )
-        msg = Registration(run_id=cfg.run_id, device_id=cfg.device_id, capacity=capacity, runtime_version=__version__)
+        msg = Registration(
+            run_id=cfg.run_id, device_id=cfg.device_id, capacity=capacity, runtime_version=__version__,
+            profile=self._profile,
+        )  # fmt: skip
         self._last_register = time.monotonic()
         try:
             # Retained: a coordinator that starts (or restarts) later still sees it.
@@ -334,6 +356,9 @@ class Daemon:
         log.info("round %d: task %s", task.round_idx, task.task_id)
         self.beat.set("training", task.task_id)
         outcome: TaskOutcome = train_task(task, self, self.ledger.previous_slice(), self.config, self.beat.progress)
+        if isinstance(outcome.reply, TaskFailed) and outcome.reply.code == "memory_budget":
+            # The task's runtime is closed; hand its memory back before anything else runs.
+            log.info("memory after the stopped task: %d MiB", release_memory() >> 20)
         stored = StoredReply(task.key, encode(outcome.reply), outcome.slice_bytes)
         # Recorded before it is sent: whatever happens next, this task's answer is this one.
         if isinstance(outcome.reply, SliceResult):

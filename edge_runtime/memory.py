@@ -10,6 +10,9 @@ every tenth sample.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,6 +127,14 @@ class MemorySampler:
         if self._samples % _USS_EVERY == 0:
             self._peak_uss = max(self._peak_uss, read_uss_bytes())
 
+    def peak_bytes(self) -> int:
+        """The peak so far, while sampling: the largest sampled RSS and, where it was reset, VmHWM.
+
+        VmHWM catches a spike shorter than one sampling interval; the memory
+        guard (`trainer.train_local(memory_budget_bytes=...)`) reads this between steps.
+        """
+        return max(self._peak_rss, read_hwm_bytes()) if self._hwm_reset else self._peak_rss
+
     def stop(self) -> MemoryReport:
         """Stop sampling; returns (and keeps in `report`) the figures."""
         self._stop.set()
@@ -144,3 +155,25 @@ class MemorySampler:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+def current_rss_bytes() -> int:
+    """This process's resident memory now."""
+    return int(psutil.Process().memory_info().rss)
+
+
+def release_memory() -> int:
+    """Give freed memory back to the OS after a task (garbage, then glibc's free lists); returns the RSS after.
+
+    A task stopped for its memory budget has freed its runtime's buffers, but
+    glibc keeps freed heap pages mapped; `malloc_trim(0)` returns them, so the
+    daemon's RSS falls back instead of staying at the failed task's peak.
+    """
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    if name is not None:
+        try:
+            ctypes.CDLL(name).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+            pass
+    return current_rss_bytes()

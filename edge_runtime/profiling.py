@@ -39,7 +39,7 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
-from msfusion.edge_runtime.protocol import ProfileEntry, ProfileReport
+from msfusion.edge_runtime.protocol import SCHEMA_VERSION, ProfileEntry, ProfileReport
 from msfusion.errors import ConfigError, MsfusionError, ProtocolError
 
 log = logging.getLogger(__name__)
@@ -235,9 +235,9 @@ def measure_point(artifact_dir: Path, options: ProfileOptions) -> PointResult:
     trainable = _start_weights([(t.name, t.shape) for t in manifest.params], seed=1)
     frozen = reference_weights(manifest, trainable, _start_weights([(t.name, t.shape) for t in manifest.params], seed=2))
     times: list[float] = []
-    with MemorySampler() as sampler:
-        backend = make_backend(manifest.kind, num_threads=options.threads)
-        try:
+    backend = make_backend(manifest.kind, num_threads=options.threads)
+    try:
+        with MemorySampler() as sampler:  # stopped before close(): USS is read while the runtime holds its buffers
             backend.load(artifact_dir, manifest)
             backend.set_weights(trainable, frozen)
             for index, (x, y) in enumerate(batches):
@@ -245,8 +245,8 @@ def measure_point(artifact_dir: Path, options: ProfileOptions) -> PointResult:
                 backend.train_step(x, y, 0.01)
                 if index >= options.warmup:
                     times.append(time.perf_counter() - started)
-        finally:
-            backend.close()
+    finally:
+        backend.close()
     report = sampler.report
     if report is None:  # unreachable: the context manager always stops the sampler
         raise RuntimeError("memory sampler produced no report")
@@ -318,9 +318,12 @@ def profile_report(run_id: str, device_id: str, model_key: str, results: Sequenc
 
 def _validate(data: bytes) -> ProfileReport:
     try:
-        return msgspec.json.decode(data, type=ProfileReport)
+        report = msgspec.json.decode(data, type=ProfileReport)
     except msgspec.DecodeError as exc:
         raise ProtocolError(f"invalid profile: {exc}") from exc
+    if report.schema_version != SCHEMA_VERSION:
+        raise ProtocolError(f"profile of schema version {report.schema_version}; this runtime speaks {SCHEMA_VERSION}")
+    return report
 
 
 def save_profile(path: Path, report: ProfileReport) -> None:

@@ -27,7 +27,7 @@ from msfusion.edge_runtime.batches import batch_indices, samples_per_epoch
 from msfusion.edge_runtime.bulk import make_manifest
 from msfusion.edge_runtime.indexing import TensorIndex, reslice_previous
 from msfusion.edge_runtime.ledger import slice_index
-from msfusion.edge_runtime.memory import MemoryReport, MemorySampler
+from msfusion.edge_runtime.memory import MemoryReport, MemorySampler, current_rss_bytes
 from msfusion.edge_runtime.protocol import BulkRef, SliceResult, TaskFailed, TrainTask, failure_code
 from msfusion.edge_runtime.shards import read_shard
 from msfusion.edge_runtime.weights import pack_weights, unpack_weights
@@ -78,6 +78,7 @@ def train_local(
     max_samples: int = 0,
     lr_schedule: str = "none",
     progress: Callable[[float], None] | None = None,
+    memory_budget_bytes: int = 0,
 ) -> LocalResult:
     """Train a loaded backend over a local shard, as the reference engine's `local_train` does.
 
@@ -94,6 +95,9 @@ def train_local(
         max_samples: cap on samples per epoch (0 = the whole shard).
         lr_schedule: only "none" (a constant lr) is supported.
         progress: called after every step with the share of steps done (for heartbeats).
+        memory_budget_bytes: the memory guard (0 = off): the sampler's thread
+            watches this process's RSS (and the kernel's VmHWM) and the loop
+            stops at the first step boundary after the peak passed the budget.
 
     Returns:
         The trained slice and its figures.
@@ -102,6 +106,7 @@ def train_local(
         ConfigError: bad epochs, an unknown schedule, mismatched x and y, or
             fewer samples than one batch.
         ArtifactError: the backend refused the weights or a batch.
+        MemoryBudgetExceeded: the guard stopped the run (the caller frees the backend).
     """
     if lr_schedule != "none":
         raise ConfigError(f"lr_schedule {lr_schedule!r} is not supported (only 'none')")
@@ -117,11 +122,13 @@ def train_local(
     start = time.perf_counter()
     with MemorySampler() as sampler:
         backend.set_weights(trainable, frozen)
+        _check_budget(sampler, memory_budget_bytes, "setting the weights")
         for done, index in enumerate(order, start=1):
             x_batch, y_batch = x[index], y[index]  # (N, ...) -> (batch_size, ...)
             step_start = time.perf_counter()
             losses.append(backend.train_step(x_batch, y_batch, lr))
             step_total += time.perf_counter() - step_start
+            _check_budget(sampler, memory_budget_bytes, f"step {done} of {len(order)}")
             if progress is not None:
                 progress(done / len(order))
         weights = backend.weights()
@@ -138,6 +145,19 @@ def train_local(
         peak_rss_bytes=memory.peak_rss_bytes,
         memory=memory,
     )
+
+
+def _check_budget(sampler: MemorySampler, budget_bytes: int, after: str) -> None:
+    """The memory guard, between steps: stop once the peak so far passed the budget."""
+    if not budget_bytes:
+        return
+    peak = sampler.peak_bytes()
+    if peak > budget_bytes:
+        raise MemoryBudgetExceeded(
+            f"stopped after {after}: memory peaked at {peak / 2**20:.0f} MiB, over the budget of "
+            f"{budget_bytes / 2**20:.0f} MiB",
+            peak_bytes=peak, budget_bytes=budget_bytes,
+        )  # fmt: skip
 
 
 # ---------------------------------------------------------------- one task from the fleet
@@ -254,13 +274,20 @@ def train_task(
         backend = make_backend(task.backend, num_threads=config.threads)
         try:
             backend.load(artifact_dir, manifest)
+            loaded_rss = current_rss_bytes()
+            if loaded_rss > config.memory_budget_bytes:
+                raise MemoryBudgetExceeded(
+                    f"loading the artifact took memory to {loaded_rss / 2**20:.0f} MiB, over the budget of "
+                    f"{config.memory_budget_bytes / 2**20:.0f} MiB",
+                    peak_bytes=loaded_rss, budget_bytes=config.memory_budget_bytes,
+                )  # fmt: skip
             if manifest.batch_size != task.batch_size:
                 raise ArtifactError(f"artifact trains batches of {manifest.batch_size}, the task says {task.batch_size}")
             steps = task.local_epochs * samples_per_epoch(len(x), task.batch_size, task.max_samples) // task.batch_size
             result = train_local(
                 _Progress(backend, steps, on_progress), start, reference_weights(manifest, start, negative), x, y,
                 epochs=task.local_epochs, batch_size=task.batch_size, lr=task.lr, seed=task.seed,
-                max_samples=task.max_samples,
+                max_samples=task.max_samples, memory_budget_bytes=config.memory_budget_bytes,
             )  # fmt: skip
         finally:
             backend.close()
@@ -286,8 +313,12 @@ def train_task(
             log.warning("task %s failed: %s", task.task_id, exc)
         else:
             log.exception("task %s failed unexpectedly", task.task_id)
+        details: dict[str, int | float | str] = {}
+        if isinstance(exc, MemoryBudgetExceeded):
+            details = {"peak_bytes": exc.peak_bytes, "budget_bytes": exc.budget_bytes}
         failed = TaskFailed(
             run_id=task.run_id, round_idx=task.round_idx, device_id=task.device_id, task_id=task.task_id,
             code="deadline" if isinstance(exc, _DeadlinePassed) else failure_code(exc), reason=str(exc)[:4000],
+            details=details,
         )  # fmt: skip
         return TaskOutcome(failed, None)

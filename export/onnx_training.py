@@ -6,7 +6,7 @@ constant folding, opset 17) -> `onnxruntime.training.artifacts.generate_artifact
 with a pass-through loss block, the sub-model's parameters as `requires_grad`
 and the contrastive references as `frozen_params`.
 
-Three things are not stock, each for a stated reason:
+Five things are not stock, each for a stated reason:
 
 - `logsumexp` (the MOON term) is exported as mean(x - LogSoftmax(x)) instead of
   ReduceLogSumExp: onnxruntime-training 1.19's ReduceLogSumExp gradient emits
@@ -20,6 +20,17 @@ Three things are not stock, each for a stated reason:
   the graph, and it stays one ORT step per batch.
 - AdamW: ORT's AdamW block uses Hugging Face's update (adam_mode 1); we emit
   the same op with adam_mode 0, which is torch.optim.AdamW's.
+- Norms: the models' GroupNorm and LayerNorm are written as elementwise ops
+  (coordinator/models.py says why); exported as such they cost ORT some twenty
+  kernels and their gradients per norm. For the export we trace them as
+  F.layer_norm (a GroupNorm is a layer norm over each group: (B, C, H, W) ->
+  (B, G, C/G*H*W)) and give each LayerNormalization node the mean and inv-std
+  outputs its ORT gradient (LayerNormalizationGrad) reads. Same math, one
+  fused kernel forward and one backward.
+- MaxPool: ORT's gradient builder gives every MaxPool an indices output, and
+  ORT's MaxPool with indices is a slow scalar kernel. The frozen references
+  never read theirs, so we drop unread indices outputs (the fast MLAS pooling
+  runs instead).
 
 The artifact ships the *nominal* checkpoint only (names and shapes): weights
 travel separately and are set by the device (edge_runtime/backends/ort.py).
@@ -30,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
 import re
 import shutil
 import tempfile
@@ -138,6 +150,7 @@ def export_submodel(
         except RuntimeError as exc:
             raise _explain_generate_error(exc) from exc
         training = onnx.load(Path(scratch) / TRAINING_MODEL)
+        _drop_unread_pool_indices(training)
         if optimizer.name == "sgd":
             _add_momentum(training, optimizer)
         onnx.save(training, out_dir / TRAINING_MODEL)
@@ -186,7 +199,7 @@ def _to_onnx(objective: torch.nn.Module, x_info: TensorInfo, y_info: TensorInfo)
     x = torch.zeros(x_info.shape, dtype=getattr(torch, x_info.dtype))
     y = torch.zeros(y_info.shape, dtype=torch.int64)
     buffer = io.BytesIO()
-    with _logsumexp_as_logsoftmax():
+    with _logsumexp_as_logsoftmax(), _norms_as_layer_norm():
         try:
             torch.onnx.export(
                 objective,
@@ -202,7 +215,50 @@ def _to_onnx(objective: torch.nn.Module, x_info: TensorInfo, y_info: TensorInfo)
             )
         except Exception as exc:  # noqa: BLE001 (the exporter raises many types)
             raise ArtifactError(f"torch.onnx.export failed: {exc}") from exc
-    return onnx.load_from_string(buffer.getvalue())
+    model = onnx.load_from_string(buffer.getvalue())
+    _add_layer_norm_statistics(model)
+    return model
+
+
+@contextlib.contextmanager
+def _norms_as_layer_norm() -> Iterator[None]:
+    """Trace the models' GroupNorm and LayerNorm as F.layer_norm (one LayerNormalization node each)."""
+    import torch.nn.functional as F
+
+    from msfusion.coordinator import models
+
+    def group_norm(self: models.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+        group_size = math.prod(int(size) for size in x.shape[1:]) // self.num_groups
+        grouped = x.reshape(x.shape[0], self.num_groups, group_size)  # (B, C, H, W) -> (B, G, C/G*H*W)
+        normed = F.layer_norm(grouped, (group_size,), eps=self.eps).reshape(x.shape)
+        affine_shape = (1, self.num_channels) + (1,) * (x.dim() - 2)
+        return normed * self.weight.reshape(affine_shape) + self.bias.reshape(affine_shape)
+
+    def layer_norm(self: models.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+    saved = models.GroupNorm.forward, models.LayerNorm.forward
+    models.GroupNorm.forward, models.LayerNorm.forward = group_norm, layer_norm  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        models.GroupNorm.forward, models.LayerNorm.forward = saved  # type: ignore[method-assign]
+
+
+def _add_layer_norm_statistics(model: onnx.ModelProto) -> None:
+    """Give every LayerNormalization node its Mean and InvStdDev outputs (ORT's gradient reads them)."""
+    for index, node in enumerate(model.graph.node):
+        if node.op_type == "LayerNormalization" and len(node.output) == 1:
+            stem = node.name or f"LayerNormalization_{index}"
+            node.output.extend([f"{stem}.mean", f"{stem}.inv_std_dev"])
+
+
+def _drop_unread_pool_indices(model: onnx.ModelProto) -> None:
+    """Remove MaxPool indices outputs that no node or graph output reads (the frozen references')."""
+    read = {name for node in model.graph.node for name in node.input} | {out.name for out in model.graph.output}
+    for node in model.graph.node:
+        if node.op_type == "MaxPool" and len(node.output) == 2 and node.output[1] not in read:
+            del node.output[1]
 
 
 @contextlib.contextmanager

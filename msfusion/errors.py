@@ -36,3 +36,7 @@ class InvalidSlice(MsfusionError):
 
 class DataError(MsfusionError):
     """A data set file is missing or malformed."""
+
+
+class BundleError(MsfusionError):
+    """A device bundle could not be built or installed (download failed, wrong wheel, bad bundle)."""

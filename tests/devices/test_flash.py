@@ -96,7 +96,9 @@ def test_device_config_is_what_the_daemon_loads(pc_bundle: tuple[Path, BundleMan
     assert (config.username, config.password, config.backends) == ("dev003", "pa ss'word", ("ort",))
     assert config.memory_budget_bytes == PC.default_memory_budget_bytes == manifest.memory_budget_bytes
     text = (bundle / "device.toml").read_text()
-    assert '# ca_cert = ""' in text and '# task_signing_public_key = ""' in text
+    # Reserved for TLS and signed tasks (a later issue): present, empty, and read by the loader.
+    assert 'ca_cert = ""\n' in text and 'task_signing_public_key = ""\n' in text
+    assert (config.ca_cert, config.task_signing_public_key) == ("", "")
 
 
 def test_device_config_checks_the_budget_and_ids() -> None:
