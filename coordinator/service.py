@@ -230,7 +230,7 @@ class Fleet:
             The device's new cap (a multiple of 1/1024, at least 1/1024).
         """
         record = self.devices.get(device_id)
-        cap = max(1, math.floor(failed_ratio * MEMORY_BACKOFF * RATIO_STEPS)) / RATIO_STEPS
+        cap: float = max(1, math.floor(failed_ratio * MEMORY_BACKOFF * RATIO_STEPS)) / RATIO_STEPS
         if record is None:
             return cap
         record.memory_cap = min(record.memory_cap, cap)

@@ -17,8 +17,12 @@ import logging
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from msfusion.errors import ConfigError, MsfusionError
+
+if TYPE_CHECKING:
+    from msfusion.edge_runtime.profiling import ProfileSet
 
 
 class ProfileExit(enum.IntEnum):
@@ -75,11 +79,12 @@ def profile_main(argv: list[str]) -> int:
         run_profile,
         save_profile,
     )
+    from msfusion.edge_runtime.shards import DATA_FILE
 
     log = logging.getLogger("msfusion.device")
     try:
         config = load_device_config(args.config)
-        data_dir = config.data_dir if (config.data_dir / "shard.npz").exists() else None
+        data_dir = config.data_dir if (config.data_dir / DATA_FILE).exists() else None
         options = ProfileOptions(steps=args.steps, warmup=args.warmup, threads=config.threads, backends=config.backends,
                                  data_dir=data_dir)  # fmt: skip
         with tempfile.TemporaryDirectory(prefix="msfusion-profile-") as scratch:
@@ -101,19 +106,20 @@ def profile_main(argv: list[str]) -> int:
     if not args.no_save:
         path = args.out or config.state_dir / PROFILE_FILE
         save_profile(path, report)
-        print(f"saved {path}: the daemon sends it when it registers")
+        print(f"saved {path}: the daemon sends it when it (re)starts and registers")
     return int(ProfileExit.SUCCESS)
 
 
-def _export_here(run_toml: Path, kind: str, widths: list[float], batch_sizes: list[int] | None, out: Path):  # type: ignore[no-untyped-def]
+def _export_here(run_toml: Path, kind: str, widths: list[float], batch_sizes: list[int] | None, out: Path) -> ProfileSet:
     """The profile set of a run, exported on this machine (the coordinator's packages: torch, onnx)."""
     try:
         from msfusion.coordinator.artifacts import export_profile_set
         from msfusion.coordinator.config import load_config
     except ImportError as exc:
         raise ConfigError(f"exporting here needs the coordinator's packages ({exc}); pass --artifacts DIR") from exc
-    engine = load_config(run_toml).engine
-    return export_profile_set(engine, kind, widths, batch_sizes or [engine.local.batch_size], out)
+    run = load_config(run_toml)
+    return export_profile_set(run.engine, kind, widths, batch_sizes or [run.engine.local.batch_size], out,
+                              cache_dir=run.artifact_cache)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -81,18 +81,19 @@ class ProfileSet:
         Raises:
             ConfigError: the set lacks a requested combination.
         """
-        chosen = [
-            p for p in self.points
-            if (widths is None or any(abs(p.width_ratio - w) < 1e-9 for w in widths))
-            and (batch_sizes is None or p.batch_size in batch_sizes)
-        ]  # fmt: skip
-        wanted = {(w, b) for w in (widths or ()) for b in (batch_sizes or ())}
-        missing = sorted(
-            (w, b) for w, b in wanted if not any(abs(p.width_ratio - w) < 1e-9 and p.batch_size == b for p in chosen)
-        )
-        if missing or not chosen:
+
+        def has(point: ProfileSetPoint, width: float | None, batch: int | None) -> bool:
+            return (width is None or abs(point.width_ratio - width) < 1e-9) and (batch is None or point.batch_size == batch)
+
+        any_width: list[float | None] = list(widths) if widths else [None]
+        any_batch: list[int | None] = list(batch_sizes) if batch_sizes else [None]
+        wanted = [(w, b) for w in any_width for b in any_batch]
+        missing = [(w, b) for w, b in wanted if not any(has(p, w, b) for p in self.points)]
+        if missing:
             have = sorted((p.width_ratio, p.batch_size) for p in self.points)
-            raise ConfigError(f"profile set {self.root} lacks (width, batch) {missing or 'any match'}; it holds {have}")
+            asked = [(w if w is not None else "any", b if b is not None else "any") for w, b in missing]
+            raise ConfigError(f"profile set {self.root} lacks (width, batch) {asked}; it holds {have}")
+        chosen = [p for p in self.points if any(has(p, w, b) for w, b in wanted)]
         return sorted(chosen, key=lambda p: (-p.width_ratio, p.batch_size))
 
 

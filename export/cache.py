@@ -40,9 +40,14 @@ _TOOLS = {
 Exporter = Callable[..., ArtifactManifest]
 
 
+EXPORTER_REVISION = "2"
+
+
 def runtime_versions(kind: ArtifactKind) -> dict[str, str]:
     """Installed versions of the tools that export and run artifacts of `kind`."""
-    out = {}
+    # The exporters' own revision: bump it whenever a graph rewrite changes
+    # what an artifact of the same shape contains, so cached ones are rebuilt.
+    out = {"msfusion-exporter": EXPORTER_REVISION}
     for package in _TOOLS[ArtifactKind(kind)]:
         try:
             out[package] = importlib.metadata.version(package)

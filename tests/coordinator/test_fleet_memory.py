@@ -82,7 +82,7 @@ class CappedRun:
 def _budgets(profile: ProfileReport) -> tuple[dict[str, int], dict[str, int]]:
     """Per device its budget and hard cap, from the measured peaks (by width)."""
     peak = {e.width_ratio: e.peak_rss_bytes for e in profile.entries}
-    margin = run_sizing_margin()
+    margin = FleetConfig().memory_margin
     budgets = {
         # the full width with the coordinator's margin to spare, and a little more
         "dev000": int(peak[1.0] / (1 - margin) * 1.03),
@@ -95,10 +95,6 @@ def _budgets(profile: ProfileReport) -> tuple[dict[str, int], dict[str, int]]:
     # dev002's hard cap must hold the one step the guard lets run past its budget.
     caps["dev002"] = max(caps["dev002"], peak[1.0] + 128 * MIB)
     return budgets, caps
-
-
-def run_sizing_margin() -> float:
-    return FleetConfig().memory_margin
 
 
 @pytest.fixture(scope="module")

@@ -99,7 +99,7 @@ def test_without_a_budget_or_under_it_the_run_completes(case: Any, exported: Cal
     )  # fmt: skip
     backend.close()
     assert len(result.loss_curve) == 3
-    assert SPIKE_BYTES <= result.peak_rss_bytes - result.memory.baseline_rss_bytes < 2 * SPIKE_BYTES
+    assert 0.9 * SPIKE_BYTES <= result.peak_rss_bytes - result.memory.baseline_rss_bytes < 2 * SPIKE_BYTES
 
 
 def test_the_live_peak_includes_the_kernels_high_water_mark() -> None:

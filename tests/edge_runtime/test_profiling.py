@@ -58,8 +58,10 @@ def test_a_profile_set_selects_its_points_widest_first(profile_set: ProfileSet) 
     assert [p.width_ratio for p in profile_set.select([0.25, 1.0], [8])] == [1.0, 0.25]
     with pytest.raises(ConfigError, match=r"lacks \(width, batch\) \[\(0.125, 8\)\]"):
         profile_set.select([0.125, 1.0], [8])
-    with pytest.raises(ConfigError, match="lacks"):
+    with pytest.raises(ConfigError, match=r"lacks \(width, batch\) \[\('any', 32\)\]"):
         profile_set.select(None, [32])
+    with pytest.raises(ConfigError, match=r"\[\(0.75, 'any'\)\]"):
+        profile_set.select([0.75, 0.5], None)
 
 
 def test_a_malformed_profile_set_is_refused(tmp_path: Path) -> None:
@@ -155,3 +157,31 @@ def test_the_profile_command_refuses_a_missing_set(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert proc.returncode == 2 and "not a profile set" in proc.stderr
+
+
+@pytest.mark.slow
+def test_the_profile_command_exports_the_runs_artifacts_itself_where_torch_is_installed(tmp_path: Path) -> None:
+    # Prepare: a run file (the coordinator's) and a device without a shard (random batches)
+    (tmp_path / "run.toml").write_text(
+        f'backend = "ort"\nartifact_cache = "{tmp_path / "cache"}"\n'
+        '[engine.model]\narch = "cnn"\nchannels = [8, 16, 32]\nimage_size = 16\n'
+        '[engine.local]\nbatch_size = 8\n'
+    )
+    config = DeviceConfig(device_id="d", run_id="r", data_dir=tmp_path / "none", state_dir=tmp_path / "state",
+                          memory_budget_bytes=4 << 30)  # fmt: skip
+    (tmp_path / "device.toml").write_text(to_toml(config))
+    # Execute
+    proc = subprocess.run(
+        [sys.executable, "-m", "msfusion.edge_runtime", "profile", "--config", str(tmp_path / "device.toml"),
+         "--run", str(tmp_path / "run.toml"), "--widths", "1,0.5", "--steps", "1", "--warmup", "0", "--no-save"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    # Assert: the run's model key, both widths at the run's batch size, nothing saved
+    from msfusion.coordinator.artifacts import profile_key
+    from msfusion.coordinator.config import load_config
+
+    assert proc.returncode == 0, proc.stderr
+    key = profile_key(load_config(tmp_path / "run.toml").engine, "ort")
+    assert f"of model {key[:12]}" in proc.stdout.splitlines()[0]
+    assert [line.split()[:2] for line in proc.stdout.splitlines()[2:4]] == [["1.000", "8"], ["0.500", "8"]]
+    assert not (tmp_path / "state" / PROFILE_FILE).exists()
