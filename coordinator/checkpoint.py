@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Mapping
@@ -26,6 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from msfusion.coordinator.slicing import Weights
+from msfusion.edge_runtime.ledger import atomic_write
 from msfusion.edge_runtime.weights import pack_weights, unpack_weights
 from msfusion.errors import ArtifactError, ConfigError
 
@@ -65,19 +64,6 @@ def weights_digest(weights: Mapping[str, npt.NDArray[np.float32]]) -> str:
     return h.hexdigest()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(folder: Path, weights: Mapping[str, npt.NDArray[np.float32]], state: RunState) -> None:
     """Write weights then state, each atomically.
 
@@ -89,9 +75,9 @@ def save_checkpoint(folder: Path, weights: Mapping[str, npt.NDArray[np.float32]]
     folder.mkdir(parents=True, exist_ok=True)
     data = pack_weights(weights)
     name = WEIGHTS_PATTERN.format(round=state.next_round)
-    _atomic_write(folder / name, data)
+    atomic_write(folder / name, data)
     record = {"format": FORMAT, "weights_file": name, "weights_sha256": hashlib.sha256(data).hexdigest(), **asdict(state)}
-    _atomic_write(folder / STATE_FILE, json.dumps(record, indent=2).encode("utf-8"))
+    atomic_write(folder / STATE_FILE, json.dumps(record, indent=2).encode("utf-8"))
     for old in folder.glob("global-r*.safetensors"):
         if old.name != name:
             old.unlink(missing_ok=True)

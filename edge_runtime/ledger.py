@@ -60,7 +60,8 @@ def slice_index(units: Mapping[str, Sequence[int]], axes: Mapping[str, Sequence[
     return index
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that a crash leaves the old file or the new one, never half."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -148,18 +149,18 @@ class Ledger:
         name = str(int(names[0]) + 1 if names else 0)
         folder = self.dir / "replies" / name
         folder.mkdir()
-        _atomic_write(folder / "reply.msgpack", reply)
+        atomic_write(folder / "reply.msgpack", reply)
         if slice_bytes is not None:
             index = {
                 "units": {g: [int(u) for u in us] for g, us in (units or {}).items()},
                 "axes": {t: [[a.axis, a.group, a.unit_size] for a in v] for t, v in (axes or {}).items()},
             }
-            _atomic_write(folder / "index.json", json.dumps(index).encode("utf-8"))
-            _atomic_write(folder / "slice.safetensors", slice_bytes)
+            atomic_write(folder / "index.json", json.dumps(index).encode("utf-8"))
+            atomic_write(folder / "slice.safetensors", slice_bytes)
         handled = [k for k in self._handled if k != key] + [key]
         handled = handled[-KEEP_HANDLED:]
         state = {"handled": [list(k) for k in handled], "last": name}
-        _atomic_write(self.dir / LEDGER_FILE, json.dumps(state).encode("utf-8"))
+        atomic_write(self.dir / LEDGER_FILE, json.dumps(state).encode("utf-8"))
         self._handled, self._last = handled, name
         self._prune(keep=name)
 
