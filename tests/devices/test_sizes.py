@@ -12,6 +12,7 @@ from msfusion.coordinator.loss import LocalObjective
 from msfusion.coordinator.models import ModelConfig, build_model, model_spec
 from msfusion.coordinator.spec import widths_for_ratio
 from msfusion.devices.sizes import ACTIVATIONS, model_sizes
+from torch_block import BLOCK_TORCH
 
 CONFIGS = {
     "cnn": ModelConfig("cnn"),
@@ -69,18 +70,6 @@ def test_model_sizes_grow_with_width(arch: str) -> None:
     assert activations[:-1] == sorted(activations[:-1]) and activations[-1] <= 2 * activations[-2]
 
 
-BLOCK_TORCH = """
-import importlib, sys
-class NoTorch:
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ImportError(f"torch is blocked in this test ({name})")
-        return None
-sys.meta_path.insert(0, NoTorch())
-importlib.import_module(sys.argv[1])
-loaded = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
-assert not loaded, loaded
-"""
 
 
 @pytest.mark.parametrize("module", ["profiles", "sizes", "memory_model", "wheelhouse", "units", "flash"])

@@ -7,24 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from torch_block import BLOCK_TORCH
 
 EDGE = Path(__file__).resolve().parents[2] / "edge_runtime"
 # Modules that must exist, plus every other core module present (backends/executorch.py may load torch).
 REQUIRED = ["protocol", "topics", "transport", "bulk", "weights"]
 CORE = sorted(set(REQUIRED) | {p.stem for p in EDGE.glob("*.py") if p.stem not in ("__init__", "__main__")} | {"shards"})
 
-BLOCK_TORCH = """
-import importlib, sys
-class NoTorch:
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ImportError(f"torch is blocked in this test ({name})")
-        return None
-sys.meta_path.insert(0, NoTorch())
-importlib.import_module(sys.argv[1])
-loaded = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
-assert not loaded, loaded
-"""
 
 
 @pytest.mark.parametrize("module", CORE)
