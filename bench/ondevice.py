@@ -249,6 +249,7 @@ def _native_norms() -> None:
 def _torch_stepper(opts: argparse.Namespace, start: Any, global_ref: Any, previous: Any) -> Any:
     import torch
 
+    from msfusion.coordinator.models import scale_gradients
     from msfusion.edge_runtime.artifacts import OptimizerConfig
     from msfusion.export.validate import batch_inputs, build_objective, make_torch_optimizer
 
@@ -256,14 +257,15 @@ def _torch_stepper(opts: argparse.Namespace, start: Any, global_ref: Any, previo
         _native_norms()
     cfg, widths = _model(opts.model, opts.ratio, opts.size)
     objective = build_objective(cfg, widths, _loss_config(opts.loss), start, global_ref, previous)
-    optimizer = make_torch_optimizer(
-        list(objective.model.parameters()), OptimizerConfig(MODELS[opts.model]["optimizer"]), MODELS[opts.model]["lr"]
-    )
+    config = OptimizerConfig(MODELS[opts.model]["optimizer"])
+    optimizer = make_torch_optimizer(list(objective.model.parameters()), config, MODELS[opts.model]["lr"])
+    grad_scales = objective.model.gradient_scales() if config.compensates else {}
 
     def step(x: Any, y: Any, lr: float) -> float:
         loss = objective(torch.from_numpy(x), torch.from_numpy(y))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        scale_gradients(objective.model, grad_scales)
         optimizer.step()
         return float(loss.detach())
 

@@ -33,7 +33,7 @@ def optimizer_of(engine: EngineConfig) -> OptimizerConfig:
     """The optimizer an artifact must implement to train as the reference engine does."""
     local = engine.local
     return OptimizerConfig(name=local.optimizer, momentum=local.momentum if local.optimizer == "sgd" else 0.0,
-                           weight_decay=local.weight_decay)  # fmt: skip
+                           weight_decay=local.weight_decay, scaler_compensation=local.scaler_compensation)  # fmt: skip
 
 
 class ExportedArtifacts:

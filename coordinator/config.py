@@ -17,7 +17,7 @@ A run file looks like this (every table and key is optional except `model`)::
     channels = [8, 16, 32]
     [engine.plan]              # strategy, shift_mode, round_shift ("1/8"), participant_shift
     [engine.overlap]           # mode, initial, minimum, maximum, step, high, low
-    [engine.local]             # epochs, batch_size, lr, optimizer, momentum, max_samples
+    [engine.local]             # epochs, batch_size, lr, optimizer, momentum, max_samples, scaler_compensation
     [engine.loss]              # variant ("off", "positive", "moon"), mu, tau
 
     [round]                    # deadline_s, quorum, max_attempts, stall_s

@@ -174,6 +174,40 @@ class SplitModel(nn.Module):
             if isinstance(module, (ScaledConv2d, ScaledLinear))
         }
 
+    def gradient_scales(self) -> dict[str, float]:
+        """Scaler compensation: the factor SGD applies to each parameter's gradient.
+
+        A sub-model holding k of a group's K units computes exactly what the
+        full model computes when every unit is repeated K/k times (the scaler
+        makes up for the repeats; test_models checks the identity). A
+        sub-model parameter split along groups g1, g2, ... therefore stands
+        for prod(K/k) identical parameters of that tiled full model, and its
+        gradient is the sum of theirs. Multiplying it by prod(k/K) makes one
+        SGD step of the sub-model exactly one SGD step of the tiled full model,
+        at the full model's learning rate; without it, plain SGD trains the
+        split layers up to (K/k)^2 times faster than the full model, which at
+        small widths diverges or oscillates (docs/algorithm.md,
+        "Scaler-compensated SGD"). Unsplit parameters keep factor 1 (omitted).
+        """
+        spec = model_spec(self.config)
+        factors: dict[str, float] = {}
+        for group in spec.groups:
+            ratio = self.widths[group.name] / group.size
+            if ratio == 1.0:
+                continue
+            for axis in group.axes:
+                factors[axis.tensor] = factors.get(axis.tensor, 1.0) * ratio
+        return factors
+
+
+def scale_gradients(model: nn.Module, scales: Mapping[str, float]) -> None:
+    """Multiply the gradient of each named parameter by its factor (after backward, before the step)."""
+    params = dict(model.named_parameters())
+    for name, factor in scales.items():
+        grad = params[name].grad
+        if grad is not None:
+            grad.mul_(factor)
+
 
 def _axes(*pairs: tuple[str, int], unit_size: int = 1) -> list[TensorAxis]:
     return [TensorAxis(tensor, axis, unit_size) for tensor, axis in pairs]

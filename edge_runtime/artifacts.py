@@ -31,7 +31,7 @@ import numpy.typing as npt
 from msfusion.errors import ArtifactError, ConfigError
 
 MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 GLOBAL_REF_PREFIX = "global_ref."
 PREV_REF_PREFIX = "prev_ref."
 _MAX_FILES = 64
@@ -56,6 +56,11 @@ class OptimizerConfig:
         weight_decay: SGD L2 term added to the gradient, or AdamW's decoupled decay.
         betas: AdamW's moment decays.
         eps: AdamW's denominator epsilon.
+        scaler_compensation: SGD only: multiply the gradient of every weight
+            whose layer scales its input by the scaler s (K/k) by 1/s, so a
+            sub-model trains at the learning rate of the small model it is
+            (docs/algorithm.md, "Scaler-compensated SGD"). The factors are in
+            the manifest's `grad_scales`.
     """
 
     name: str = "sgd"
@@ -63,6 +68,12 @@ class OptimizerConfig:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
+    scaler_compensation: bool = True
+
+    @property
+    def compensates(self) -> bool:
+        """Whether scaled weights' gradients are multiplied by 1/s (SGD with compensation on)."""
+        return self.name == "sgd" and self.scaler_compensation
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
@@ -126,6 +137,8 @@ class ArtifactManifest:
         constants: non-trainable graph tensors that are not references (e.g. a
             causal mask), stored in the artifact's constants file.
         versions: the runtime versions it was exported with.
+        grad_scales: spec name -> factor the optimizer applies to that
+            tensor's gradient (scaler compensation; absent = 1).
         format_version: manifest format.
     """
 
@@ -142,6 +155,7 @@ class ArtifactManifest:
     layout: tuple[str, ...] = ()
     constants: tuple[TensorInfo, ...] = ()
     versions: Mapping[str, str] = field(default_factory=dict)
+    grad_scales: Mapping[str, float] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     @property
@@ -166,6 +180,7 @@ class ArtifactManifest:
         data["kind"] = self.kind.value
         data["loss"] = dict(self.loss)
         data["versions"] = dict(self.versions)
+        data["grad_scales"] = dict(self.grad_scales)
         return json.dumps(data, indent=1, sort_keys=True)
 
     @classmethod
@@ -195,6 +210,7 @@ class ArtifactManifest:
                 layout=tuple(str(n) for n in data["layout"]),
                 constants=tuple(TensorInfo(**t) for t in data["constants"]),
                 versions={str(k): str(v) for k, v in data["versions"].items()},
+                grad_scales={str(k): float(v) for k, v in data.get("grad_scales", {}).items()},
                 format_version=int(data["format_version"]),
             )
         except ArtifactError:

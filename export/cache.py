@@ -40,7 +40,7 @@ _TOOLS = {
 Exporter = Callable[..., ArtifactManifest]
 
 
-EXPORTER_REVISION = "2"
+EXPORTER_REVISION = "3"
 
 
 def runtime_versions(kind: ArtifactKind) -> dict[str, str]:

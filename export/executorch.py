@@ -157,6 +157,7 @@ def export_submodel(
         loss=loss_signature(loss),
         param_prefix=PARAM_PREFIX,
         versions=runtime_versions(ArtifactKind.EXECUTORCH),
+        grad_scales=objective.model.gradient_scales() if optimizer.compensates else {},
     )
     write_manifest(out_dir, manifest)
     log.info("exported ExecuTorch program %s (%d bytes, method %s)", key[:12], len(executorch_program.buffer), METHOD)

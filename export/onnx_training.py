@@ -133,6 +133,7 @@ def export_submodel(
 
     initializers = {init.name: init for init in model.graph.initializer}
     trainable = [PARAM_PREFIX + name for name, _ in objective.model.named_parameters()]
+    grad_scales = objective.model.gradient_scales() if optimizer.compensates else {}
     missing = [name for name in trainable if name not in initializers]
     if missing:
         raise ArtifactError(f"the ONNX graph lost trainable tensor {missing[0]!r} (unused by the loss?)")
@@ -155,7 +156,7 @@ def export_submodel(
         training = onnx.load(Path(scratch) / TRAINING_MODEL)
         _drop_unread_pool_indices(training)
         if optimizer.name == "sgd":
-            _add_momentum(training, optimizer)
+            _add_momentum(training, optimizer, {PARAM_PREFIX + n: f for n, f in grad_scales.items()})
         onnx.save(training, out_dir / TRAINING_MODEL)
         for name in (EVAL_MODEL, OPTIMIZER_MODEL, CHECKPOINT):
             shutil.copyfile(Path(scratch) / name, out_dir / name)
@@ -192,6 +193,7 @@ def export_submodel(
         layout=tuple(layout),
         constants=tuple(info(n) for n in constants),
         versions=runtime_versions(ArtifactKind.ORT),
+        grad_scales=grad_scales,
     )
     write_manifest(out_dir, manifest)
     return manifest
@@ -315,11 +317,12 @@ def _optimizer_block(optimizer: OptimizerConfig) -> Any:
     return SGD() if optimizer.name == "sgd" else _TorchAdamW(optimizer)
 
 
-def _add_momentum(model: onnx.ModelProto, optimizer: OptimizerConfig) -> None:
+def _add_momentum(model: onnx.ModelProto, optimizer: OptimizerConfig, grad_scales: Mapping[str, float]) -> None:
     """Turn every gradient accumulator into torch's SGD momentum buffer (see the module docstring).
 
     Before: buffer <- lazy_reset_grad ? g : buffer + g.
-    After:  d = g + wd * p;  buffer <- lazy_reset_grad ? d : momentum * buffer + d.
+    After:  d = c * g + wd * p;  buffer <- lazy_reset_grad ? d : momentum * buffer + d,
+    with c the parameter's scaler compensation (`grad_scales`, graph names; 1 if absent).
     """
     graph = model.graph
     graph.initializer.extend(
@@ -334,11 +337,18 @@ def _add_momentum(model: onnx.ModelProto, optimizer: OptimizerConfig) -> None:
         )
     nodes = []
     rewritten = 0
+    compensated = set()
     for node in graph.node:
         if node.op_type == _ACCUMULATOR:
             buffer, grad, reset = node.input
             param = buffer[: -len(_GRAD_BUFFER_SUFFIX)]
             d, mb, acc, sel = (f"{param}.msfusion.{part}" for part in ("direction", "momentum", "accumulated", "buffer"))
+            if param in grad_scales:
+                factor = f"{param}.msfusion.grad_scale"
+                graph.initializer.append(numpy_helper.from_array(np.array(grad_scales[param], np.float32), factor))
+                nodes.append(helper.make_node("Mul", [grad, factor], [f"{param}.msfusion.scaled_grad"]))
+                grad = f"{param}.msfusion.scaled_grad"
+                compensated.add(param)
             if optimizer.weight_decay > 0:
                 nodes += [
                     helper.make_node("Mul", [param, "msfusion.sgd.weight_decay"], [f"{param}.msfusion.decay"]),
@@ -357,6 +367,8 @@ def _add_momentum(model: onnx.ModelProto, optimizer: OptimizerConfig) -> None:
         nodes.append(node)
     if rewritten == 0:
         raise ArtifactError(f"the training graph has no {_ACCUMULATOR} nodes to carry SGD momentum")
+    if missing := sorted(set(grad_scales) - compensated):
+        raise ArtifactError(f"no gradient accumulator found for the scaler-compensated parameters {missing}")
     del graph.node[:]
     graph.node.extend(nodes)
 

@@ -20,7 +20,15 @@ import torch
 
 from msfusion.coordinator.engine import LossConfig
 from msfusion.coordinator.loss import ContrastiveVariant, LocalObjective
-from msfusion.coordinator.models import ModelConfig, build_model, load_numpy, model_spec, resolve_widths, state_to_numpy
+from msfusion.coordinator.models import (
+    ModelConfig,
+    build_model,
+    load_numpy,
+    model_spec,
+    resolve_widths,
+    scale_gradients,
+    state_to_numpy,
+)
 from msfusion.edge_runtime.artifacts import (
     ArtifactManifest,
     OptimizerConfig,
@@ -156,11 +164,13 @@ def reference_train(
     """
     objective = build_objective(model_cfg, widths, loss, trainable, global_ref, prev_ref)
     opt = make_torch_optimizer(list(objective.model.parameters()), optimizer, lr)
+    grad_scales = objective.model.gradient_scales() if optimizer.compensates else {}
     losses = []
     for x, y in batches:
         value = objective(torch.from_numpy(np.asarray(x)), torch.from_numpy(np.asarray(y)))
         opt.zero_grad(set_to_none=True)
         value.backward()
+        scale_gradients(objective.model, grad_scales)
         opt.step()
         losses.append(float(value.detach()))
     return losses, state_to_numpy(objective.model)

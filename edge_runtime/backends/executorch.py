@@ -136,6 +136,13 @@ class ExecuTorchBackend:
                 self._lr = lr
             elif lr != self._lr:
                 raise ArtifactError("ExecuTorch's SGD takes one learning rate per task; lr changed mid-task")
+            if manifest.grad_scales:  # scaler compensation (OptimizerConfig.scaler_compensation)
+                prefix = manifest.param_prefix
+                gradients = {
+                    name: grad * manifest.grad_scales[name[len(prefix):]]
+                    if name[len(prefix):] in manifest.grad_scales else grad
+                    for name, grad in gradients.items()
+                }
             self._optimizer.step(gradients)
             return
         if self._optimizer is None:

@@ -53,7 +53,7 @@ MIB = 1 << 20
 MODEL = ModelConfig(arch="cnn", channels=(32, 64, 128))
 ENGINE = EngineConfig(
     model=MODEL,
-    local=LocalTrainConfig(epochs=1, batch_size=64, lr=0.05, momentum=0.9, max_samples=128),
+    local=LocalTrainConfig(epochs=1, batch_size=128, lr=0.05, momentum=0.9, max_samples=256),
     loss=LossConfig(variant=ContrastiveVariant.MOON, mu=0.1, tau=0.5),
     rounds=3,
     seed=11,
@@ -134,6 +134,7 @@ def capped_run(mosquitto: Any, tmp_path_factory: pytest.TempPathFactory) -> Iter
     budgets, limits = _budgets(profile)
     assert budgets["dev002"] > RUNTIME_BYTES + 16 * MIB, (
         f"the runtime's baseline is far below service.RUNTIME_BYTES; dev002's budget {budgets['dev002']} "
+        f"(peaks by width: { {e.width_ratio: e.peak_rss_bytes >> 20 for e in profile.entries} } MiB) "
         "would be refused by the budget rule: retune this test"
     )
     for index, device_id in enumerate(DEVICES):

@@ -15,6 +15,7 @@ from msfusion.coordinator.models import (
     flops_per_sample,
     load_numpy,
     model_spec,
+    scale_gradients,
     state_to_numpy,
 )
 from msfusion.coordinator.spec import ModelSpec, widths_for_ratio
@@ -154,6 +155,57 @@ def test_scaler_makes_a_sub_model_equal_its_tiled_full_model(arch: str, copies: 
     torch.testing.assert_close(logits_sub, logits_full, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(torch.cat([z_sub] * copies, dim=1), z_full, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(logits_unscaled, logits_full, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("compensate", [True, False])
+def test_compensated_sgd_on_a_sub_model_is_sgd_on_its_tiled_full_model(arch: str, compensate: bool) -> None:
+    # Prepare: the tiled full model of test_scaler_... computes what the sub-model computes;
+    # with scaler compensation, SGD (momentum, weight decay) must keep the two in step.
+    cfg, copies = SMALL[arch], 2
+    spec = model_spec(cfg)
+    widths = {g.name: g.size // copies for g in spec.groups}
+    sub = build_model(cfg, widths, seed=2)
+
+    def tile(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = {}
+        for name, value in state.items():
+            for axis in spec.sliced_axes(name):
+                value = np.concatenate([value] * copies, axis=axis)
+            out[name] = value
+        return out
+
+    full = build_model(cfg)
+    load_numpy(full, tile(state_to_numpy(sub)))
+    x = _inputs(cfg, seed=3)
+    scales = sub.gradient_scales() if compensate else {}
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01) for m in (sub, full)]
+    # Execute: three steps each
+    for _ in range(3):
+        for model, opt in zip((sub, full), opts):
+            opt.zero_grad()
+            logits, _ = model(x)
+            (logits.square().mean() + logits[..., 0].mean()).backward()
+            if model is sub:
+                scale_gradients(sub, scales)
+            opt.step()
+    # Assert
+    want, got = state_to_numpy(full), tile(state_to_numpy(sub))
+    if compensate:
+        for name in want:
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-5, err_msg=name)
+    else:  # plain SGD moves the split layers faster than the full model does
+        assert any(not np.allclose(got[n], want[n], rtol=1e-3, atol=1e-4) for n in want)
+
+
+def test_gradient_scales_are_the_product_of_k_over_k_over_split_axes() -> None:
+    sub = build_model(ModelConfig(arch="cnn"), {"conv0": 16, "conv1": 16, "conv2": 32})
+    scales = sub.gradient_scales()
+    assert scales["blocks.0.conv.weight"] == 0.5  # output split 16/32, input (image) never
+    assert scales["blocks.1.conv.weight"] == 0.5 * 0.25  # 16/32 in, 16/64 out
+    assert scales["blocks.2.norm.bias"] == 0.25 and scales["classifier.weight"] == 0.25
+    assert "classifier.bias" not in scales  # never split
+    assert build_model(ModelConfig(arch="cnn")).gradient_scales() == {}
 
 
 def test_input_scales_are_one_at_full_width_and_k_over_k_below() -> None:
