@@ -1,0 +1,55 @@
+"""bench/accuracy.py's target check: the verdict it prints follows the figures."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+
+def _bench() -> ModuleType:
+    path = Path(__file__).resolve().parents[1] / "bench" / "accuracy.py"
+    spec = importlib.util.spec_from_file_location("bench_accuracy", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def _rows(metric: str, finals: dict[str, float], windows: dict[str, float] | None = None) -> list[dict[str, object]]:
+    windows = windows or {}
+    return [
+        {"case": "c", "budget": "1/16", "strategy": name, "metric": metric, "final": value,
+         "window_curve": [windows.get(name, float("nan"))]}
+        for name, value in finals.items()
+    ]  # fmt: skip
+
+
+BASE = {"fedavg-small": 0.70, "fedavg-full": 0.80, "heterofl": 0.60, "fedrolex": 0.50}
+
+
+@pytest.mark.parametrize(
+    ("ours", "verdict", "closed"),
+    [(0.76, "TARGET MET", "+0.60"), (0.74, "target missed", "+0.40"), (0.65, "target missed", "-0.50")],
+)
+def test_accuracy_target_needs_all_baselines_beaten_and_half_the_gap(ours: float, verdict: str, closed: str) -> None:
+    line = _bench().target_lines(_rows("accuracy", BASE | {"msfusion": ours}))[0]
+    assert line.endswith(verdict) and f"gap closed {closed}" in line
+
+
+def test_a_baseline_is_credited_with_its_better_window() -> None:
+    rows = _rows("accuracy", BASE | {"msfusion": 0.78}, windows={"heterofl": 0.79})
+    line = _bench().target_lines(rows)[0]
+    assert "loses to heterofl 0.7900" in line and line.endswith("target missed")
+
+
+def test_perplexity_is_lower_is_better_and_missing_baselines_are_incomplete() -> None:
+    finals = {"fedavg-small": 9.0, "fedavg-full": 7.0, "heterofl": 10.0, "fedrolex": 11.0, "msfusion": 7.5}
+    line = _bench().target_lines(_rows("perplexity", finals))[0]
+    assert "gap closed +0.75" in line and line.endswith("TARGET MET")
+    partial = _bench().target_lines(_rows("perplexity", {"msfusion": 7.5, "fedrolex": 11.0}))[0]
+    assert partial.endswith("incomplete")
