@@ -189,6 +189,24 @@ def print_table(rows: list[dict[str, object]]) -> None:
         )
 
 
+def markdown_table(rows: list[dict[str, object]]) -> str:
+    """The figures as a Markdown table (for bench/results/README.md)."""
+    lines = [
+        "| case | budget | strategy | final | best | window | expected | params/device | MFLOPs/sample | KB/round | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        window, expect = r["window_curve"][-1], r["expected_curve"][-1]  # type: ignore[index]
+        cells = [
+            r["case"], r["budget"], r["strategy"], f"{r['final']:.4f}", f"{r['best']:.4f}",
+            "" if window != window else f"{window:.4f}", "" if expect != expect else f"{expect:.4f}",
+            r["params_per_device"], f"{r['flops_per_sample_per_device'] / 1e6:.2f}",
+            f"{r['bytes_per_device_per_round'] / 1024:.1f}", f"{r['wall_s']:.0f}",
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
 def _score(row: dict[str, object], key: str = "final") -> float:
     """The metric oriented so that higher is better (accuracy, or minus perplexity)."""
     value = float(row[key]) if key != "window" else float(row["window_curve"][-1])  # type: ignore[index]
@@ -271,10 +289,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mu", type=float, default=0.1, help="contrastive weight of the msfusion strategies")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--from-json", default="", help="comma-separated result JSONs: print table, targets and plots only")
+    parser.add_argument("--markdown", action="store_true", help="with --from-json: the table as Markdown")
     args = parser.parse_args(argv)
     if args.from_json:
         rows = [row for path in args.from_json.split(",") for row in json.loads(Path(path).read_text())["results"]]
-        print_table(rows)
+        if args.markdown:
+            print(markdown_table(rows))
+        else:
+            print_table(rows)
         print()
         print("\n".join(target_lines(rows)))
         for path in plot(rows, args.out):
