@@ -23,7 +23,7 @@ def _bench() -> ModuleType:
 def _rows(metric: str, finals: dict[str, float], windows: dict[str, float] | None = None) -> list[dict[str, object]]:
     windows = windows or {}
     return [
-        {"case": "c", "budget": "1/16", "strategy": name, "metric": metric, "final": value,
+        {"case": "c", "budget": "1/16", "strategy": name, "metric": metric, "final": value, "curve": [value],
          "window_curve": [windows.get(name, float("nan"))]}
         for name, value in finals.items()
     ]  # fmt: skip
@@ -53,3 +53,13 @@ def test_perplexity_is_lower_is_better_and_missing_baselines_are_incomplete() ->
     assert "gap closed +0.75" in line and line.endswith("TARGET MET")
     partial = _bench().target_lines(_rows("perplexity", {"msfusion": 7.5, "fedrolex": 11.0}))[0]
     assert partial.endswith("incomplete")
+
+
+def test_last5_judges_the_mean_of_the_last_five_rounds() -> None:
+    rows = _rows("accuracy", BASE | {"msfusion": 0.76})
+    ours = next(r for r in rows if r["strategy"] == "msfusion")
+    ours["curve"] = [0.60, 0.60, 0.60, 0.60, 0.76]  # one lucky last round
+    bench = _bench()
+    assert bench.target_lines(rows)[0].endswith("TARGET MET")
+    line = bench.target_lines(rows, "last5")[0]
+    assert "msfusion 0.6320" in line and line.endswith("target missed")
