@@ -249,7 +249,7 @@ def _native_norms() -> None:
 def _torch_stepper(opts: argparse.Namespace, start: Any, global_ref: Any, previous: Any) -> Any:
     import torch
 
-    from msfusion.coordinator.models import scale_gradients
+    from msfusion.coordinator.models import scale_gradients, scaled_parameters
     from msfusion.edge_runtime.artifacts import OptimizerConfig
     from msfusion.export.validate import batch_inputs, build_objective, make_torch_optimizer
 
@@ -259,13 +259,13 @@ def _torch_stepper(opts: argparse.Namespace, start: Any, global_ref: Any, previo
     objective = build_objective(cfg, widths, _loss_config(opts.loss), start, global_ref, previous)
     config = OptimizerConfig(MODELS[opts.model]["optimizer"])
     optimizer = make_torch_optimizer(list(objective.model.parameters()), config, MODELS[opts.model]["lr"])
-    grad_scales = objective.model.gradient_scales() if config.compensates else {}
+    compensated = scaled_parameters(objective.model, objective.model.gradient_scales() if config.compensates else {})
 
     def step(x: Any, y: Any, lr: float) -> float:
         loss = objective(torch.from_numpy(x), torch.from_numpy(y))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        scale_gradients(objective.model, grad_scales)
+        scale_gradients(compensated)
         optimizer.step()
         return float(loss.detach())
 

@@ -21,7 +21,7 @@ from msfusion.coordinator.datasets import ArrayDataset
 from msfusion.coordinator.inference import CoHoldStats
 from msfusion.coordinator.loss import ContrastiveVariant, LocalObjective, cross_entropy
 from msfusion.coordinator.merging import MergeReport, SliceUpdate, merge_slices
-from msfusion.coordinator.models import ModelConfig, build_model, flops_per_sample, load_numpy, model_spec, scale_gradients, state_to_numpy
+from msfusion.coordinator.models import ModelConfig, build_model, flops_per_sample, load_numpy, model_spec, scale_gradients, scaled_parameters, state_to_numpy
 from msfusion.coordinator.overlap import OverlapConfig, next_overlap
 from msfusion.coordinator.planning import DeviceSlot, PlanConfig, SplitPlan, plan_round
 from msfusion.coordinator.slicing import Weights, slice_weights, tensor_indices
@@ -193,7 +193,7 @@ def local_train(
     objective = LocalObjective(model, global_ref, prev_ref, loss_cfg.mu, loss_cfg.tau, loss_cfg.variant)
     objective.train()
     optimizer = make_optimizer(list(model.parameters()), train_cfg)
-    grad_scales = model.gradient_scales() if train_cfg.compensates else {}
+    compensated = scaled_parameters(model, model.gradient_scales() if train_cfg.compensates else {})
     x_all = torch.from_numpy(data.x)
     y_all = torch.from_numpy(data.y)
     losses: list[float] = []
@@ -202,7 +202,7 @@ def local_train(
         loss = objective(x_all[index], y_all[index])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        scale_gradients(model, grad_scales)
+        scale_gradients(compensated)
         optimizer.step()
         losses.append(float(loss.detach()))
     n_samples = samples_per_epoch(len(data), train_cfg.batch_size, train_cfg.max_samples)

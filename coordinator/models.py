@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -200,13 +200,17 @@ class SplitModel(nn.Module):
         return factors
 
 
-def scale_gradients(model: nn.Module, scales: Mapping[str, float]) -> None:
-    """Multiply the gradient of each named parameter by its factor (after backward, before the step)."""
+def scaled_parameters(model: nn.Module, scales: Mapping[str, float]) -> list[tuple[nn.Parameter, float]]:
+    """The (parameter, factor) pairs of `scales` (by name), resolved once per run for `scale_gradients`."""
     params = dict(model.named_parameters())
-    for name, factor in scales.items():
-        grad = params[name].grad
-        if grad is not None:
-            grad.mul_(factor)
+    return [(params[name], factor) for name, factor in scales.items()]
+
+
+def scale_gradients(pairs: Sequence[tuple[nn.Parameter, float]]) -> None:
+    """Multiply each parameter's gradient by its factor (after backward, before the step)."""
+    for param, factor in pairs:
+        if param.grad is not None:
+            param.grad.mul_(factor)
 
 
 def _axes(*pairs: tuple[str, int], unit_size: int = 1) -> list[TensorAxis]:

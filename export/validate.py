@@ -27,6 +27,7 @@ from msfusion.coordinator.models import (
     model_spec,
     resolve_widths,
     scale_gradients,
+    scaled_parameters,
     state_to_numpy,
 )
 from msfusion.edge_runtime.artifacts import (
@@ -164,13 +165,13 @@ def reference_train(
     """
     objective = build_objective(model_cfg, widths, loss, trainable, global_ref, prev_ref)
     opt = make_torch_optimizer(list(objective.model.parameters()), optimizer, lr)
-    grad_scales = objective.model.gradient_scales() if optimizer.compensates else {}
+    compensated = scaled_parameters(objective.model, objective.model.gradient_scales() if optimizer.compensates else {})
     losses = []
     for x, y in batches:
         value = objective(torch.from_numpy(np.asarray(x)), torch.from_numpy(np.asarray(y)))
         opt.zero_grad(set_to_none=True)
         value.backward()
-        scale_gradients(objective.model, grad_scales)
+        scale_gradients(compensated)
         opt.step()
         losses.append(float(value.detach()))
     return losses, state_to_numpy(objective.model)

@@ -49,6 +49,7 @@ class ExecuTorchBackend:
         if num_threads > 0:
             torch.set_num_threads(num_threads)
         self._manifest: ArtifactManifest | None = None
+        self._grad_scales: dict[str, float] = {}
         self._module: Any = None
         self._params: dict[str, torch.Tensor] = {}  # spec name -> alias of the program's weight
         self._frozen: tuple[torch.Tensor, ...] = ()
@@ -66,6 +67,8 @@ class ExecuTorchBackend:
             raise ArtifactError(f"ExecuTorchBackend cannot train a {manifest.kind.value} artifact")
         verify_files(Path(artifact_dir), manifest)
         self._manifest = manifest
+        # Scaler compensation (OptimizerConfig.scaler_compensation), by graph name, resolved once.
+        self._grad_scales = {manifest.param_prefix + name: f for name, f in manifest.grad_scales.items()}
         try:
             with warnings.catch_warnings():  # every training entry point is marked experimental
                 warnings.filterwarnings("ignore", message="This API is experimental")
@@ -136,13 +139,9 @@ class ExecuTorchBackend:
                 self._lr = lr
             elif lr != self._lr:
                 raise ArtifactError("ExecuTorch's SGD takes one learning rate per task; lr changed mid-task")
-            if manifest.grad_scales:  # scaler compensation (OptimizerConfig.scaler_compensation)
-                prefix = manifest.param_prefix
-                gradients = {
-                    name: grad * manifest.grad_scales[name[len(prefix):]]
-                    if name[len(prefix):] in manifest.grad_scales else grad
-                    for name, grad in gradients.items()
-                }
+            if self._grad_scales:
+                scales = self._grad_scales
+                gradients = {n: g * scales[n] if n in scales else g for n, g in gradients.items()}
             self._optimizer.step(gradients)
             return
         if self._optimizer is None:

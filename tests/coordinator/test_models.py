@@ -16,6 +16,7 @@ from msfusion.coordinator.models import (
     load_numpy,
     model_spec,
     scale_gradients,
+    scaled_parameters,
     state_to_numpy,
 )
 from msfusion.coordinator.spec import ModelSpec, widths_for_ratio
@@ -178,7 +179,7 @@ def test_compensated_sgd_on_a_sub_model_is_sgd_on_its_tiled_full_model(arch: str
     full = build_model(cfg)
     load_numpy(full, tile(state_to_numpy(sub)))
     x = _inputs(cfg, seed=3)
-    scales = sub.gradient_scales() if compensate else {}
+    compensated = scaled_parameters(sub, sub.gradient_scales() if compensate else {})
     opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01) for m in (sub, full)]
     # Execute: three steps each
     for _ in range(3):
@@ -187,7 +188,7 @@ def test_compensated_sgd_on_a_sub_model_is_sgd_on_its_tiled_full_model(arch: str
             logits, _ = model(x)
             (logits.square().mean() + logits[..., 0].mean()).backward()
             if model is sub:
-                scale_gradients(sub, scales)
+                scale_gradients(compensated)
             opt.step()
     # Assert
     want, got = state_to_numpy(full), tile(state_to_numpy(sub))
