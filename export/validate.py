@@ -50,13 +50,24 @@ Batch = tuple[npt.NDArray[np.generic], npt.NDArray[np.int64]]
 class Tolerance:
     """How close an artifact must track the PyTorch reference.
 
+    AdamW divides each gradient element by its own running magnitude, so an
+    element whose gradient is near zero (|g| ~ eps) turns float32 rounding
+    noise into a step of up to lr; on a 25M-parameter sub-model one step left
+    6 of 25.3M elements beyond 1e-4 (99.99th percentile 2.3e-6). After AdamW
+    steps a share `adamw_outlier_share` of the elements may therefore leave
+    `weight_atol`, each still within AdamW's own bound (lr per step, twice for
+    safety) of the reference; a wrong gradient or update moves far more
+    elements than that. SGD's update is linear in the gradient: no outliers.
+
     Attributes:
         loss_rtol: relative tolerance on every step's loss.
         weight_atol: absolute tolerance on every trained weight element.
+        adamw_outlier_share: share of elements that may exceed weight_atol after AdamW steps.
     """
 
     loss_rtol: float = 1e-4
     weight_atol: float = 1e-4
+    adamw_outlier_share: float = 1e-5
 
 
 @dataclass(frozen=True)
@@ -184,6 +195,7 @@ def compare(
     reference_weights_: Mapping[str, npt.NDArray[np.float32]],
     tolerance: Tolerance,
     what: str,
+    outlier_bound: float = 0.0,
 ) -> ValidationReport:
     """Check a run against the reference and say which part is at fault.
 
@@ -191,21 +203,31 @@ def compare(
     is the forward graph or the loss; a mismatch only later, or in the trained
     weights, is the backward graph or the optimizer update.
 
+    With `outlier_bound` > 0 (AdamW: see `Tolerance`), up to a share
+    `tolerance.adamw_outlier_share` of all elements may differ by more than
+    `weight_atol` but at most `outlier_bound`.
+
     Raises:
         ArtifactError: naming the first step whose loss differs and the tensor
             that drifted furthest.
     """
     worst, error = "", 0.0
+    outliers, elements = 0, 0
     for name, want in reference_weights_.items():
         if name not in weights:
             raise ArtifactError(f"{what}: the runtime returned no tensor {name!r}")
         got = weights[name]
         if got.shape != want.shape:
             raise ArtifactError(f"{what}: tensor {name!r} came back as {got.shape}, expected {want.shape}")
-        diff = float(np.max(np.abs(got - want))) if got.size else 0.0
+        gaps = np.abs(got - want)
+        diff = float(np.max(gaps)) if got.size else 0.0
         diff = diff if np.isfinite(diff) else float("inf")
+        outliers += int(np.count_nonzero(~(gaps <= tolerance.weight_atol)))  # NaN counts as an outlier
+        elements += got.size
         if diff > error or not worst:
             worst, error = name, diff
+    allowed = int(tolerance.adamw_outlier_share * elements) if outlier_bound > 0 else 0
+    weights_ok = error <= tolerance.weight_atol or (outliers <= allowed and error <= outlier_bound)
     bad_steps = [
         step
         for step, (got_loss, want_loss) in enumerate(zip(losses, reference_losses))
@@ -216,11 +238,12 @@ def compare(
             f"{what}: the first loss {losses[0]:.7g} differs from the PyTorch reference "
             f"{reference_losses[0]:.7g} (rtol {tolerance.loss_rtol:g}): the forward graph or the loss is wrong"
         )
-    if bad_steps or error > tolerance.weight_atol:
+    if bad_steps or not weights_ok:
         where = f"the loss first differs at step {bad_steps[0]}; " if bad_steps else ""
+        share = f", {outliers} of {elements} elements beyond it (allowed {allowed})" if outlier_bound > 0 else ""
         raise ArtifactError(
             f"{what}: after {len(losses)} step(s) tensor {worst!r} differs from the PyTorch reference by "
-            f"{error:.3g} (atol {tolerance.weight_atol:g}); {where}the forward pass matched, so the gradient "
+            f"{error:.3g} (atol {tolerance.weight_atol:g}{share}); {where}the forward pass matched, so the gradient "
             f"or the optimizer update on the path to {worst!r} is wrong"
         )
     return ValidationReport(tuple(losses), tuple(reference_losses), error, worst)
@@ -297,7 +320,9 @@ def validate_artifact(
     ref_losses, ref_weights = reference_train(
         model_cfg, widths, loss, manifest.optimizer, trainable, global_ref, prev_ref, batches, lr
     )
-    report = compare(losses, weights, ref_losses, ref_weights, tolerance, what)
+    # AdamW moves an element at most ~lr per step: rounding noise can do no more than that.
+    bound = 2 * lr * len(batches) + tolerance.weight_atol if manifest.optimizer.name == "adamw" else 0.0
+    report = compare(losses, weights, ref_losses, ref_weights, tolerance, what, outlier_bound=bound)
     log.info("%s validated: losses %s, max weight error %.3g (%s)", what, losses, report.max_weight_error, report.worst_tensor)
     return report
 

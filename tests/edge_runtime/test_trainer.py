@@ -65,3 +65,35 @@ def test_train_local_refuses_a_shard_smaller_than_one_batch(case: Any, exported:
             backend, start, reference_weights(artifact.manifest, start), x, y,
             epochs=1, batch_size=case.batch, lr=0.05, seed=0, lr_schedule="cosine",
         )  # fmt: skip
+
+
+def test_release_weights_frees_the_callers_arrays_and_trains_the_same(
+    case: Any, exported: Callable[..., CachedArtifact], shard: ArrayDataset
+) -> None:
+    """With release_weights, the received weights are freed once ORT holds its copies."""
+    import gc
+    import weakref
+
+    artifact = exported(ArtifactKind.ORT)
+    start = random_weights(case.model, case.widths, seed=2)
+    previous = random_weights(case.model, case.widths, seed=3)
+    runs = []
+    for release in (False, True):
+        trainable = {name: value.copy() for name, value in start.items()}
+        frozen = reference_weights(artifact.manifest, trainable, {n: v.copy() for n, v in previous.items()})
+        alive = [weakref.ref(value) for value in (*trainable.values(), *frozen.values())]
+        backend = make_backend(ArtifactKind.ORT)
+        backend.load(artifact.path, artifact.manifest)
+        runs.append(train_local(
+            backend, trainable, frozen, shard.x, shard.y,
+            epochs=1, batch_size=case.batch, lr=0.05, seed=7, release_weights=release,
+        ))  # fmt: skip
+        gc.collect()
+        # Without release the caller's dicts still hold every array; with it none survives.
+        assert (trainable == {} and frozen == {}) is release
+        assert sum(ref() is not None for ref in alive) == (0 if release else len(alive))
+        del trainable, frozen
+        backend.close()
+    assert runs[0].loss_curve == runs[1].loss_curve
+    for name, value in runs[0].weights.items():
+        np.testing.assert_array_equal(runs[1].weights[name], value)

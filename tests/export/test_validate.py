@@ -96,3 +96,40 @@ def test_a_missing_gradient_op_is_named(tmp_path: Path) -> None:
         artifacts.generate_artifacts(model, requires_grad=["w"], artifact_directory=tmp_path)
     # Assert
     assert "op ReduceMax" in str(_explain_generate_error(raised.value))
+
+
+def _compare_weights(gaps: dict[str, np.ndarray], outlier_bound: float) -> Any:
+    from msfusion.export.validate import Tolerance, compare
+
+    want = {name: np.zeros_like(gap) for name, gap in gaps.items()}
+    return compare([1.0], gaps, [1.0], want, Tolerance(), "artifact", outlier_bound=outlier_bound)
+
+
+def test_sgd_allows_no_weight_beyond_the_tolerance() -> None:
+    gaps = {"w": np.zeros(1_000_000, np.float32)}
+    gaps["w"][7] = 2e-4
+    with pytest.raises(ArtifactError, match=r"'w' differs .* by 0.0002"):
+        _compare_weights(gaps, outlier_bound=0.0)
+
+
+def test_adamw_allows_a_few_rounding_outliers_within_its_step_bound() -> None:
+    """AdamW's per-element normalization turns rounding noise near zero gradients into steps up to lr."""
+    gaps = {"w": np.zeros(1_000_000, np.float32)}
+    gaps["w"][[3, 500_000]] = 1.6e-4  # 2 of 1M: under the 1e-5 share
+    report = _compare_weights(gaps, outlier_bound=2.1e-3)
+    assert report.max_weight_error == pytest.approx(1.6e-4)
+
+
+@pytest.mark.parametrize(
+    ("outliers", "size", "why"),
+    [
+        (50, 1.5e-4, r"50 of 1000000 elements beyond it \(allowed 10\)"),  # too many: a wrong gradient
+        (1, 5e-3, r"by 0.005"),  # one, but further than AdamW can move a weight in one step
+        (1, np.nan, r"by inf"),  # a NaN never passes
+    ],
+)
+def test_adamw_outliers_beyond_the_share_or_the_bound_fail(outliers: int, size: float, why: str) -> None:
+    gaps = {"w": np.zeros(1_000_000, np.float32)}
+    gaps["w"][:outliers] = size
+    with pytest.raises(ArtifactError, match=why):
+        _compare_weights(gaps, outlier_bound=2.1e-3)
