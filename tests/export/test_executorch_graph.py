@@ -1,0 +1,48 @@
+"""The ExecuTorch exporter's convolution rewrite: same function, and no convolution kernel left."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from msfusion.coordinator.engine import LossConfig
+from msfusion.coordinator.models import ModelConfig
+from msfusion.edge_runtime.backends.executorch import PROGRAM
+from msfusion.export.executorch import _conv2d_as_matmul, export_submodel
+
+
+@pytest.mark.parametrize(
+    ("kernel", "stride", "padding", "bias"),
+    [(3, 1, 1, True), (3, 2, 1, True), (3, 1, 0, False), (1, 1, 0, True), (1, 2, 0, False), (5, 2, 2, True)],
+)
+def test_conv2d_as_matmul_equals_conv2d_and_its_gradients(kernel: int, stride: int, padding: int, bias: bool) -> None:
+    gen = torch.Generator().manual_seed(kernel * 10 + stride + padding)
+    x = torch.randn(3, 4, 9, 11, generator=gen, requires_grad=True)
+    weight = torch.randn(5, 4, kernel, kernel, generator=gen, requires_grad=True)
+    b = torch.randn(5, generator=gen, requires_grad=True) if bias else None
+    got = _conv2d_as_matmul(x, weight, b, stride, padding)
+    want = F.conv2d(x, weight, b, stride, padding)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    grad = torch.randn(want.shape, generator=gen)
+    inputs = [x, weight] + ([b] if b is not None else [])
+    got_grads = torch.autograd.grad(got, inputs, grad)
+    want_grads = torch.autograd.grad(want, inputs, grad)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
+def test_unsupported_convolutions_keep_the_stock_op() -> None:
+    x, weight = torch.zeros(1, 4, 8, 8), torch.zeros(4, 2, 3, 3)
+    assert _conv2d_as_matmul(x, weight, None, 1, 1, 1, 2) is NotImplemented  # grouped
+    assert _conv2d_as_matmul(x, torch.zeros(4, 4, 3, 3), None, 1, 1, 2) is NotImplemented  # dilated
+
+
+def test_the_exported_cnn_program_has_no_convolution_kernel(tmp_path: Path) -> None:
+    cfg = ModelConfig(arch="cnn", channels=(4, 8, 8))
+    export_submodel(cfg, None, LossConfig(), tmp_path, batch_size=2)
+    program = (tmp_path / PROGRAM).read_bytes()
+    assert b"aten::mm" in program
+    assert b"aten::convolution" not in program  # neither the forward nor convolution_backward
