@@ -40,7 +40,7 @@ _TOOLS = {
 Exporter = Callable[..., ArtifactManifest]
 
 
-EXPORTER_REVISION = "4"  # 4: ExecuTorch convolutions as im2col + mm
+EXPORTER_REVISION = "4"  # 4: ExecuTorch convolutions as im2col + mm, linear as mm + add
 
 
 def runtime_versions(kind: ArtifactKind) -> dict[str, str]:

@@ -46,3 +46,27 @@ def test_the_exported_cnn_program_has_no_convolution_kernel(tmp_path: Path) -> N
     program = (tmp_path / PROGRAM).read_bytes()
     assert b"aten::mm" in program
     assert b"aten::convolution" not in program  # neither the forward nor convolution_backward
+
+
+@pytest.mark.parametrize(("shape", "bias"), [((6, 5), True), ((2, 3, 5), True), ((2, 3, 5), False)])
+def test_linear_as_mm_equals_linear_and_its_gradients(shape: tuple[int, ...], bias: bool) -> None:
+    from msfusion.export.executorch import _linear_as_mm
+
+    gen = torch.Generator().manual_seed(len(shape))
+    x = torch.randn(*shape, generator=gen, requires_grad=True)
+    weight = torch.randn(4, 5, generator=gen, requires_grad=True)
+    b = torch.randn(4, generator=gen, requires_grad=True) if bias else None
+    got, want = _linear_as_mm(x, weight, b), F.linear(x, weight, b)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    inputs = [x, weight] + ([b] if b is not None else [])
+    grad = torch.randn(want.shape, generator=gen)
+    for g, w in zip(torch.autograd.grad(got, inputs, grad), torch.autograd.grad(want, inputs, grad)):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
+def test_the_exported_charlm_program_has_no_addmm_kernel(tmp_path: Path) -> None:
+    cfg = ModelConfig(arch="charlm", d_model=16, n_heads=2, head_dim=8, d_ff=32, n_layers=1, context=8)
+    export_submodel(cfg, None, LossConfig(), tmp_path, optimizer="adamw", batch_size=2)
+    program = (tmp_path / PROGRAM).read_bytes()
+    assert b"aten::mm" in program
+    assert b"aten::addmm" not in program and b"aten::linear" not in program
