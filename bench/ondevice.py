@@ -407,7 +407,7 @@ HEADER = (
     f"{'rss_MiB':>8} {'xtorch':>6} {'load_MiB':>8} {'train_MiB':>9} {'rss_xw1':>6} {'train_xw1':>8}"
 )
 LEGEND = (
-    "step: median wall time per step; cpu: median CPU time of the stepping thread per step (with --threads 1, "
+    "step: median wall time per step (the fastest of --repeats runs); cpu: the same for the CPU time of the stepping thread (with --threads 1, "
     "what the step costs whatever else runs on the machine); rss: whole-process peak RSS; load: RSS with the runtime loaded and idle (libraries, sessions, weights; "
     "no step yet); train: peak minus load (what training itself adds; ExecuTorch allocates its planned activation memory when it "
     "loads the program, so its training memory shows in load); xtorch: ratio to torch eager; "

@@ -40,7 +40,7 @@ _TOOLS = {
 Exporter = Callable[..., ArtifactManifest]
 
 
-EXPORTER_REVISION = "4"  # 4: ExecuTorch convolutions as im2col + mm, linear as mm + add
+EXPORTER_REVISION = "5"  # 4: ExecuTorch convolutions as im2col + mm, linear as mm + add; 5: im2col + bmm
 
 
 def runtime_versions(kind: ArtifactKind) -> dict[str, str]:

@@ -27,12 +27,11 @@ only ones its Python training bindings register) are direct loops, and its
 a ResNet step 76x. Its `addmm`, what every linear layer lowers to, is a naive
 loop too (85% of a char-LM step). Its `mm` is a blocked GEMM. So we
 decompose every 2-D convolution into im2col (zero padding by concatenation,
-one strided slice per kernel tap, stack) and one `mm`, and every linear
-layer into `mm` + add; the backward is then `mm`s and slices. Measured per
-step: CNN width 1 4.0 s -> 0.5 s, width 1/4 500 -> 88 ms; char-LM width 1
-forward-backward 3.2 s -> 0.67 s. The price is memory: the im2col matrix
-(kernel taps x the input) is kept for the backward. Same function;
-validation checks every program against torch.
+one strided slice per kernel tap, stack) and a batched `bmm`, and every
+linear layer into `mm` + add; the backward is then GEMMs and slices
+(bench/results/README.md has the step times: 4-9x faster). The price is
+memory: the im2col matrix (kernel taps x the input) is kept for the
+backward. Same function; validation checks every program against torch.
 """
 
 from __future__ import annotations
@@ -220,7 +219,7 @@ def _conv2d_as_matmul(
     dilation: Sequence[int] | int = 1,
     groups: int = 1,
 ) -> Any:
-    """conv2d as im2col (zero padding, one strided slice per kernel tap, stack) + one matrix product."""
+    """conv2d as im2col (zero padding, one strided slice per kernel tap, stack) + a batched matrix product."""
     if groups != 1 or x.dim() != 4 or _pair(dilation) != (1, 1) or isinstance(padding, str):
         return NotImplemented  # keep the stock op; validation checks it
     (sh, sw), (ph, pw) = _pair(stride), _pair(padding)
@@ -238,10 +237,12 @@ def _conv2d_as_matmul(
     taps = [
         x[:, :, i : i + sh * (rows - 1) + 1 : sh, j : j + sw * (cols - 1) + 1 : sw] for i in range(kh) for j in range(kw)
     ]
-    patches = torch.stack(taps, dim=2)  # (B, C, kh*kw, rows, cols): the weight's (C, kh, kw) order
-    patches = patches.permute(1, 2, 0, 3, 4).reshape(channels * kh * kw, batch * rows * cols)
-    out = torch.mm(weight.reshape(out_channels, channels * kh * kw), patches)  # (O, B*rows*cols)
-    out = out.reshape(out_channels, batch, rows, cols).permute(1, 0, 2, 3)
+    # (B, C, kh*kw, rows, cols) -> (B, C*kh*kw, rows*cols), the weight's (C, kh, kw) order, no transpose;
+    # a batched product then writes (B, O, rows*cols), conv2d's own layout (one mm over B*rows*cols
+    # columns needed two transposing copies and was 1.6-2x slower in ExecuTorch).
+    patches = torch.stack(taps, dim=2).reshape(batch, channels * kh * kw, rows * cols)
+    kernel = weight.reshape(1, out_channels, channels * kh * kw).expand(batch, -1, -1)
+    out = torch.bmm(kernel, patches).reshape(batch, out_channels, rows, cols)
     return out if bias is None else out + bias.reshape(1, out_channels, 1, 1)
 
 

@@ -123,7 +123,7 @@ def test_adamw_allows_a_few_rounding_outliers_within_its_step_bound() -> None:
 @pytest.mark.parametrize(
     ("outliers", "size", "why"),
     [
-        (50, 1.5e-4, r"50 of 1000000 elements beyond it \(allowed 10\)"),  # too many: a wrong gradient
+        (50, 1.5e-4, r"50 elements beyond it \(allowed 10, per tensor\)"),  # too many: a wrong gradient
         (1, 5e-3, r"by 0.005"),  # one, but further than AdamW can move a weight in one step
         (1, np.nan, r"by inf"),  # a NaN never passes
     ],
@@ -132,4 +132,11 @@ def test_adamw_outliers_beyond_the_share_or_the_bound_fail(outliers: int, size: 
     gaps = {"w": np.zeros(1_000_000, np.float32)}
     gaps["w"][:outliers] = size
     with pytest.raises(ArtifactError, match=why):
+        _compare_weights(gaps, outlier_bound=2.1e-3)
+
+
+def test_adamw_gives_a_small_tensor_no_share_of_a_large_models_allowance() -> None:
+    """A wrong bias gradient (81 elements) must not hide in the allowance of millions of other elements."""
+    gaps = {"w": np.zeros(13_000_000, np.float32), "head.bias": np.full(81, 2e-3, np.float32)}
+    with pytest.raises(ArtifactError, match=r"'head.bias' differs"):
         _compare_weights(gaps, outlier_bound=2.1e-3)
