@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import sys
 import time
 
@@ -31,9 +32,16 @@ def test_the_sampler_sees_a_64_mib_allocation() -> None:
 def test_the_high_water_mark_catches_a_peak_between_samples() -> None:
     # A sampling interval far longer than the allocation's life: only VmHWM can see it.
     size = 64 << 20
-    with MemorySampler(interval_s=10.0) as sampler:
-        block = np.ones(size, dtype=np.uint8)
-        del block
+    # No garbage collection inside the window: freeing an earlier test's arrays there would
+    # lower the RSS under the reset high-water mark and hide the block (seen once in CI).
+    gc.collect()
+    gc.disable()
+    try:
+        with MemorySampler(interval_s=10.0) as sampler:
+            block = np.ones(size, dtype=np.uint8)
+            del block
+    finally:
+        gc.enable()
     report = sampler.report
     assert report is not None
     if not report.hwm_reset:
