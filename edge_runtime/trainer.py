@@ -293,13 +293,12 @@ def train_task(
                 raise ArtifactError(f"artifact trains batches of {manifest.batch_size}, the task says {task.batch_size}")
             steps = task.local_epochs * samples_per_epoch(len(x), task.batch_size, task.max_samples) // task.batch_size
             frozen = reference_weights(manifest, start, negative)
-            trainable, start, negative = start, {}, {}  # train_local frees them once the backend holds copies
+            del negative  # its arrays live on in `frozen` only, which train_local clears with `start`
             result = train_local(
-                _Progress(backend, steps, on_progress), trainable, frozen, x, y,
+                _Progress(backend, steps, on_progress), start, frozen, x, y,
                 epochs=task.local_epochs, batch_size=task.batch_size, lr=task.lr, seed=task.seed,
                 max_samples=task.max_samples, memory_budget_bytes=config.memory_budget_bytes, release_weights=True,
             )  # fmt: skip
-            del trainable, frozen
         finally:
             backend.close()
         if result.peak_rss_bytes > config.memory_budget_bytes:

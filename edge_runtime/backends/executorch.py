@@ -139,9 +139,9 @@ class ExecuTorchBackend:
                 self._lr = lr
             elif lr != self._lr:
                 raise ArtifactError("ExecuTorch's SGD takes one learning rate per task; lr changed mid-task")
-            if self._grad_scales:
-                scales = self._grad_scales
-                gradients = {n: g * scales[n] if n in scales else g for n, g in gradients.items()}
+            with torch.no_grad():  # in place, only the scaled ones: the program rewrites them next step
+                for name, factor in self._grad_scales.items():
+                    gradients[name].mul_(factor)
             self._optimizer.step(gradients)
             return
         if self._optimizer is None:
