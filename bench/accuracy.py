@@ -34,20 +34,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from msfusion.coordinator.datasets import ArrayDataset, default_data_dir, load_fashion_mnist, load_shakespeare
-from msfusion.coordinator.engine import (
+from msfusion.data.datasets import ArrayDataset, default_data_dir, load_fashion_mnist, load_shakespeare
+from msfusion.coordinator.reference.engine import (
     EngineConfig,
     LocalTrainConfig,
     LossConfig,
     ReferenceEngine,
     device_cost,
 )
-from msfusion.coordinator.loss import ContrastiveVariant
-from msfusion.coordinator.models import ModelConfig, model_spec, shrunk_config
-from msfusion.coordinator.overlap import OverlapConfig, OverlapMode
-from msfusion.coordinator.partition import dirichlet, natural
-from msfusion.coordinator.planning import PlanConfig, Strategy, overlap_ratio_for, plan_round, DeviceSlot
-from msfusion.coordinator.spec import ratio_for_budget
+from msfusion.models.objective import ContrastiveVariant
+from msfusion.models.registry import ModelConfig, model_spec, shrunk_config
+from msfusion.algorithm.overlap import OverlapConfig, OverlapMode
+from msfusion.data.partition import dirichlet, natural
+from msfusion.algorithm.planning import PlanConfig, Strategy, overlap_ratio_for, plan_round, DeviceSlot
+from msfusion.algorithm.spec import ratio_for_budget
 
 STRATEGIES = (
     "msfusion",

@@ -23,15 +23,15 @@ from pathlib import Path
 
 import numpy as np
 
-from msfusion.coordinator.artifacts import ExportedArtifacts
-from msfusion.coordinator.config import RoundConfig
-from msfusion.coordinator.engine import EngineConfig, LocalTrainConfig
-from msfusion.coordinator.merging import MergeAccumulator, SliceUpdate
-from msfusion.coordinator.models import ModelConfig, build_model, model_spec, state_to_numpy
-from msfusion.coordinator.planning import DeviceSlot, PlanConfig, plan_round
-from msfusion.coordinator.report import read_metrics
-from msfusion.coordinator.simulate import PartitionConfig, SimulationConfig, simulate
-from msfusion.coordinator.slicing import slice_weights
+from msfusion.coordinator.fleet.artifacts import ExportedArtifacts
+from msfusion.coordinator.fleet.config import RoundConfig
+from msfusion.coordinator.reference.engine import EngineConfig, LocalTrainConfig
+from msfusion.algorithm.merging import MergeAccumulator, SliceUpdate
+from msfusion.models.registry import ModelConfig, build_model, model_spec, state_to_numpy
+from msfusion.algorithm.planning import DeviceSlot, PlanConfig, plan_round
+from msfusion.coordinator.fleet.report import read_metrics
+from msfusion.coordinator.fleet.local_fleet import PartitionConfig, SimulationConfig, simulate
+from msfusion.algorithm.slicing import slice_weights
 
 OVERHEAD = ("plan_s", "slice_s", "publish_s", "merge_s")
 

@@ -33,8 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from msfusion.devices.memory_model import MemorySample, fit_memory_model
-from msfusion.devices.sizes import model_sizes
+from msfusion.coordinator.fleet.memory_model import MemorySample, fit_memory_model
+from msfusion.coordinator.fleet.sizing import model_sizes
 
 WIDTHS = (0.125, 0.25, 0.5, 1.0)
 MIB = 1 << 20
@@ -51,9 +51,9 @@ def measure_torch(cfg_json: str, ratio: float, batch: int, steps: int) -> dict[s
     """Train `steps` Adam steps in this process; return its peak RSS (VmHWM) and time per step."""
     import torch
 
-    from msfusion.coordinator.loss import LocalObjective
-    from msfusion.coordinator.models import ModelConfig, build_model, model_spec
-    from msfusion.coordinator.spec import widths_for_ratio
+    from msfusion.models.objective import LocalObjective
+    from msfusion.models.registry import ModelConfig, build_model, model_spec
+    from msfusion.algorithm.spec import widths_for_ratio
 
     torch.set_num_threads(1)
     cfg = ModelConfig(**json.loads(cfg_json))
@@ -99,10 +99,10 @@ def profile_ort(
         Per (ratio, batch) the peak and step time, the export seconds, and the
         seconds the four batch-B points took (a full 4-width profile).
     """
-    from msfusion.coordinator.artifacts import export_profile_set
-    from msfusion.coordinator.engine import EngineConfig, LocalTrainConfig, LossConfig
-    from msfusion.coordinator.loss import ContrastiveVariant
-    from msfusion.coordinator.models import ModelConfig
+    from msfusion.coordinator.fleet.artifacts import export_profile_set
+    from msfusion.coordinator.reference.engine import EngineConfig, LocalTrainConfig, LossConfig
+    from msfusion.models.objective import ContrastiveVariant
+    from msfusion.models.registry import ModelConfig
     from msfusion.edge_runtime.profiling import ProfileOptions, run_profile
 
     engine = EngineConfig(
@@ -138,7 +138,7 @@ def main() -> None:
         print(json.dumps(measure_torch(cfg_json, float(ratio), int(batch), int(steps))))
         return
 
-    from msfusion.coordinator.models import ModelConfig
+    from msfusion.models.registry import ModelConfig
 
     worst, slowest = 0.0, 0.0
     with tempfile.TemporaryDirectory(prefix="msfusion-bench-memory-") as tmp:

@@ -101,8 +101,8 @@ def _run_worker(args: list[str], timeout_s: float, threads: int = 0) -> dict[str
 
 
 def _loss_config(loss: str) -> Any:
-    from msfusion.coordinator.engine import LossConfig
-    from msfusion.coordinator.loss import ContrastiveVariant
+    from msfusion.coordinator.reference.engine import LossConfig
+    from msfusion.models.objective import ContrastiveVariant
 
     return LossConfig(ContrastiveVariant.MOON, mu=0.1, tau=0.5) if loss == "moon" else LossConfig()
 
@@ -114,8 +114,8 @@ def _config(name: str, size: str) -> dict[str, Any]:
 
 
 def _model(name: str, ratio: float, size: str = "default") -> tuple[Any, dict[str, int]]:
-    from msfusion.coordinator.models import ModelConfig, model_spec
-    from msfusion.coordinator.spec import widths_for_ratio
+    from msfusion.models.registry import ModelConfig, model_spec
+    from msfusion.algorithm.spec import widths_for_ratio
 
     cfg = ModelConfig(**_config(name, size))
     return cfg, widths_for_ratio(model_spec(cfg), ratio)
@@ -125,7 +125,7 @@ def worker_export(opts: argparse.Namespace) -> dict[str, Any]:
     """Export (and validate) one artifact into opts.dir."""
     import onnxruntime
 
-    from msfusion.edge_runtime.artifacts import ArtifactKind, OptimizerConfig, artifact_bytes
+    from msfusion.wire.artifacts import ArtifactKind, OptimizerConfig, artifact_bytes
     from msfusion.export.cache import artifact_key, default_exporter
     from msfusion.export.validate import validate_artifact
 
@@ -165,7 +165,7 @@ def worker_train(opts: argparse.Namespace) -> dict[str, Any]:
     import psutil
 
     from msfusion.edge_runtime.memory import MemorySampler
-    from msfusion.edge_runtime.weights import unpack_weights
+    from msfusion.wire.weights import unpack_weights
 
     work = Path(opts.dir)
     start = unpack_weights((work / "start.safetensors").read_bytes())
@@ -229,7 +229,7 @@ def _import_runtime(runtime: str, threads: int) -> None:
 
 
 def _backend_stepper(opts: argparse.Namespace, start: Any, global_ref: Any, previous: Any) -> Any:
-    from msfusion.edge_runtime.artifacts import load_manifest, reference_weights
+    from msfusion.wire.artifacts import load_manifest, reference_weights
     from msfusion.edge_runtime.backends.base import make_backend
 
     artifact = Path(opts.artifact)
@@ -250,8 +250,7 @@ def _native_norms() -> None:
     """Make the models' GroupNorm and LayerNorm call torch's fused kernels (same function, same parameters)."""
     import torch.nn.functional as F
 
-    from msfusion.coordinator import models
-
+    from msfusion.models import registry as models
     def group_norm(self: Any, x: Any) -> Any:
         return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
@@ -265,8 +264,8 @@ def _native_norms() -> None:
 def _torch_stepper(opts: argparse.Namespace, start: Any, global_ref: Any, previous: Any) -> Any:
     import torch
 
-    from msfusion.coordinator.models import scale_gradients, scaled_parameters
-    from msfusion.edge_runtime.artifacts import OptimizerConfig
+    from msfusion.models.registry import scale_gradients, scaled_parameters
+    from msfusion.wire.artifacts import OptimizerConfig
     from msfusion.export.validate import batch_inputs, build_objective, make_torch_optimizer
 
     if opts.runtime == "torch-native":
@@ -296,7 +295,7 @@ def _torch_stepper(opts: argparse.Namespace, start: Any, global_ref: Any, previo
 def measure(opts: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
     """Every (model, width, runtime) row."""
     from msfusion.export.validate import random_weights
-    from msfusion.edge_runtime.weights import pack_weights
+    from msfusion.wire.weights import pack_weights
 
     rows = []
     for model in opts.models:
@@ -534,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
         "models": {m: {**MODELS[m], "config": _config(m, opts.size)} for m in opts.models}, "cpu_count": os.cpu_count(),
         "machine": platform.machine(), "python": platform.python_version(), "wall_s": time.perf_counter() - began,
     }  # fmt: skip
-    from msfusion.edge_runtime.artifacts import ArtifactKind
+    from msfusion.wire.artifacts import ArtifactKind
     from msfusion.export.cache import runtime_versions
 
     meta["versions"] = {**runtime_versions(ArtifactKind.ORT), **runtime_versions(ArtifactKind.EXECUTORCH)}

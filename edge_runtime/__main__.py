@@ -79,7 +79,7 @@ def profile_main(argv: list[str]) -> int:
         run_profile,
         save_profile,
     )
-    from msfusion.edge_runtime.shards import DATA_FILE
+    from msfusion.data.shards import DATA_FILE
 
     log = logging.getLogger("msfusion.device")
     try:
@@ -113,8 +113,8 @@ def profile_main(argv: list[str]) -> int:
 def _export_here(run_toml: Path, kind: str, widths: list[float], batch_sizes: list[int] | None, out: Path) -> ProfileSet:
     """The profile set of a run, exported on this machine (the coordinator's packages: torch, onnx)."""
     try:
-        from msfusion.coordinator.artifacts import export_profile_set
-        from msfusion.coordinator.config import load_config
+        from msfusion.coordinator.fleet.artifacts import export_profile_set
+        from msfusion.coordinator.fleet.config import load_config
     except ImportError as exc:
         raise ConfigError(f"exporting here needs the coordinator's packages ({exc}); pass --artifacts DIR") from exc
     run = load_config(run_toml)

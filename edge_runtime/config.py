@@ -31,8 +31,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from msfusion.edge_runtime.protocol import ID_PATTERN
-from msfusion.edge_runtime.transport import parse_broker_url
+from msfusion.wire.protocol import ID_PATTERN
+from msfusion.wire.transport import parse_broker_url
 from msfusion.errors import ConfigError
 
 

@@ -24,13 +24,13 @@ import msgspec
 import psutil
 
 from msfusion import __version__
-from msfusion.edge_runtime import topics
-from msfusion.edge_runtime.bulk import BulkSender, receive
+from msfusion.wire import topics
+from msfusion.wire.bulk import BulkSender, receive
 from msfusion.edge_runtime.config import DeviceConfig
 from msfusion.edge_runtime.ledger import Ledger, StoredReply
 from msfusion.edge_runtime.memory import release_memory
 from msfusion.edge_runtime.profiling import PROFILE_FILE, load_profile
-from msfusion.edge_runtime.protocol import (
+from msfusion.wire.protocol import (
     ID_PATTERN,
     BulkRef,
     Capacity,
@@ -50,7 +50,7 @@ from msfusion.edge_runtime.protocol import (
     encode,
 )
 from msfusion.edge_runtime.trainer import TaskOutcome, train_task, warm_up
-from msfusion.edge_runtime.transport import BrokerUnavailable, ConnectionChanged, MqttTransport, Received, parse_broker_url
+from msfusion.wire.transport import BrokerUnavailable, ConnectionChanged, MqttTransport, Received, parse_broker_url
 from msfusion.errors import ArtifactError, ConfigError, MsfusionError, ProtocolError
 
 log = logging.getLogger(__name__)

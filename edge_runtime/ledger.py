@@ -29,9 +29,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from msfusion.edge_runtime.indexing import TensorIndex, expand_units
-from msfusion.edge_runtime.protocol import AxisUnits
-from msfusion.edge_runtime.weights import Weights, unpack_weights
+from msfusion.algorithm.indexing import TensorIndex, expand_units
+from msfusion.wire.protocol import AxisUnits
+from msfusion.wire.weights import Weights, unpack_weights
 from msfusion.errors import ArtifactError
 
 log = logging.getLogger(__name__)

@@ -39,7 +39,7 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
-from msfusion.edge_runtime.protocol import SCHEMA_VERSION, ProfileEntry, ProfileReport
+from msfusion.wire.protocol import SCHEMA_VERSION, ProfileEntry, ProfileReport
 from msfusion.errors import ConfigError, MsfusionError, ProtocolError
 
 log = logging.getLogger(__name__)
@@ -196,7 +196,7 @@ def _batches(
 ) -> list[tuple[npt.NDArray[np.generic], npt.NDArray[np.int64]]]:
     """`count` batches of the artifact's shapes: from the shard when there is one, else random inputs, label 0."""
     if data_dir is not None:
-        from msfusion.edge_runtime.shards import read_shard
+        from msfusion.data.shards import read_shard
 
         x, y, _ = read_shard(data_dir)
         batch = x_shape[0]
@@ -223,7 +223,7 @@ def measure_point(artifact_dir: Path, options: ProfileOptions) -> PointResult:
         ArtifactError: the artifact cannot be loaded or trained.
         ConfigError, DataError: the shard does not fit the artifact.
     """
-    from msfusion.edge_runtime.artifacts import load_manifest, reference_weights
+    from msfusion.wire.artifacts import load_manifest, reference_weights
     from msfusion.edge_runtime.backends.base import make_backend
     from msfusion.edge_runtime.memory import MemorySampler
     from msfusion.edge_runtime.trainer import warm_up

@@ -1,7 +1,7 @@
 """Local training on the device: E epochs over the shard through a `TrainingBackend` (torch-free).
 
 `train_local` is the device loop: set the weights, draw the seeded batch
-order the reference engine draws (edge_runtime/batches.py), step, and measure
+order the reference engine draws (msfusion/algorithm/batches.py), step, and measure
 step time and peak memory. The MQTT daemon's `train_task(task)` wraps it:
 fetch and unpack the artifact (`artifacts.unpack_artifact`), unpack the
 weights (`weights.unpack_weights`), build the frozen references
@@ -21,16 +21,16 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from msfusion.edge_runtime.artifacts import MANIFEST_NAME, load_manifest, reference_weights, unpack_artifact
+from msfusion.wire.artifacts import MANIFEST_NAME, load_manifest, reference_weights, unpack_artifact
 from msfusion.edge_runtime.backends.base import TrainingBackend, make_backend
-from msfusion.edge_runtime.batches import batch_indices, samples_per_epoch
-from msfusion.edge_runtime.bulk import make_manifest
-from msfusion.edge_runtime.indexing import TensorIndex, reslice_previous
+from msfusion.algorithm.batches import batch_indices, samples_per_epoch
+from msfusion.wire.bulk import make_manifest
+from msfusion.algorithm.indexing import TensorIndex, reslice_previous
 from msfusion.edge_runtime.ledger import slice_index
 from msfusion.edge_runtime.memory import MemoryReport, MemorySampler, current_rss_bytes
-from msfusion.edge_runtime.protocol import BulkRef, SliceResult, TaskFailed, TrainTask, failure_code
-from msfusion.edge_runtime.shards import read_shard
-from msfusion.edge_runtime.weights import pack_weights, unpack_weights
+from msfusion.wire.protocol import BulkRef, SliceResult, TaskFailed, TrainTask, failure_code
+from msfusion.data.shards import read_shard
+from msfusion.wire.weights import pack_weights, unpack_weights
 from msfusion.errors import ArtifactError, ConfigError, MemoryBudgetExceeded, MsfusionError
 
 if TYPE_CHECKING:

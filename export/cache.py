@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
-from msfusion.coordinator.engine import LossConfig
-from msfusion.coordinator.models import ModelConfig, model_spec, resolve_widths
-from msfusion.edge_runtime.artifacts import ArtifactKind, ArtifactManifest, OptimizerConfig, load_manifest
+from msfusion.coordinator.reference.engine import LossConfig
+from msfusion.models.registry import ModelConfig, model_spec, resolve_widths
+from msfusion.wire.artifacts import ArtifactKind, ArtifactManifest, OptimizerConfig, load_manifest
 from msfusion.errors import ArtifactError
 
 log = logging.getLogger(__name__)

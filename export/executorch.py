@@ -43,9 +43,9 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from msfusion.coordinator.engine import LossConfig
-from msfusion.coordinator.models import ModelConfig, model_spec, resolve_widths
-from msfusion.edge_runtime.artifacts import (
+from msfusion.coordinator.reference.engine import LossConfig
+from msfusion.models.registry import ModelConfig, model_spec, resolve_widths
+from msfusion.wire.artifacts import (
     GLOBAL_REF_PREFIX,
     PREV_REF_PREFIX,
     ArtifactKind,

@@ -21,7 +21,7 @@ Five things are not stock, each for a stated reason:
 - AdamW: ORT's AdamW block uses Hugging Face's update (adam_mode 1); we emit
   the same op with adam_mode 0, which is torch.optim.AdamW's.
 - GroupNorm: the models' GroupNorm is written as elementwise ops
-  (coordinator/models.py says why); exported as such it costs ORT some twenty
+  (msfusion/models/registry.py says why); exported as such it costs ORT some twenty
   kernels and their gradients per norm. For the export we trace it as
   F.layer_norm over each group ((B, C, H, W) -> (B, G, C/G*H*W)) and give each
   LayerNormalization node the mean and inv-std outputs its ORT gradient
@@ -59,9 +59,9 @@ from onnxruntime.training import artifacts, onnxblock
 from onnxruntime.training.api import CheckpointState
 from onnxruntime.training.onnxblock.optim.optim import SGD, AdamWOptimizer, _Optimizer
 
-from msfusion.coordinator.engine import LossConfig
-from msfusion.coordinator.models import ModelConfig, model_spec, resolve_widths
-from msfusion.edge_runtime.artifacts import (
+from msfusion.coordinator.reference.engine import LossConfig
+from msfusion.models.registry import ModelConfig, model_spec, resolve_widths
+from msfusion.wire.artifacts import (
     GLOBAL_REF_PREFIX,
     PREV_REF_PREFIX,
     ArtifactKind,
@@ -72,7 +72,7 @@ from msfusion.edge_runtime.artifacts import (
     write_manifest,
 )
 from msfusion.edge_runtime.backends.ort import CHECKPOINT, CONSTANTS, EVAL_MODEL, OPTIMIZER_MODEL, TRAINING_MODEL
-from msfusion.edge_runtime.weights import pack_weights
+from msfusion.wire.weights import pack_weights
 from msfusion.errors import ArtifactError
 from msfusion.export.cache import runtime_versions
 from msfusion.export.validate import batch_inputs, build_objective, loss_signature, random_weights
@@ -230,8 +230,7 @@ def _group_norm_as_layer_norm() -> Iterator[None]:
     """Trace the models' GroupNorm as F.layer_norm over each group (one LayerNormalization node each)."""
     import torch.nn.functional as F
 
-    from msfusion.coordinator import models
-
+    from msfusion.models import registry as models
     def group_norm(self: models.GroupNorm, x: torch.Tensor) -> torch.Tensor:
         group_size = math.prod(int(size) for size in x.shape[1:]) // self.num_groups
         grouped = x.reshape(x.shape[0], self.num_groups, group_size)  # (B, C, H, W) -> (B, G, C/G*H*W)

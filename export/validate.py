@@ -18,9 +18,9 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from msfusion.coordinator.engine import LossConfig
-from msfusion.coordinator.loss import ContrastiveVariant, LocalObjective
-from msfusion.coordinator.models import (
+from msfusion.coordinator.reference.engine import LossConfig
+from msfusion.models.objective import ContrastiveVariant, LocalObjective
+from msfusion.models.registry import (
     ModelConfig,
     build_model,
     load_numpy,
@@ -30,7 +30,7 @@ from msfusion.coordinator.models import (
     scaled_parameters,
     state_to_numpy,
 )
-from msfusion.edge_runtime.artifacts import (
+from msfusion.wire.artifacts import (
     ArtifactManifest,
     OptimizerConfig,
     TensorInfo,

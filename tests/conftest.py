@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from msfusion.coordinator.engine import LossConfig
-from msfusion.coordinator.loss import ContrastiveVariant
-from msfusion.coordinator.models import ModelConfig, model_spec
-from msfusion.coordinator.spec import widths_for_ratio
-from msfusion.edge_runtime.artifacts import ArtifactKind, OptimizerConfig
+from msfusion.coordinator.reference.engine import LossConfig
+from msfusion.models.objective import ContrastiveVariant
+from msfusion.models.registry import ModelConfig, model_spec
+from msfusion.algorithm.spec import widths_for_ratio
+from msfusion.wire.artifacts import ArtifactKind, OptimizerConfig
 from msfusion.export.cache import ArtifactCache, CachedArtifact
 
 

@@ -8,7 +8,7 @@ from typing import Mapping, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from msfusion.edge_runtime.artifacts import ArtifactKind, ArtifactManifest
+from msfusion.wire.artifacts import ArtifactKind, ArtifactManifest
 from msfusion.errors import ArtifactError
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from msfusion.edge_runtime.artifacts import ArtifactKind, ArtifactManifest, check_tensors, verify_files
+from msfusion.wire.artifacts import ArtifactKind, ArtifactManifest, check_tensors, verify_files
 from msfusion.errors import ArtifactError
 
 PROGRAM = "program.pte"

@@ -31,8 +31,8 @@ from onnxruntime.capi import _pybind_state as ort
 from onnxruntime.capi.onnxruntime_inference_collection import OrtValue, get_ort_device_type
 from onnxruntime.capi.onnxruntime_pybind11_state import OrtValueVector
 
-from msfusion.edge_runtime.artifacts import ArtifactKind, ArtifactManifest, check_tensors, verify_files
-from msfusion.edge_runtime.weights import unpack_weights
+from msfusion.wire.artifacts import ArtifactKind, ArtifactManifest, check_tensors, verify_files
+from msfusion.wire.weights import unpack_weights
 from msfusion.errors import ArtifactError
 
 TRAINING_MODEL = "training_model.onnx"

@@ -30,7 +30,7 @@ from msfusion.devices.flash import (
 from msfusion.devices.profiles import BUILTIN_PROFILES, MIB
 from msfusion.devices.wheelhouse import BundleError
 from msfusion.edge_runtime.config import load_device_config
-from msfusion.edge_runtime.shards import write_shard
+from msfusion.data.shards import write_shard
 from msfusion.errors import ConfigError
 
 PC = BUILTIN_PROFILES["x86_64-generic"]
@@ -159,9 +159,9 @@ def test_install_into_rootfs_then_build_the_venv_offline(pc_bundle: tuple[Path, 
     python = rootfs / "opt/msfusion/venv/bin/python"
     check = (
         "import importlib.util, sys\n"
-        "from msfusion.edge_runtime import protocol, transport, bulk, weights\n"
+        "from msfusion.wire import protocol, transport, bulk, weights\n"
         "from msfusion.edge_runtime.config import load_device_config\n"
-        "from msfusion.edge_runtime.shards import read_shard\n"
+        "from msfusion.data.shards import read_shard\n"
         "c = load_device_config(sys.argv[1]); print(c.device_id, protocol.SCHEMA_VERSION)\n"
         "x, y, meta = read_shard(sys.argv[2] + str(c.data_dir)); assert x.shape == (6, 1, 28, 28), x.shape\n"
         "assert importlib.util.find_spec('torch') is None\n"

@@ -24,14 +24,14 @@ from typing import Any
 
 import pytest
 
-from msfusion.coordinator.artifacts import ExportedArtifacts
-from msfusion.coordinator.config import CoordinatorConfig, FleetConfig, RoundConfig
-from msfusion.coordinator.simulate import PartitionConfig, partition_fmnist, stop_processes
+from msfusion.coordinator.fleet.artifacts import ExportedArtifacts
+from msfusion.coordinator.fleet.config import CoordinatorConfig, FleetConfig, RoundConfig
+from msfusion.coordinator.fleet.local_fleet import PartitionConfig, partition_fmnist, stop_processes
 from msfusion.devices import units
 from msfusion.devices.flash import BundleOptions, DeviceSettings, build_bundle, install_bundle
 from msfusion.devices.profiles import BUILTIN_PROFILES
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "coordinator"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "coordinator" / "fleet"))
 from fleet_harness import ENGINE, CoordinatorThread, merged_rounds, wait_for  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]

@@ -9,7 +9,7 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 
-from msfusion.edge_runtime.artifacts import ArtifactKind, load_manifest, reference_weights
+from msfusion.wire.artifacts import ArtifactKind, load_manifest, reference_weights
 from msfusion.edge_runtime.backends.base import TrainingBackend, make_backend
 from msfusion.errors import ArtifactError
 from msfusion.export.cache import CachedArtifact

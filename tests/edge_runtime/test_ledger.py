@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 
-from msfusion.edge_runtime.indexing import expand_units
+from msfusion.algorithm.indexing import expand_units
 from msfusion.edge_runtime.ledger import Ledger, slice_index
-from msfusion.edge_runtime.protocol import AxisUnits
-from msfusion.edge_runtime.weights import pack_weights
+from msfusion.wire.protocol import AxisUnits
+from msfusion.wire.weights import pack_weights
 
 AXES = {"l1.weight": [AxisUnits(axis=0, group="a", unit_size=1)], "l2.weight": [AxisUnits(axis=1, group="a", unit_size=2)]}
 

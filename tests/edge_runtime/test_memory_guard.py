@@ -9,17 +9,17 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from msfusion.coordinator.models import model_spec
-from msfusion.coordinator.rounds import tensor_axes
-from msfusion.edge_runtime.artifacts import ArtifactKind, pack_artifact, reference_weights
+from msfusion.models.registry import model_spec
+from msfusion.coordinator.fleet.rounds import tensor_axes
+from msfusion.wire.artifacts import ArtifactKind, pack_artifact, reference_weights
 from msfusion.edge_runtime.backends.base import TrainingBackend, make_backend
-from msfusion.edge_runtime.bulk import make_manifest
+from msfusion.wire.bulk import make_manifest
 from msfusion.edge_runtime.config import DeviceConfig
 from msfusion.edge_runtime.memory import MemorySampler, current_rss_bytes, release_memory
-from msfusion.edge_runtime.protocol import BulkRef, SliceResult, TaskFailed, TrainTask, decode, encode, failure_code
-from msfusion.edge_runtime.shards import write_shard
+from msfusion.wire.protocol import BulkRef, SliceResult, TaskFailed, TrainTask, decode, encode, failure_code
+from msfusion.data.shards import write_shard
 from msfusion.edge_runtime.trainer import train_local, train_task
-from msfusion.edge_runtime.weights import pack_weights
+from msfusion.wire.weights import pack_weights
 from msfusion.errors import MemoryBudgetExceeded
 from msfusion.export.cache import CachedArtifact
 from msfusion.export.validate import random_batch, random_weights

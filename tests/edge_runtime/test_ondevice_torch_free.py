@@ -16,10 +16,10 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 
-from msfusion.edge_runtime.artifacts import ArtifactKind, pack_artifact, reference_weights
+from msfusion.wire.artifacts import ArtifactKind, pack_artifact, reference_weights
 from msfusion.edge_runtime.backends.base import make_backend
 from msfusion.edge_runtime.trainer import train_local
-from msfusion.edge_runtime.weights import pack_weights, unpack_weights
+from msfusion.wire.weights import pack_weights, unpack_weights
 from msfusion.export.cache import CachedArtifact
 from msfusion.export.validate import random_batch, random_weights
 
@@ -42,10 +42,10 @@ assert not loaded, loaded
 TRAIN = """
 from pathlib import Path
 import numpy as np
-from msfusion.edge_runtime.artifacts import reference_weights, unpack_artifact
+from msfusion.wire.artifacts import reference_weights, unpack_artifact
 from msfusion.edge_runtime.backends.base import make_backend
 from msfusion.edge_runtime.trainer import train_local
-from msfusion.edge_runtime.weights import pack_weights, unpack_weights
+from msfusion.wire.weights import pack_weights, unpack_weights
 
 work = Path(sys.argv[1])
 manifest = unpack_artifact((work / "artifact.tar").read_bytes(), work / "artifact")
@@ -61,11 +61,11 @@ result = train_local(backend, start, reference_weights(manifest, start), shard["
 
 @pytest.mark.parametrize(
     "module",
-    ["backends.base", "backends.ort", "artifacts", "trainer", "memory"],
+    ["edge_runtime.backends.base", "edge_runtime.backends.ort", "wire.artifacts", "edge_runtime.trainer", "edge_runtime.memory"],
 )
 def test_the_training_core_imports_without_torch(module: str) -> None:
     proc = subprocess.run(
-        [sys.executable, "-c", NO_TORCH + f"importlib.import_module('msfusion.edge_runtime.{module}')" + CHECK_LOADED],
+        [sys.executable, "-c", NO_TORCH + f"importlib.import_module('msfusion.{module}')" + CHECK_LOADED],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr

@@ -12,9 +12,9 @@ import msgspec
 import numpy as np
 import pytest
 
-from msfusion.coordinator.models import model_spec
-from msfusion.coordinator.spec import widths_for_ratio
-from msfusion.edge_runtime.artifacts import ArtifactKind
+from msfusion.models.registry import model_spec
+from msfusion.algorithm.spec import widths_for_ratio
+from msfusion.wire.artifacts import ArtifactKind
 from msfusion.edge_runtime.config import DeviceConfig, to_toml
 from msfusion.edge_runtime.profiling import (
     PROFILE_FILE,
@@ -30,8 +30,8 @@ from msfusion.edge_runtime.profiling import (
     save_profile,
     write_profile_set_index,
 )
-from msfusion.edge_runtime.protocol import ProfileReport
-from msfusion.edge_runtime.shards import write_shard
+from msfusion.wire.protocol import ProfileReport
+from msfusion.data.shards import write_shard
 from msfusion.errors import ConfigError, ProtocolError
 from msfusion.export.cache import CachedArtifact
 from msfusion.export.validate import random_batch
@@ -177,8 +177,8 @@ def test_the_profile_command_exports_the_runs_artifacts_itself_where_torch_is_in
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     # Assert: the run's model key, both widths at the run's batch size, nothing saved
-    from msfusion.coordinator.artifacts import profile_key
-    from msfusion.coordinator.config import load_config
+    from msfusion.coordinator.fleet.artifacts import profile_key
+    from msfusion.coordinator.fleet.config import load_config
 
     assert proc.returncode == 0, proc.stderr
     key = profile_key(load_config(tmp_path / "run.toml").engine, "ort")

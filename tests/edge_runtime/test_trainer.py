@@ -7,9 +7,9 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 
-from msfusion.coordinator.datasets import ArrayDataset
-from msfusion.coordinator.engine import LocalTrainConfig, local_train
-from msfusion.edge_runtime.artifacts import ArtifactKind, reference_weights
+from msfusion.data.datasets import ArrayDataset
+from msfusion.coordinator.reference.engine import LocalTrainConfig, local_train
+from msfusion.wire.artifacts import ArtifactKind, reference_weights
 from msfusion.edge_runtime.backends.base import make_backend
 from msfusion.edge_runtime.trainer import train_local
 from msfusion.errors import ConfigError

@@ -8,10 +8,10 @@ from typing import Any, Mapping
 
 import pytest
 
-from msfusion.coordinator.engine import LossConfig
-from msfusion.coordinator.loss import ContrastiveVariant
-from msfusion.coordinator.models import model_spec
-from msfusion.edge_runtime.artifacts import (
+from msfusion.coordinator.reference.engine import LossConfig
+from msfusion.models.objective import ContrastiveVariant
+from msfusion.models.registry import model_spec
+from msfusion.wire.artifacts import (
     ArtifactKind,
     ArtifactManifest,
     OptimizerConfig,

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from msfusion.coordinator.engine import LossConfig
-from msfusion.coordinator.models import ModelConfig
+from msfusion.coordinator.reference.engine import LossConfig
+from msfusion.models.registry import ModelConfig
 from msfusion.edge_runtime.backends.executorch import PROGRAM
 from msfusion.export.executorch import _conv2d_as_matmul, export_submodel
 

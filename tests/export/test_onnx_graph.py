@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import onnx
 
-from msfusion.edge_runtime.artifacts import ArtifactKind
+from msfusion.wire.artifacts import ArtifactKind
 from msfusion.edge_runtime.backends.ort import TRAINING_MODEL
 from msfusion.export.cache import CachedArtifact
 

@@ -12,11 +12,11 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 
-from msfusion.coordinator.engine import LossConfig
-from msfusion.coordinator.loss import ContrastiveVariant
-from msfusion.coordinator.models import ModelConfig, model_spec
-from msfusion.coordinator.spec import widths_for_ratio
-from msfusion.edge_runtime.artifacts import ArtifactKind, OptimizerConfig, reference_weights
+from msfusion.coordinator.reference.engine import LossConfig
+from msfusion.models.objective import ContrastiveVariant
+from msfusion.models.registry import ModelConfig, model_spec
+from msfusion.algorithm.spec import widths_for_ratio
+from msfusion.wire.artifacts import ArtifactKind, OptimizerConfig, reference_weights
 from msfusion.edge_runtime.backends.base import make_backend
 from msfusion.export.cache import CachedArtifact
 from msfusion.export.validate import random_batch, random_weights, reference_train

@@ -13,7 +13,7 @@ import pytest
 from onnx import helper, numpy_helper
 from onnxruntime.training import artifacts
 
-from msfusion.edge_runtime.artifacts import ArtifactKind, describe_files, load_manifest, write_manifest
+from msfusion.wire.artifacts import ArtifactKind, describe_files, load_manifest, write_manifest
 from msfusion.edge_runtime.backends.ort import TRAINING_MODEL
 from msfusion.errors import ArtifactError
 from msfusion.export.cache import CachedArtifact

@@ -1,0 +1,97 @@
+"""Terminal output with rich: live round progress, per-device state, accuracy, and the final summary block."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.panel import Panel
+from rich.table import Table
+
+from msfusion.coordinator.fleet.report import RunSummary
+from msfusion.coordinator.fleet.rounds import RoundOutcome
+
+_STATE_STYLE = {"idle": "dim", "training": "yellow", "uploading": "cyan", "offline": "red"}
+
+
+class RichProgress:
+    """A `RunProgress` that redraws a live table: rounds done, devices, accuracy."""
+
+    def __init__(self, rounds: int, console: Console | None = None) -> None:
+        self.console = console or Console(stderr=True)
+        self.rounds = rounds
+        self.history: list[RoundOutcome] = []
+        self.status = "waiting for devices"
+        self.devices: Mapping[str, str] = {}
+        self.replies: Mapping[str, str] = {}
+        self.live = Live(self._render(), console=self.console, refresh_per_second=4, transient=False)
+
+    def __enter__(self) -> RichProgress:
+        self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.live.update(self._render())
+        self.live.__exit__(None, None, None)
+
+    def waiting(self, registered: int, needed: int) -> None:
+        self.status = f"waiting for devices: {registered} of {needed} online"
+        self.live.update(self._render())
+
+    def tick(self, round_idx: int, devices: Mapping[str, str], replies: Mapping[str, str]) -> None:
+        self.status = f"round {round_idx + 1} of {self.rounds}: {len(replies)} replies"
+        self.devices, self.replies = devices, replies
+        self.live.update(self._render())
+
+    def round_done(self, outcome: RoundOutcome) -> None:
+        self.history.append(outcome)
+        self.replies = outcome.replies
+        self.live.update(self._render())
+
+    def _render(self) -> Group:
+        rounds = Table(title="rounds", expand=False)
+        for column in ("round", "try", "merged", "accuracy", "overlap", "wall s"):
+            rounds.add_column(column, justify="right")
+        for o in self.history[-12:]:
+            merged = sum(1 for r in o.replies.values() if r == "merged")
+            accuracy = f"{o.metrics['accuracy']:.4f}" if "accuracy" in o.metrics else "-"
+            wall = sum(o.timings_s.values())
+            rounds.add_row(str(o.round_idx + 1), str(o.attempt), f"{merged}/{len(o.devices)}", accuracy,
+                           f"{o.overlap:.3f}", f"{wall:.1f}")  # fmt: skip
+        devices = Table(title="devices")
+        devices.add_column("device")
+        devices.add_column("state")
+        devices.add_column("this round")
+        for device_id, state in sorted(self.devices.items()):
+            style = _STATE_STYLE.get(state, "")
+            devices.add_row(device_id, f"[{style}]{state}[/]" if style else state, self.replies.get(device_id, "")[:60])
+        return Group(self.status, rounds, devices)
+
+
+def print_summary(summary: RunSummary, console: Console | None = None) -> None:
+    """The final block: success or failure, figures, failed devices and why, where the outputs are."""
+    console = console or Console()
+    lines = [f"[bold {'green' if summary.ok else 'red'}]{'SUCCESS' if summary.ok else 'FAILURE'}[/]"
+             + (f": {summary.reason}" if summary.reason else "")]  # fmt: skip
+    lines.append(f"strategy {summary.strategy}, {summary.rounds} rounds merged")
+    if summary.final_metrics:
+        lines.append("final: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.final_metrics.items()))
+    rounds = Table(box=None, title="accuracy by round")
+    for column in ("round", "accuracy", "loss", "overlap", "merged"):
+        rounds.add_column(column, justify="right")
+    for entry in summary.history:
+        m = entry["metrics"]
+        rounds.add_row(str(entry["round"] + 1), f"{m.get('accuracy', float('nan')):.4f}", f"{m.get('loss', float('nan')):.4f}",
+                       f"{entry['overlap']:.3f}", f"{entry['merged']}/{entry['devices']}")  # fmt: skip
+    table = Table(box=None, title="devices")
+    for column in ("device", "merged", "failed", "MB down", "MB up", "peak RSS MB"):
+        table.add_column(column, justify="right")
+    for device_id, d in sorted(summary.devices.items()):
+        table.add_row(device_id, str(d["merged"]), str(d["failed"]), f"{d['bytes_down'] / 1e6:.2f}",
+                      f"{d['bytes_up'] / 1e6:.2f}", f"{d['peak_rss_bytes'] / 1e6:.0f}")  # fmt: skip
+    failures = [f"  {f}" for f in summary.failures[-10:]]
+    if failures:
+        failures.insert(0, f"failed replies ({len(summary.failures)}, last 10):")
+    paths = [f"{name}: {path}" for name, path in summary.paths.items()]
+    console.print(Panel(Group("\n".join(lines), rounds, table, "\n".join(failures + paths)), title="msfusion run"))

@@ -1,0 +1,130 @@
+"""Training artifacts for the fleet: export each sub-model shape once (export/cache.py), ship it as one blob.
+
+A device caches what it unpacked by the blob's sha256, so after the first
+round of a shape only weights travel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from msfusion.coordinator.reference.engine import EngineConfig
+from msfusion.models.registry import model_spec
+from msfusion.algorithm.spec import widths_for_ratio
+from msfusion.wire.artifacts import ArtifactKind, OptimizerConfig, pack_artifact
+from msfusion.wire.bulk import make_manifest
+from msfusion.edge_runtime.profiling import ProfileSet, ProfileSetPoint, load_profile_set, write_profile_set_index
+from msfusion.wire.protocol import BulkRef
+from msfusion.errors import ConfigError
+from msfusion.export.cache import ArtifactCache
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CACHE = Path.home() / ".cache" / "msfusion" / "artifacts"
+
+
+def optimizer_of(engine: EngineConfig) -> OptimizerConfig:
+    """The optimizer an artifact must implement to train as the reference engine does."""
+    local = engine.local
+    return OptimizerConfig(name=local.optimizer, momentum=local.momentum if local.optimizer == "sgd" else 0.0,
+                           weight_decay=local.weight_decay, scaler_compensation=local.scaler_compensation)  # fmt: skip
+
+
+class ExportedArtifacts:
+    """An `ArtifactSource` over the on-disk export cache, keeping each shape's packed blob in memory.
+
+    Args:
+        engine: model, loss and local-training knobs (they shape the graph).
+        backend: artifact kind.
+        cache_dir: the export cache (None: ~/.cache/msfusion/artifacts).
+    """
+
+    def __init__(self, engine: EngineConfig, backend: str, cache_dir: Path | None = None) -> None:
+        self.engine = engine
+        self.kind = ArtifactKind(backend)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE
+        self._cache = ArtifactCache(self.cache_dir)
+        self._blobs: dict[tuple[tuple[str, int], ...], tuple[BulkRef, bytes]] = {}
+
+    def get(self, widths: Mapping[str, int]) -> tuple[BulkRef, bytes]:
+        """The packed artifact for `widths` and its transfer manifest (named by its sha256).
+
+        Raises:
+            ArtifactError: the export or its validation failed.
+        """
+        shape = tuple(sorted(widths.items()))
+        if shape not in self._blobs:
+            cached = self._cache.get_or_export(
+                self.engine.model, widths, self.engine.loss, optimizer_of(self.engine),
+                self.engine.local.batch_size, self.kind,
+            )  # fmt: skip
+            log.info("artifact for %s: %s (%s)", dict(widths), cached.manifest.key[:12], "cached" if cached.hit else "exported")
+            data = pack_artifact(cached.path)
+            manifest = make_manifest("a-placeholder", "artifact", data)
+            # Named by content: a device that holds this sha256 never asks for it again.
+            manifest = make_manifest(f"a-{manifest.sha256[:40]}", "artifact", data)
+            self._blobs[shape] = (manifest, data)
+        return self._blobs[shape]
+
+
+def profile_key(engine: EngineConfig, backend: str) -> str:
+    """Names what a device profile measures: the model, loss, optimizer and artifact kind (not the widths or batch).
+
+    A coordinator sizes a device from its profile only when the keys agree.
+    """
+    from msfusion.export.validate import loss_signature
+
+    payload = {
+        "model": dataclasses.asdict(engine.model),
+        "loss": loss_signature(engine.loss),
+        "optimizer": dataclasses.asdict(optimizer_of(engine)),
+        "kind": ArtifactKind(backend).value,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=list).encode()).hexdigest()[:32]
+
+
+def export_profile_set(
+    engine: EngineConfig, backend: str, widths: Sequence[float], batch_sizes: Sequence[int], out_dir: Path,
+    cache_dir: Path | None = None, validate: bool = True,
+) -> ProfileSet:  # fmt: skip
+    """The artifacts a device profiles (`msfusion-device profile --artifacts out_dir`), one per width x batch size.
+
+    Args:
+        engine: model, loss and optimizer of the run the devices will train.
+        backend: artifact kind.
+        widths: width ratios in (0, 1].
+        batch_sizes: batch sizes.
+        out_dir: the folder to write (artifacts are copied out of the export cache).
+        cache_dir: the export cache (None: the default).
+        validate: validate each new export against torch (export/validate.py).
+
+    Returns:
+        The profile set.
+
+    Raises:
+        ConfigError: a bad width or batch size.
+        ArtifactError: an export failed.
+    """
+    if not widths or not batch_sizes or any(not 0.0 < w <= 1.0 for w in widths) or any(b < 1 for b in batch_sizes):
+        raise ConfigError(f"profile widths must be in (0, 1] and batch sizes >= 1, got {widths}, {batch_sizes}")
+    cache = ArtifactCache(Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE, validate=validate)
+    spec = model_spec(engine.model)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    points = []
+    for ratio in sorted(set(widths), reverse=True):
+        for batch in sorted(set(batch_sizes)):
+            cached = cache.get_or_export(
+                engine.model, widths_for_ratio(spec, ratio), engine.loss, optimizer_of(engine), batch, ArtifactKind(backend)
+            )
+            name = f"w{ratio:g}-b{batch}"
+            shutil.rmtree(out_dir / name, ignore_errors=True)
+            shutil.copytree(cached.path, out_dir / name)
+            points.append(ProfileSetPoint(ratio, batch, name))
+    write_profile_set_index(out_dir, profile_key(engine, backend), ArtifactKind(backend).value, points)
+    return load_profile_set(out_dir)

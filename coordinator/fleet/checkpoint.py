@@ -1,0 +1,111 @@
+"""Checkpoints: the global weights (safetensors) plus the run's JSON state, resumable bit for bit.
+
+A checkpoint holds everything the next round depends on and nothing drawn
+from an RNG: the global weights, the next round's index, the overlap target
+the next round plans with, the last disagreement, and the run's session id
+(task ids are derived from it, so a resumed coordinator asks the same
+questions and devices answer redelivered tasks from their records).
+
+Crash safety: the weights go to a new file per round (`global-rNNNNN.safetensors`),
+then `state.json` is atomically replaced to name that file and its sha256,
+then older weights files are removed. A crash at any point leaves a
+`state.json` whose weights file exists and matches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import numpy.typing as npt
+
+from msfusion.algorithm.slicing import Weights
+from msfusion.edge_runtime.ledger import atomic_write
+from msfusion.wire.weights import pack_weights, unpack_weights
+from msfusion.errors import ArtifactError, ConfigError
+
+WEIGHTS_PATTERN = "global-r{round:05d}.safetensors"
+STATE_FILE = "state.json"
+FORMAT = "msfusion-checkpoint-1"
+
+
+@dataclass(frozen=True)
+class RunState:
+    """The coordinator's state between rounds (everything but the weights).
+
+    Attributes:
+        run_id: the run.
+        session: random id fixed at the run's start; prefixes every task id.
+        next_round: the round to run next (rounds before it are merged).
+        overlap: the overlap target the next round plans with.
+        disagreement: measured at the last merge (None before the first).
+        backend: the artifact kind of the run.
+    """
+
+    run_id: str
+    session: str
+    next_round: int
+    overlap: float
+    disagreement: float | None
+    backend: str
+
+
+def weights_digest(weights: Mapping[str, npt.NDArray[np.float32]]) -> str:
+    """sha256 over every tensor's name, shape and float32 bytes, in name order (bit-exact identity)."""
+    h = hashlib.sha256()
+    for name in sorted(weights):
+        array = np.ascontiguousarray(weights[name], dtype="<f4")
+        h.update(f"{name}\0{list(array.shape)}\0".encode())
+        h.update(array.view(np.uint8).data)
+    return h.hexdigest()
+
+
+def save_checkpoint(folder: Path, weights: Mapping[str, npt.NDArray[np.float32]], state: RunState) -> None:
+    """Write weights then state, each atomically.
+
+    Args:
+        folder: the checkpoint folder (created if missing).
+        weights: the global weights after the last merged round.
+        state: the run state for the next round.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    data = pack_weights(weights)
+    name = WEIGHTS_PATTERN.format(round=state.next_round)
+    atomic_write(folder / name, data)
+    record = {"format": FORMAT, "weights_file": name, "weights_sha256": hashlib.sha256(data).hexdigest(), **asdict(state)}
+    atomic_write(folder / STATE_FILE, json.dumps(record, indent=2).encode("utf-8"))
+    for old in folder.glob("global-r*.safetensors"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
+
+
+def load_checkpoint(folder: Path) -> tuple[Weights, RunState]:
+    """Read a checkpoint back exactly as it was saved.
+
+    Raises:
+        ConfigError: no checkpoint in `folder`.
+        ArtifactError: a malformed state file, or weights that do not match it.
+    """
+    state_path = folder / STATE_FILE
+    if not state_path.exists():
+        raise ConfigError(f"no checkpoint in {folder} (nothing to resume)")
+    try:
+        record = json.loads(state_path.read_text(encoding="utf-8"))
+        if record.pop("format") != FORMAT:
+            raise ArtifactError(f"{state_path}: not a {FORMAT} file")
+        sha = record.pop("weights_sha256")
+        weights_path = folder / Path(record.pop("weights_file")).name
+        state = RunState(**record)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ArtifactError(f"{state_path} is malformed: {exc}") from exc
+    try:
+        data = weights_path.read_bytes()
+    except OSError as exc:
+        raise ArtifactError(f"checkpoint weights {weights_path} are unreadable: {exc}") from exc
+    if hashlib.sha256(data).hexdigest() != sha:
+        raise ArtifactError(f"{weights_path} does not match {state_path}")
+    return unpack_weights(data), state

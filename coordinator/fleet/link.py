@@ -1,0 +1,264 @@
+"""The coordinator's end of the wire: typed messages in, tasks and bulk data out, bytes counted.
+
+`CoordinatorLink.poll` turns broker events into typed inbound events: device
+messages (`Inbound`), completed slice transfers (`SliceArrived`) and
+connection changes. Chunks and chunk requests are handled inside: slice
+chunks are reassembled (any order, duplicates dropped, checksums verified),
+and requests for artifact or weight chunks are served from what was offered.
+Per-device byte counters are the only state that lives as long as the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Union
+
+from msfusion.wire import topics
+from msfusion.wire.bulk import BulkReceiver, BulkSender
+from msfusion.wire.protocol import (
+    BulkRef,
+    Chunk,
+    ChunkRequest,
+    Heartbeat,
+    Message,
+    ProfileReport,
+    Registration,
+    SliceResult,
+    TaskFailed,
+    TrainTask,
+    decode,
+    encode,
+)
+from msfusion.wire.transport import ConnectionChanged, MqttTransport, Received
+from msfusion.errors import ArtifactError, MsfusionError, ProtocolError
+
+log = logging.getLogger(__name__)
+
+DeviceMessage = Union[Registration, Heartbeat, SliceResult, TaskFailed, ProfileReport]
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """A message a device sent; `retained` for a broker-kept copy (status, registration)."""
+
+    device_id: str
+    message: DeviceMessage
+    retained: bool = False
+
+
+@dataclass(frozen=True)
+class SliceArrived:
+    """A slice transfer completed and matched its sha256; `payload` is the packed weights."""
+
+    device_id: str
+    result: SliceResult
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """A message from a device that failed decoding or validation (logged, never fatal)."""
+
+    device_id: str
+    reason: str
+
+
+LinkEvent = Union[Inbound, SliceArrived, Malformed, ConnectionChanged]
+
+
+@dataclass
+class _Pending:
+    """A slice whose manifest arrived and whose chunks are still coming."""
+
+    device_id: str
+    result: SliceResult
+    last_progress: float
+    requests: int = 0
+
+
+class CoordinatorLink:
+    """Sends tasks, serves bulk data and collects slices over one transport.
+
+    Args:
+        transport: a connected MQTT transport.
+        run_id: the run.
+        stall_s: seconds without a new chunk of a slice before asking for the missing ones.
+        max_requests: requests per slice without progress before it is given up.
+    """
+
+    def __init__(self, transport: MqttTransport, run_id: str, stall_s: float = 5.0, max_requests: int = 3) -> None:
+        self.transport = transport
+        self.run_id = run_id
+        self.stall_s = stall_s
+        self.max_requests = max_requests
+        self.bytes_down: Counter[str] = Counter()  # per device, payload bytes published to it
+        self.bytes_up: Counter[str] = Counter()  # per device, payload bytes received from it
+        self._receiver = BulkReceiver()
+        self._pending: dict[str, _Pending] = {}  # transfer id -> slice awaiting chunks
+        self._offers: dict[str, tuple[BulkRef, bytes]] = {}  # transfer id -> what devices may request
+
+    def subscribe(self) -> None:
+        """Subscribe to everything devices send in this run."""
+        for topic_filter in topics.coordinator_filters(self.run_id):
+            self.transport.subscribe(topic_filter)
+
+    # Out.
+
+    def publish(self, device_id: str, topic: str, payload: bytes, retain: bool = False) -> None:
+        """Publish to a device's topic, counting the bytes."""
+        self.bytes_down[device_id] += len(payload)
+        self.transport.publish(topic, payload, retain=retain)
+
+    def send(self, device_id: str, msg: Message) -> None:
+        """A control message (Welcome, RunControl) to one device."""
+        self.publish(device_id, topics.ctl(self.run_id, device_id), encode(msg))
+
+    def offer(self, manifest: BulkRef, data: bytes) -> None:
+        """Make a transfer available to devices that ask for it (artifacts are pulled, not pushed)."""
+        self._offers[manifest.transfer_id] = (manifest, data)
+
+    def withdraw(self, transfer_id: str) -> None:
+        """Stop serving a transfer (its round is over)."""
+        self._offers.pop(transfer_id, None)
+
+    def send_task(self, task: TrainTask, weights: bytes) -> None:
+        """Publish a task, then push its weight chunks; the weights stay offered for re-requests."""
+        self.offer(task.weights, weights)
+        self.publish(task.device_id, topics.task(self.run_id, task.device_id), encode(task))
+        self._push(task.device_id, task.weights, weights)
+
+    def _push(self, device_id: str, manifest: BulkRef, data: bytes, indices: list[int] | None = None) -> None:
+        topic = topics.bulk(self.run_id, device_id, manifest.transfer_id)
+        sender = BulkSender(self.transport, topic, manifest, data)
+        sent = sender.send(indices)
+        last = manifest.n_chunks - 1
+        data_bytes = sum(
+            manifest.total_bytes - last * manifest.chunk_bytes if i == last else manifest.chunk_bytes
+            for i in (indices if indices is not None else range(manifest.n_chunks))
+        )
+        # Every chunk's payload is its data plus the same framing (ids, index, sha256).
+        empty = Chunk(transfer_id=manifest.transfer_id, index=last, n_chunks=manifest.n_chunks, sha256="0" * 64, data=b"")
+        self.bytes_down[device_id] += data_bytes + sent * len(encode(empty, validate=False))
+
+    def forget_slices(self) -> None:
+        """Drop every half-received slice (the round closed)."""
+        for transfer_id in list(self._pending):
+            self._receiver.drop(transfer_id)
+        self._pending.clear()
+
+    # In.
+
+    def poll(self, timeout_s: float) -> LinkEvent | None:
+        """The next event for the round loop, or None after `timeout_s` of nothing to report."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            event = self.transport.get(max(0.0, deadline - time.monotonic()))
+            if event is None:
+                return None
+            if isinstance(event, ConnectionChanged):
+                return event
+            out = self._handle(event)
+            if out is not None:
+                return out
+            if time.monotonic() >= deadline:
+                return None
+
+    def _handle(self, event: Received) -> LinkEvent | None:
+        try:
+            where = topics.parse(event.topic)
+        except ProtocolError as exc:
+            log.warning("ignored a message on %s: %s", event.topic, exc)
+            return None
+        if where.run_id != self.run_id:
+            return None
+        device_id = where.device_id
+        self.bytes_up[device_id] += len(event.payload)
+        try:
+            msg = decode(event.payload)
+        except ProtocolError as exc:
+            log.warning("malformed message from %s on %s: %s", device_id, where.kind, exc)
+            return Malformed(device_id, str(exc))
+        if isinstance(msg, Chunk) and where.kind == topics.UP:
+            return self._on_chunk(device_id, msg)
+        if isinstance(msg, ChunkRequest) and where.kind == topics.REQ:
+            self._serve(device_id, msg)
+            return None
+        if isinstance(msg, (Registration, Heartbeat, SliceResult, TaskFailed, ProfileReport)):
+            if msg.device_id != device_id or msg.run_id != self.run_id:
+                reason = f"{type(msg).__name__} for {msg.run_id}/{msg.device_id} on the topic of {device_id}"
+                log.warning("refused: %s", reason)
+                return Malformed(device_id, reason)
+            return Inbound(device_id, msg, event.retained)
+        log.warning("unexpected %s from %s on %s", type(msg).__name__, device_id, where.kind)
+        return None
+
+    def expect_slice(self, result: SliceResult) -> SliceArrived | None:
+        """Start receiving a result's slice; returns it at once if its chunks are all in already."""
+        transfer_id = result.weights.transfer_id
+        self._pending[transfer_id] = _Pending(result.device_id, result, time.monotonic())
+        try:
+            payload = self._receiver.expect(result.weights)
+        except ArtifactError as exc:
+            log.warning("slice of %s failed its manifest: %s", result.device_id, exc)
+            del self._pending[transfer_id]
+            return None
+        return self._finish(transfer_id, payload)
+
+    def _on_chunk(self, device_id: str, chunk: Chunk) -> LinkEvent | None:
+        pending = self._pending.get(chunk.transfer_id)
+        if pending is not None and pending.device_id != device_id:
+            log.warning("chunk of %s's transfer %s came from %s", pending.device_id, chunk.transfer_id, device_id)
+            return None
+        try:
+            payload = self._receiver.feed(chunk)
+        except ArtifactError as exc:
+            log.warning("dropped a chunk from %s: %s", device_id, exc)
+            return None
+        if pending is not None:
+            pending.last_progress = time.monotonic()
+            pending.requests = 0
+        return self._finish(chunk.transfer_id, payload)
+
+    def _finish(self, transfer_id: str, payload: bytes | None) -> SliceArrived | None:
+        if payload is None:
+            return None
+        pending = self._pending.pop(transfer_id, None)
+        if pending is None:
+            return None
+        return SliceArrived(pending.device_id, pending.result, payload)
+
+    def _serve(self, device_id: str, request: ChunkRequest) -> None:
+        offer = self._offers.get(request.transfer_id)
+        if offer is None:
+            log.warning("%s asked for unknown transfer %s", device_id, request.transfer_id)
+            return
+        manifest, data = offer
+        try:
+            self._push(device_id, manifest, data, sorted(set(request.missing)))
+        except MsfusionError as exc:
+            log.warning("could not serve %s to %s: %s", request.transfer_id, device_id, exc)
+
+    def request_stalled(self) -> list[str]:
+        """Ask devices for the missing chunks of stalled slices; returns devices given up on."""
+        now = time.monotonic()
+        lost = []
+        for transfer_id, pending in list(self._pending.items()):
+            if now - pending.last_progress < self.stall_s:
+                continue
+            if pending.requests >= self.max_requests:
+                lost.append(pending.device_id)
+                self._receiver.drop(transfer_id)
+                del self._pending[transfer_id]
+                continue
+            missing = self._receiver.missing(transfer_id)
+            if not missing:
+                continue
+            pending.requests += 1
+            pending.last_progress = now
+            log.info("slice of %s stalled; asking for %d chunks", pending.device_id, len(missing))
+            request = ChunkRequest(run_id=self.run_id, device_id=pending.device_id, transfer_id=transfer_id, missing=missing)
+            self.publish(pending.device_id, topics.upreq(self.run_id, pending.device_id), encode(request))
+        return lost

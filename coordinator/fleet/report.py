@@ -1,0 +1,133 @@
+"""A run's outputs: metrics as JSON lines, the summary, the final model and the accuracy plot."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from msfusion.coordinator.fleet.rounds import RoundOutcome
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+MODEL_FILE = "model.safetensors"
+PLOT_FILE = "accuracy.png"
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """How a run ended and where its outputs are.
+
+    Attributes:
+        ok: every round was merged.
+        reason: why it failed ("" on success).
+        strategy: the planning strategy.
+        rounds: rounds merged.
+        final_metrics: test figures of the final global model.
+        history: per merged round: round, test figures, overlap, devices merged.
+        devices: per device: bytes down/up, peak RSS, failures, last failure.
+        failures: "device: reason" for every failed or missing reply.
+        paths: name -> path of each output (model, metrics, summary, plot, logs, checkpoint).
+    """
+
+    ok: bool
+    reason: str
+    strategy: str
+    rounds: int
+    final_metrics: Mapping[str, float]
+    history: Sequence[Mapping[str, Any]] = ()
+    devices: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    failures: Sequence[str] = ()
+    paths: Mapping[str, str] = field(default_factory=dict)
+
+
+def append_metrics(out: Path, outcome: RoundOutcome, wall_s: float) -> None:
+    """One JSON line per round attempt (merged or not)."""
+    line = {**asdict(outcome), "wall_s": wall_s}
+    with open(out / METRICS_FILE, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(line, allow_nan=True) + "\n")
+
+
+def read_metrics(out: Path) -> list[dict[str, Any]]:
+    """Every metrics line written so far (both lives of a resumed run)."""
+    path = out / METRICS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def device_totals(lines: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per device: bytes down and up over all rounds, peak RSS, and how its tasks ended."""
+    totals: dict[str, dict[str, Any]] = {}
+    for line in lines:
+        for device, reply in line["replies"].items():
+            entry = totals.setdefault(
+                device, {"bytes_down": 0, "bytes_up": 0, "peak_rss_bytes": 0, "merged": 0, "failed": 0}
+            )
+            entry["bytes_down"] += line["bytes_down"].get(device, 0)
+            entry["bytes_up"] += line["bytes_up"].get(device, 0)
+            entry["peak_rss_bytes"] = max(entry["peak_rss_bytes"], line["peak_rss_bytes"].get(device, 0))
+            entry["merged" if reply == "merged" else "failed"] += 1
+    return totals
+
+
+def history(lines: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per merged round: its index, test figures, overlap and how many slices were merged."""
+    return [
+        {"round": line["round_idx"], "metrics": line["metrics"], "overlap": line["overlap"],
+         "merged": sum(1 for r in line["replies"].values() if r == "merged"), "devices": len(line["replies"])}
+        for line in lines
+        if line["merged"]
+    ]  # fmt: skip
+
+
+def failures(lines: Sequence[Mapping[str, Any]]) -> list[str]:
+    """'round r: device: reason' for every reply that was not merged."""
+    return [
+        f"round {line['round_idx']} attempt {line['attempt']}: {device}: {reply}"
+        for line in lines
+        for device, reply in line["replies"].items()
+        if reply != "merged"
+    ]
+
+
+def write_summary(out: Path, summary: RunSummary) -> Path:
+    """summary.json (NaN written as null)."""
+    def clean(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, Mapping):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value
+
+    path = out / SUMMARY_FILE
+    path.write_text(json.dumps(clean(asdict(summary)), indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def plot_accuracy(out: Path, lines: Sequence[Mapping[str, Any]], metric: str = "accuracy") -> Path | None:
+    """A PNG of the global model's test metric against the round (merged rounds only)."""
+    points = [(line["round_idx"], line["metrics"].get(metric)) for line in lines if line["merged"]]
+    points = [(r, v) for r, v in points if v is not None]
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r + 1 for r, _ in points], [v for _, v in points], marker="o")
+    ax.set(xlabel="round", ylabel=f"test {metric}", title=f"global model, {len(points)} rounds")
+    ax.grid(alpha=0.3)
+    path = out / PLOT_FILE
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path

@@ -1,0 +1,404 @@
+"""One round over the fleet, top to bottom: plan, export, slice, send, collect, merge, evaluate, adapt, checkpoint.
+
+`run_round` reproduces `ReferenceEngine.run_round` over MQTT: the same plan
+(devices in id order), the same per-device seeds (`engine.device_seed`), the
+same batches (the devices use `edge_runtime.batches`) and the same merge.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Mapping, Protocol
+
+import numpy as np
+
+from msfusion.coordinator.fleet.checkpoint import RunState, save_checkpoint, weights_digest
+from msfusion.data.datasets import ArrayDataset
+from msfusion.coordinator.reference.engine import EngineConfig, device_seed, evaluate
+from msfusion.coordinator.fleet.config import RoundConfig
+from msfusion.coordinator.fleet.link import CoordinatorLink, Inbound, Malformed, SliceArrived
+from msfusion.algorithm.merging import MergeAccumulator, SliceUpdate
+from msfusion.algorithm.overlap import next_overlap
+from msfusion.algorithm.planning import effective_ratios, plan_round
+from msfusion.coordinator.fleet.registry import Fleet
+from msfusion.algorithm.slicing import Weights, slice_weights
+from msfusion.algorithm.spec import IndexArray, ModelSpec
+from msfusion.wire.bulk import make_manifest
+from msfusion.wire.protocol import (
+    AxisUnits,
+    BulkRef,
+    Heartbeat,
+    Registration,
+    SliceResult,
+    TaskFailed,
+    TrainTask,
+)
+from msfusion.wire.transport import ConnectionChanged
+from msfusion.wire.weights import nbytes, pack_weights, unpack_weights
+from msfusion.errors import ArtifactError, InvalidSlice
+
+log = logging.getLogger(__name__)
+
+
+class ArtifactSource(Protocol):
+    """Training artifacts by sub-model shape: exported once, then reused from the cache."""
+
+    def get(self, widths: Mapping[str, int]) -> tuple[BulkRef, bytes]:
+        """The artifact bundle for a sub-model at `widths` and its manifest."""
+        ...
+
+
+@dataclass
+class RoundContext:
+    """What every round needs; built once per run.
+
+    Attributes:
+        run_id: the run.
+        backend: the artifact kind devices train.
+        engine: the algorithm's knobs (the reference engine's).
+        round: per-round knobs.
+        spec: the global model's spec.
+        fleet: registrations and liveness.
+        link: the wire.
+        artifacts: training artifacts by sub-model shape.
+        test: held-out data.
+        checkpoint_dir: where each merged round is checkpointed.
+        on_tick: called about twice a second while collecting (progress displays).
+    """
+
+    run_id: str
+    backend: str
+    engine: EngineConfig
+    round: RoundConfig
+    spec: ModelSpec
+    fleet: Fleet
+    link: CoordinatorLink
+    artifacts: ArtifactSource
+    test: ArrayDataset
+    checkpoint_dir: Path
+    on_tick: Callable[[int, Mapping[str, str]], None] | None = None
+
+
+@dataclass
+class RoundOutcome:
+    """What one attempt at a round did (one line of metrics.jsonl)."""
+
+    round_idx: int
+    attempt: int
+    merged: bool
+    overlap: float
+    devices: tuple[str, ...]
+    replies: dict[str, str]  # device -> "merged" | "rejected: ..." | "failed: ..." | "no reply"
+    metrics: dict[str, float] = field(default_factory=dict)
+    disagreement: float | None = None
+    coverage: float = 0.0
+    timings_s: dict[str, float] = field(default_factory=dict)
+    bytes_down: dict[str, int] = field(default_factory=dict)
+    bytes_up: dict[str, int] = field(default_factory=dict)
+    slice_bytes: dict[str, int] = field(default_factory=dict)  # fp32 size of each device's slice
+    peak_rss_bytes: dict[str, int] = field(default_factory=dict)
+    width_ratios: dict[str, float] = field(default_factory=dict)  # the ratio each device trained at
+    start_sha256: str = ""  # weights_digest of the global weights the round started from
+    end_sha256: str = ""  # ... and of the merged weights (empty when not merged)
+
+
+def transfer_id(*parts: str) -> str:
+    """A transfer id from readable parts, hashed when too long for an id."""
+    text = "-".join(parts)
+    return text if len(text) <= 64 else "x-" + hashlib.sha256(text.encode()).hexdigest()[:40]
+
+
+def tensor_axes(spec: ModelSpec) -> dict[str, list[AxisUnits]]:
+    """Per tensor, its split axes as the wire carries them."""
+    return {
+        name: [AxisUnits(axis=axis, group=group, unit_size=size) for axis, (group, size) in sorted(axes.items())]
+        for name in spec.shapes
+        if (axes := spec.sliced_axes(name))
+    }
+
+
+def make_task(
+    ctx: RoundContext, round_idx: int, task_id: str, device_id: str, index: int,
+    units: Mapping[str, IndexArray], artifact: BulkRef, weights: BulkRef,
+) -> TrainTask:  # fmt: skip
+    """The task telling one device what to train this round."""
+    cfg = ctx.engine
+    return TrainTask(
+        run_id=ctx.run_id,
+        round_idx=round_idx,
+        device_id=device_id,
+        task_id=task_id,
+        backend=ctx.backend,
+        artifact=artifact,
+        weights=weights,
+        units={group: [int(u) for u in us] for group, us in units.items()},
+        tensor_axes=tensor_axes(ctx.spec),
+        local_epochs=cfg.local.epochs,
+        batch_size=cfg.local.batch_size,
+        lr=cfg.local.lr,
+        max_samples=cfg.local.max_samples,
+        mu=cfg.loss.mu,
+        tau=cfg.loss.tau,
+        contrastive=cfg.loss.variant.value,
+        optimizer=cfg.local.optimizer,
+        seed=device_seed(cfg.seed, round_idx, index),
+        deadline_s=ctx.round.deadline_s,
+    )
+
+
+@dataclass
+class _Sent:
+    """A task as sent, with what it takes to resend it and to merge its reply."""
+
+    task: TrainTask
+    weights: bytes  # packed global sub-model
+    units: Mapping[str, IndexArray]
+    fp32_bytes: int  # the slice's raw size, the yardstick for bytes on the wire
+    width_ratio: float  # the ratio the device trains at (a memory failure caps it below this)
+
+
+def handle_fleet_message(ctx: RoundContext, inbound: Inbound, now: float) -> None:
+    """Registrations (answered with a Welcome) and heartbeats, in and between rounds."""
+    msg = inbound.message
+    if isinstance(msg, Registration):
+        welcome = ctx.fleet.register(msg, now)
+        ctx.link.send(inbound.device_id, welcome)
+    elif isinstance(msg, Heartbeat):
+        ctx.fleet.heartbeat(msg, now)
+    else:
+        ctx.fleet.seen(inbound.device_id, now)
+
+
+def run_round(
+    ctx: RoundContext, weights: Weights, state: RunState, attempt: int
+) -> tuple[RoundOutcome, Weights, RunState]:
+    """Run one attempt at round `state.next_round`.
+
+    Args:
+        ctx: the run's context.
+        weights: the global weights before the round.
+        state: the run state before the round.
+        attempt: 0 for the first try of this round.
+
+    Returns:
+        The outcome, and the new weights and state; when the round fell below
+        quorum (`outcome.merged` is False) they are the inputs, unchanged.
+
+    Raises:
+        ConfigError: no device to plan for.
+    """
+    round_idx = state.next_round
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = timings.get(name, 0.0) + now - clock
+        clock = now
+
+    # Plan (the core): devices in id order, as the reference engine orders them.
+    devices = ctx.fleet.participants(time.monotonic())
+    plan = plan_round(ctx.spec, devices, round_idx, state.overlap, ctx.engine.plan)
+    # The ratio each device trains at (msfusion may plan one below what the device affords).
+    ratios = {d.device_id: float(r) for d, r in zip(devices, effective_ratios(devices, state.overlap, ctx.engine.plan.strategy))}
+    lap("plan_s")
+
+    # Export or reuse: one artifact per distinct sub-model shape.
+    artifacts: dict[tuple[tuple[str, int], ...], tuple[BulkRef, bytes]] = {}
+    for device in devices:
+        widths = plan.widths(device.device_id)
+        shape = tuple(sorted(widths.items()))
+        if shape not in artifacts:
+            artifacts[shape] = ctx.artifacts.get(widths)
+            ctx.link.offer(*artifacts[shape])
+    lap("export_s")
+
+    # Slice and pack each device's global sub-model.
+    task_id = f"{state.session}-r{round_idx}-a{attempt}"
+    sent: dict[str, _Sent] = {}
+    for index, device in enumerate(devices):
+        units = plan.units(device.device_id)
+        sub = slice_weights(weights, ctx.spec, units)  # (K*u, ...) -> (k*u, ...) per grouped axis
+        packed = pack_weights(sub)
+        manifest = make_manifest(transfer_id("w", task_id, device.device_id), "weights", packed)
+        artifact = artifacts[tuple(sorted(plan.widths(device.device_id).items()))][0]
+        task = make_task(ctx, round_idx, task_id, device.device_id, index, units, artifact, manifest)
+        sent[device.device_id] = _Sent(task, packed, units, nbytes(sub), ratios[device.device_id])
+    lap("slice_s")
+
+    # Send.
+    down_before = dict(ctx.link.bytes_down)
+    up_before = dict(ctx.link.bytes_up)
+    for item in sent.values():
+        ctx.link.send_task(item.task, item.weights)
+    lap("publish_s")
+
+    # Collect until all are in or the deadline, merging each valid slice as it arrives
+    # (collect_s includes those streamed merges; merge_s counts them again, with the final pass).
+    accumulator = MergeAccumulator(weights, ctx.spec, round_idx)
+    replies, peak_rss, merge_s = _collect(ctx, sent, accumulator, time.monotonic() + ctx.round.deadline_s)
+    lap("collect_s")
+    for item in sent.values():
+        ctx.link.withdraw(item.task.weights.transfer_id)
+
+    outcome = RoundOutcome(
+        round_idx=round_idx,
+        attempt=attempt,
+        merged=False,
+        overlap=plan.overlap,
+        devices=tuple(sent),
+        replies=replies,
+        bytes_down={d: ctx.link.bytes_down[d] - down_before.get(d, 0) for d in sent},
+        bytes_up={d: ctx.link.bytes_up[d] - up_before.get(d, 0) for d in sent},
+        slice_bytes={d: item.fp32_bytes for d, item in sent.items()},
+        peak_rss_bytes=peak_rss,
+        width_ratios={d: item.width_ratio for d, item in sent.items()},
+        timings_s=timings,
+        start_sha256=weights_digest(weights),
+    )
+
+    # Merge what arrived, if enough did; a round below quorum is retried, not merged.
+    merged = [d for d, reply in replies.items() if reply == "merged"]
+    needed = max(1, int(np.ceil(ctx.round.quorum * len(sent))))
+    if len(merged) < needed:
+        log.warning(
+            "round %d attempt %d: %d of %d slices, quorum %d: not merged", round_idx, attempt, len(merged), len(sent), needed
+        )
+        return outcome, weights, state
+    clock = time.perf_counter()
+    new_weights, report = accumulator.result()
+    lap("merge_s")
+    timings["merge_s"] += merge_s
+
+    # Evaluate the global model on held-out data.
+    outcome.metrics = evaluate(ctx.engine.model, new_weights, ctx.test, ctx.engine.eval_batch_size)
+    lap("eval_s")
+
+    # Adapt the overlap target for the next round (as the reference engine does at its plan step).
+    next_state = replace(
+        state,
+        next_round=round_idx + 1,
+        overlap=next_overlap(ctx.engine.overlap, round_idx + 1, plan.overlap, report.disagreement),
+        disagreement=report.disagreement,
+    )
+
+    # Checkpoint: weights and state, so --resume continues bit for bit.
+    save_checkpoint(ctx.checkpoint_dir, new_weights, next_state)
+    lap("checkpoint_s")
+
+    outcome.merged = True
+    outcome.end_sha256 = weights_digest(new_weights)
+    outcome.disagreement = report.disagreement
+    outcome.coverage = report.coverage
+    return outcome, new_weights, next_state
+
+
+def first_overlap(engine: EngineConfig) -> float:
+    """The overlap target round 0 plans with (what the reference engine computes)."""
+    return float(next_overlap(engine.overlap, 0, engine.overlap.initial, None))
+
+
+def _collect(
+    ctx: RoundContext, sent: Mapping[str, _Sent], accumulator: MergeAccumulator, deadline: float
+) -> tuple[dict[str, str], dict[str, int], float]:
+    """Handle events until every device replied or the deadline passed.
+
+    Returns:
+        Per device its reply ("merged", "rejected: ...", "failed: ...", or
+        "no reply"), the peak RSS each device reported, and the seconds spent merging.
+    """
+    replies: dict[str, str] = {}
+    peak_rss: dict[str, int] = {}
+    merge_s = 0.0
+    last_tick = 0.0
+
+    def resend(device_id: str) -> None:
+        item = sent[device_id]
+        log.info("sending task %s to %s again", item.task.task_id, device_id)
+        ctx.link.send_task(item.task, item.weights)
+
+    while len(replies) < len(sent):
+        now = time.monotonic()
+        if now >= deadline:
+            break
+        if ctx.on_tick is not None and now - last_tick >= 0.5:
+            ctx.on_tick(sent[next(iter(sent))].task.round_idx, replies)
+            last_tick = now
+        for device_id in ctx.link.request_stalled():
+            if device_id in sent and device_id not in replies:
+                replies[device_id] = "failed: slice transfer incomplete"
+                ctx.fleet.note_failure(device_id, "slice transfer incomplete")
+        event = ctx.link.poll(min(0.5, deadline - now))
+        if event is None:
+            continue
+        now = time.monotonic()
+        if isinstance(event, ConnectionChanged):
+            if event.connected:  # after a broker outage: tasks or replies may be lost, ask again
+                for device_id in sent:
+                    if device_id not in replies:
+                        resend(device_id)
+            continue
+        if isinstance(event, Malformed):
+            ctx.fleet.seen(event.device_id, now)
+            continue
+        if isinstance(event, SliceArrived):
+            if event.device_id in replies:
+                continue
+            started = time.perf_counter()
+            replies[event.device_id] = _merge_slice(accumulator, sent[event.device_id], event)
+            merge_s += time.perf_counter() - started
+            peak_rss[event.device_id] = event.result.peak_rss_bytes
+            if replies[event.device_id] != "merged":
+                ctx.fleet.note_failure(event.device_id, replies[event.device_id])
+            continue
+        msg = event.message
+        device_id = event.device_id
+        if isinstance(msg, (SliceResult, TaskFailed)):
+            ctx.fleet.seen(device_id, now)
+            item = sent.get(device_id)
+            if item is None or msg.key != item.task.key:
+                log.info("dropped a stale %s from %s for task %s", type(msg).__name__, device_id, msg.task_id)
+                continue
+            if device_id in replies:
+                continue  # a redelivered reply: handled once
+            if isinstance(msg, TaskFailed):
+                replies[device_id] = f"failed: {msg.code}: {msg.reason}"
+                ctx.fleet.note_failure(device_id, f"{msg.code}: {msg.reason}")
+                if msg.code == "memory_budget":
+                    ctx.fleet.memory_exceeded(device_id, item.width_ratio)  # a narrower width from the next round on
+                continue
+            arrived = ctx.link.expect_slice(msg)
+            if arrived is not None:
+                started = time.perf_counter()
+                replies[device_id] = _merge_slice(accumulator, item, arrived)
+                merge_s += time.perf_counter() - started
+                peak_rss[device_id] = msg.peak_rss_bytes
+            continue
+        came_back = isinstance(msg, Registration) and not event.retained and not ctx.fleet.online(device_id, now)
+        handle_fleet_message(ctx, event, now)
+        if came_back and device_id in sent and device_id not in replies:
+            resend(device_id)  # it went offline and restarted: whatever it held of this task is gone
+    ctx.link.forget_slices()
+    for device_id in sent:
+        if device_id not in replies:
+            ctx.fleet.note_failure(device_id, "no reply before the round's deadline")
+    return {d: replies.get(d, "no reply") for d in sent}, peak_rss, merge_s
+
+
+def _merge_slice(accumulator: MergeAccumulator, item: _Sent, arrived: SliceArrived) -> str:
+    """Validate one slice and fold it in; a bad slice is rejected and changes nothing."""
+    try:
+        trained = unpack_weights(arrived.payload)
+        accumulator.add(
+            SliceUpdate(arrived.device_id, item.task.round_idx, item.units, trained, arrived.result.n_samples)
+        )
+    except (ArtifactError, InvalidSlice) as exc:
+        log.warning("rejected the slice of %s: %s", arrived.device_id, exc)
+        return f"rejected: {exc}"
+    return "merged"
+

@@ -1,0 +1,220 @@
+"""A whole coordinator run: connect, wait for the fleet, run every round (retrying below quorum), report.
+
+`run_coordinator` is what `msfusion coordinator run` and `msfusion simulate`
+call. It never prints: progress goes to an optional `RunProgress`, figures to
+the output folder (metrics.jsonl, summary.json, model.safetensors, accuracy.png).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from pathlib import Path
+from typing import Mapping, Protocol
+
+from msfusion.coordinator.fleet import report
+from msfusion.coordinator.fleet.checkpoint import RunState, load_checkpoint
+from msfusion.coordinator.fleet.config import CoordinatorConfig
+from msfusion.data.datasets import ArrayDataset
+from msfusion.coordinator.fleet.link import CoordinatorLink, Inbound
+from msfusion.models.registry import build_model, model_spec, state_to_numpy
+from msfusion.coordinator.fleet.rounds import ArtifactSource, RoundContext, RoundOutcome, first_overlap, handle_fleet_message, run_round
+from msfusion.coordinator.fleet.registry import Fleet, Sizing
+from msfusion.algorithm.slicing import Weights
+from msfusion.wire.protocol import RunControl
+from msfusion.data.shards import read_shard
+from msfusion.wire.transport import MqttTransport, parse_broker_url
+from msfusion.wire.weights import pack_weights
+from msfusion.errors import ConfigError, DeviceLost, MsfusionError
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoint"
+
+
+class RunProgress(Protocol):
+    """Where a run reports progress (the CLI shows it with rich)."""
+
+    def waiting(self, registered: int, needed: int) -> None: ...
+
+    def tick(self, round_idx: int, devices: Mapping[str, str], replies: Mapping[str, str]) -> None: ...
+
+    def round_done(self, outcome: RoundOutcome) -> None: ...
+
+
+class NotEnoughDevices(DeviceLost):
+    """Fewer live devices than `fleet.min_devices` within `fleet.wait_s`."""
+
+
+class RoundFailed(MsfusionError):
+    """A round stayed below quorum after every attempt."""
+
+
+def load_eval_data(shard: Path | None) -> ArrayDataset:
+    """The held-out data the global model is evaluated on.
+
+    Raises:
+        ConfigError: no eval shard configured.
+    """
+    if shard is None:
+        raise ConfigError("no eval_shard configured (write one with `msfusion partition`)")
+    x, y, _ = read_shard(shard)
+    return ArrayDataset(x, y)
+
+
+def initial_state(config: CoordinatorConfig, resume: bool) -> tuple[Weights, RunState]:
+    """Fresh weights and state (seeded as the reference engine seeds them), or the last checkpoint."""
+    if resume:
+        weights, state = load_checkpoint(config.out / CHECKPOINT_DIR)
+        if state.run_id != config.run_id or state.backend != config.backend:
+            raise ConfigError(f"checkpoint is of run {state.run_id}/{state.backend}, config says {config.run_id}/{config.backend}")
+        log.info("resuming %s at round %d", state.run_id, state.next_round)
+        return weights, state
+    weights = state_to_numpy(build_model(config.engine.model, seed=config.engine.seed))
+    # The session id only names tasks (so a resumed run re-asks the same questions); no number depends on it.
+    state = RunState(
+        run_id=config.run_id,
+        session=secrets.token_hex(4),
+        next_round=0,
+        overlap=first_overlap(config.engine),
+        disagreement=None,
+        backend=config.backend,
+    )
+    return weights, state
+
+
+def run_sizing(config: CoordinatorConfig) -> Sizing:
+    """How devices that register with a profile are sized for this run's model and batch size."""
+    from msfusion.coordinator.fleet.artifacts import profile_key
+    from msfusion.coordinator.fleet.sizing import model_sizes
+
+    engine = config.engine
+    return Sizing(model_sizes(engine.model), profile_key(engine, config.backend), engine.local.batch_size,
+                  config.fleet.memory_margin)  # fmt: skip
+
+
+def wait_for_devices(ctx: RoundContext, needed: int, wait_s: float, progress: RunProgress | None) -> None:
+    """Handle registrations and heartbeats until `needed` devices are live.
+
+    Raises:
+        NotEnoughDevices: not within `wait_s`.
+    """
+    deadline = time.monotonic() + wait_s
+    while len(ctx.fleet.participants(time.monotonic())) < needed:
+        if time.monotonic() > deadline:
+            live = len(ctx.fleet.participants(time.monotonic()))
+            raise NotEnoughDevices(f"{live} of {needed} devices online after {wait_s:.0f} s")
+        if progress is not None:
+            progress.waiting(len(ctx.fleet.participants(time.monotonic())), needed)
+        event = ctx.link.poll(0.5)
+        if isinstance(event, Inbound):
+            handle_fleet_message(ctx, event, time.monotonic())
+
+
+def run_coordinator(
+    config: CoordinatorConfig,
+    artifacts: ArtifactSource,
+    resume: bool = False,
+    progress: RunProgress | None = None,
+    stop_devices: bool = True,
+) -> report.RunSummary:
+    """Train `config.engine.rounds` rounds over the fleet and write every output.
+
+    Args:
+        config: the run's configuration.
+        artifacts: training artifacts by sub-model shape (export + cache).
+        resume: continue from the checkpoint in `config.out`.
+        progress: optional progress display.
+        stop_devices: tell every device to stop at the end.
+
+    Returns:
+        The run's summary (also written to summary.json).
+
+    Raises:
+        ConfigError: bad config or nothing to resume.
+        BrokerUnavailable: the broker cannot be reached.
+    """
+    out = config.out
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        (out / report.METRICS_FILE).unlink(missing_ok=True)
+    test = load_eval_data(config.eval_shard)
+    spec = model_spec(config.engine.model)
+    weights, state = initial_state(config, resume)
+    host, port = parse_broker_url(config.broker)
+    transport = MqttTransport(
+        f"coordinator-{config.run_id}", host, port, username=config.username, password=config.password
+    )
+    transport.connect()
+    link = CoordinatorLink(transport, config.run_id, stall_s=config.round.stall_s)
+    link.subscribe()
+    fleet = Fleet(spec, config.run_id, config.backend, config.fleet.heartbeat_timeout_s, run_sizing(config))
+
+    def tick(round_idx: int, replies: Mapping[str, str]) -> None:
+        if progress is not None:
+            snapshot = {d: s for d, s, _ in fleet.snapshot(time.monotonic())}
+            progress.tick(round_idx, snapshot, replies)
+
+    ctx = RoundContext(
+        run_id=config.run_id, backend=config.backend, engine=config.engine, round=config.round, spec=spec,
+        fleet=fleet, link=link, artifacts=artifacts, test=test, checkpoint_dir=out / CHECKPOINT_DIR, on_tick=tick,
+    )  # fmt: skip
+    ok, reason = True, ""
+    try:
+        while state.next_round < config.engine.rounds:
+            for attempt in range(config.round.max_attempts):
+                wait_for_devices(ctx, config.fleet.min_devices, config.fleet.wait_s, progress)
+                started = time.perf_counter()
+                outcome, weights, state = run_round(ctx, weights, state, attempt)
+                report.append_metrics(out, outcome, time.perf_counter() - started)
+                if progress is not None:
+                    progress.round_done(outcome)
+                if outcome.merged:
+                    break
+            else:
+                raise RoundFailed(f"round {state.next_round} stayed below quorum in {config.round.max_attempts} attempts")
+    except (NotEnoughDevices, RoundFailed) as exc:
+        ok, reason = False, str(exc)
+        log.error("run failed: %s", exc)
+    finally:
+        if stop_devices:
+            for device_id in sorted(fleet.devices):
+                try:
+                    link.send(device_id, RunControl(run_id=config.run_id, device_id=device_id, command="stop", reason=reason or "run finished"))
+                except MsfusionError as exc:
+                    log.warning("could not tell %s to stop: %s", device_id, exc)
+        transport.close()
+    return finish(config, weights, ok, reason)
+
+
+def finish(config: CoordinatorConfig, weights: Weights, ok: bool, reason: str) -> report.RunSummary:
+    """Write the final model, plot and summary.json; return the summary."""
+    out = config.out
+    (out / report.MODEL_FILE).write_bytes(pack_weights(weights))
+    lines = report.read_metrics(out)
+    plot = report.plot_accuracy(out, lines)
+    merged = [line for line in lines if line["merged"]]
+    paths = {
+        "model": str(out / report.MODEL_FILE),
+        "metrics": str(out / report.METRICS_FILE),
+        "summary": str(out / report.SUMMARY_FILE),
+        "checkpoint": str(out / CHECKPOINT_DIR),
+    }
+    if plot is not None:
+        paths["plot"] = str(plot)
+    if (out / "logs").is_dir():
+        paths["logs"] = str(out / "logs")
+    summary = report.RunSummary(
+        ok=ok,
+        reason=reason,
+        strategy=config.engine.plan.strategy.value,
+        rounds=len(merged),
+        final_metrics=merged[-1]["metrics"] if merged else {},
+        history=report.history(lines),
+        devices=report.device_totals(lines),
+        failures=report.failures(lines),
+        paths=paths,
+    )
+    report.write_summary(out, summary)
+    return summary

@@ -1,0 +1,71 @@
+"""The coordinator's run file: TOML tables to frozen dataclasses, flags on top, every mistake named."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+
+from msfusion.coordinator.fleet.config import load_config
+from msfusion.models.objective import ContrastiveVariant
+from msfusion.algorithm.planning import Strategy
+from msfusion.errors import ConfigError
+
+RUN = """
+run_id = "fmnist"
+broker = "mqtt://10.0.0.2:1884"
+out = "runs/x"
+[engine]
+rounds = 7
+[engine.model]
+arch = "cnn"
+channels = [8, 16, 32]
+[engine.plan]
+strategy = "fedrolex"
+round_shift = "1/8"
+[engine.loss]
+variant = "moon"
+mu = 0.2
+[round]
+deadline_s = 30
+"""
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    return path
+
+
+def test_a_run_file_loads_into_typed_values_and_flags_override_it(tmp_path: Path) -> None:
+    # Execute
+    config = load_config(_write(tmp_path, RUN), {"rounds": 3, "round.quorum": 1.0, "broker": None})
+    # Assert
+    assert config.run_id == "fmnist" and config.broker == "mqtt://10.0.0.2:1884" and config.out == Path("runs/x")
+    assert config.engine.rounds == 3
+    assert config.engine.model.channels == (8, 16, 32)
+    assert config.engine.plan.strategy is Strategy.FEDROLEX and config.engine.plan.round_shift == Fraction(1, 8)
+    assert config.engine.loss.variant is ContrastiveVariant.MOON and config.engine.loss.mu == 0.2
+    assert config.round.deadline_s == 30.0 and config.round.quorum == 1.0
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (('deadline_s = 30', 'deadline = 30'), "unknown key"),
+        (('variant = "moon"', 'variant = "mooon"'), "must be one of"),
+        (('run_id = "fmnist"', 'run_id = "a/b"'), "not a safe id"),
+        (('broker = "mqtt://10.0.0.2:1884"', 'broker = "http://x"'), "scheme"),
+        (('rounds = 7', 'rounds = "seven"'), "must be int"),
+        (('deadline_s = 30', 'deadline_s = 0'), "must be > 0"),
+    ],
+)
+def test_a_bad_run_file_is_refused_with_the_reason(tmp_path: Path, edit: tuple[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(_write(tmp_path, RUN.replace(*edit)))
+
+
+def test_a_run_file_without_a_model_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="engine.model"):
+        load_config(_write(tmp_path, 'run_id = "x"\n'))

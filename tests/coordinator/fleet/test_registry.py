@@ -1,0 +1,162 @@
+"""Fleet state: the budget-to-width rule, sizing from profiles, memory caps, registration, liveness."""
+
+from __future__ import annotations
+
+import math
+
+import msgspec
+import pytest
+
+from msfusion.models.registry import ModelConfig, model_spec
+from msfusion.coordinator.fleet.registry import (
+    BYTES_PER_PARAM,
+    RUNTIME_BYTES,
+    Fleet,
+    Sizing,
+    ratio_for_memory,
+    ratio_from_profile,
+)
+from msfusion.algorithm.spec import widths_for_ratio
+from msfusion.coordinator.fleet.memory_model import fit_memory_model, samples_from_profile
+from msfusion.coordinator.fleet.sizing import model_sizes
+from msfusion.wire.protocol import Capacity, Heartbeat, ProfileEntry, ProfileReport, Registration
+from msfusion.errors import ConfigError, MemoryBudgetExceeded
+
+SPEC = model_spec(ModelConfig(arch="cnn", channels=(32, 64, 128)))
+
+
+def _registration(device: str, budget: int, backends: list[str] | None = None, cap: float | None = None) -> Registration:
+    capacity = Capacity(memory_budget_bytes=budget, cores=4, arch="aarch64", backends=backends or ["ort"], max_width_ratio=cap)
+    return Registration(run_id="r", device_id=device, capacity=capacity, runtime_version="0.1.0")
+
+
+def test_the_width_rule_fits_the_sub_model_into_the_budget_left_after_the_runtime() -> None:
+    full = SPEC.param_count()
+    for share in (0.05, 0.25, 0.6):
+        # Prepare
+        budget = RUNTIME_BYTES + int(share * BYTES_PER_PARAM * full)
+        # Execute
+        ratio = ratio_for_memory(SPEC, budget)
+        # Assert: it fits, and one step wider would not.
+        assert SPEC.param_count(widths_for_ratio(SPEC, ratio)) <= share * full
+        assert SPEC.param_count(widths_for_ratio(SPEC, min(1.0, ratio + 1 / 1024))) > share * full or ratio == 1.0
+    assert ratio_for_memory(SPEC, RUNTIME_BYTES + 2 * BYTES_PER_PARAM * full) == 1.0
+    assert ratio_for_memory(SPEC, 1 << 40, reported_max=0.25) == 0.25
+    with pytest.raises(ConfigError):
+        ratio_for_memory(SPEC, RUNTIME_BYTES // 2)
+
+
+def test_devices_are_admitted_refused_and_ordered_by_id() -> None:
+    # Prepare
+    fleet = Fleet(SPEC, "r", "ort", heartbeat_timeout_s=10.0)
+    # Execute
+    welcomes = [
+        fleet.register(_registration("dev002", 1 << 30), now=0.0),
+        fleet.register(_registration("dev000", 1 << 30, cap=0.5), now=0.0),
+        fleet.register(_registration("dev001", 1 << 30, backends=["executorch"]), now=0.0),
+        fleet.register(_registration("dev003", 1 << 20), now=0.0),
+    ]
+    # Assert
+    assert [w.accepted for w in welcomes] == [True, True, False, False]
+    assert "backend" in welcomes[2].reason and "budget" in welcomes[3].reason
+    assert [(d.device_id, d.max_ratio) for d in fleet.participants(1.0)] == [("dev000", 0.5), ("dev002", 1.0)]
+
+
+def test_a_device_is_offline_after_its_last_will_or_a_silence() -> None:
+    # Prepare
+    fleet = Fleet(SPEC, "r", "ort", heartbeat_timeout_s=10.0)
+    fleet.register(_registration("dev000", 1 << 30), now=0.0)
+    fleet.register(_registration("dev001", 1 << 30), now=0.0)
+    # Execute
+    fleet.heartbeat(Heartbeat(run_id="r", device_id="dev000", state="training", sent_at=1.0), now=8.0)
+    fleet.heartbeat(Heartbeat(run_id="r", device_id="dev001", state="offline", sent_at=1.0), now=8.0)
+    # Assert
+    assert fleet.online("dev000", 12.0) and not fleet.online("dev000", 18.1)
+    assert not fleet.online("dev001", 8.0)
+    fleet.register(_registration("dev001", 1 << 30), now=9.0)  # it restarted
+    assert [d.device_id for d in fleet.participants(12.0)] == ["dev000", "dev001"]
+
+
+# Sizing from a measured profile, and the cap after a memory failure.
+
+MODEL = ModelConfig(arch="cnn", channels=(32, 64, 128))
+MIB = 1 << 20
+TRUE = (360 * MIB, 4.0, 19.0)  # overhead, bytes per parameter, bytes per activation (like ORT on this machine)
+
+
+def _sizing(key: str = "cnn-key") -> Sizing:
+    return Sizing(model_sizes(MODEL), key, batch_size=64, safety_margin=0.1)
+
+
+def _profile(key: str = "cnn-key", widths: tuple[float, ...] = (1.0, 0.5, 0.25, 0.125)) -> ProfileReport:
+    sizes = model_sizes(MODEL)
+    overhead, per_param, per_activation = TRUE
+
+    def peak(ratio: float) -> int:
+        return int(overhead + per_param * sizes.param_count(ratio) + per_activation * sizes.activation_elements(ratio) * 64)
+
+    entries = [ProfileEntry(width_ratio=w, batch_size=64, peak_rss_bytes=peak(w), step_time_s=0.1) for w in widths]
+    return ProfileReport(run_id="r", device_id="x", entries=entries, model_key=key)
+
+
+def _profiled(device: str, budget: int, profile: ProfileReport | None) -> Registration:
+    return msgspec.structs.replace(_registration(device, budget), profile=profile)
+
+
+def test_a_profiled_device_gets_the_widest_ratio_whose_predicted_peak_fits_with_the_margin() -> None:
+    sizing, profile = _sizing(), _profile()
+    predict = fit_memory_model(samples_from_profile(profile.entries), sizing.sizes).predict
+    for budget in (450 * MIB, 520 * MIB, 700 * MIB):
+        # Execute
+        ratio, _ = ratio_from_profile(profile, budget, sizing)
+        # Assert: fits with 10% spare; one step wider does not (unless already full)
+        assert predict(ratio, 64) <= 0.9 * budget
+        assert ratio == 1.0 or predict(ratio + 1 / 1024, 64) > 0.9 * budget
+    assert ratio_from_profile(profile, 700 * MIB, sizing)[0] == 1.0
+    with pytest.raises(MemoryBudgetExceeded):
+        ratio_from_profile(profile, 300 * MIB, sizing)
+    with pytest.raises(ConfigError, match="profile is of model 'other'"):
+        ratio_from_profile(_profile("other"), 600 * MIB, sizing)
+    with pytest.raises(ConfigError, match="needs >= 3 samples"):
+        ratio_from_profile(_profile(widths=(1.0, 0.5)), 600 * MIB, sizing)
+
+
+def test_registration_uses_a_matching_profile_and_falls_back_to_the_budget_rule() -> None:
+    # Prepare
+    fleet = Fleet(SPEC, "r", "ort", heartbeat_timeout_s=10.0, sizing=_sizing())
+    budget = 520 * MIB
+    # Execute
+    welcomes = [
+        fleet.register(_profiled("dev000", budget, _profile()), now=0.0),
+        fleet.register(_profiled("dev001", budget, _profile("another-model")), now=0.0),
+        fleet.register(_profiled("dev002", budget, None), now=0.0),
+        fleet.register(_profiled("dev003", 300 * MIB, _profile()), now=0.0),
+    ]
+    # Assert
+    assert [w.accepted for w in welcomes] == [True, True, True, False]
+    assert "narrowest sub-model needs" in welcomes[3].reason
+    records = fleet.devices
+    assert records["dev000"].sized_by == "profile"
+    assert records["dev000"].max_ratio == ratio_from_profile(_profile(), budget, _sizing())[0] < 1.0
+    assert (records["dev001"].sized_by, records["dev001"].max_ratio) == ("budget", ratio_for_memory(SPEC, budget))
+    assert (records["dev002"].sized_by, records["dev002"].max_ratio) == ("budget", 1.0)
+    # Without a Sizing (a coordinator that does not size by profiles) the profile is ignored.
+    plain = Fleet(SPEC, "r", "ort", heartbeat_timeout_s=10.0)
+    plain.register(_profiled("dev000", budget, _profile()), now=0.0)
+    assert plain.devices["dev000"].sized_by == "budget"
+
+
+def test_a_memory_failure_caps_the_device_at_half_the_width_it_failed_at_for_the_rest_of_the_run() -> None:
+    # Prepare
+    fleet = Fleet(SPEC, "r", "ort", heartbeat_timeout_s=10.0)
+    fleet.register(_registration("dev000", 1 << 30), now=0.0)
+    fleet.register(_registration("dev001", 1 << 30), now=0.0)
+    # Execute / Assert: halved, halved again, kept through a re-registration, floored at 1/1024
+    assert fleet.memory_exceeded("dev000", 1.0) == 0.5
+    assert [(d.device_id, d.max_ratio) for d in fleet.participants(1.0)] == [("dev000", 0.5), ("dev001", 1.0)]
+    assert fleet.memory_exceeded("dev000", 0.5) == 0.25
+    assert fleet.memory_exceeded("dev000", 0.75) == 0.25  # a later, wider failure never raises the cap
+    fleet.register(_registration("dev000", 1 << 30), now=2.0)
+    assert fleet.width_ratio("dev000") == 0.25
+    assert fleet.memory_exceeded("dev001", 1 / 1024) == 1 / 1024
+    assert fleet.memory_exceeded("unknown", 0.3) == math.floor(0.3 * 0.5 * 1024) / 1024
