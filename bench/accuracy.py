@@ -34,20 +34,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from msfusion.data.datasets import ArrayDataset, default_data_dir, load_fashion_mnist, load_shakespeare
-from msfusion.coordinator.reference.engine import (
-    EngineConfig,
-    LocalTrainConfig,
-    LossConfig,
-    ReferenceEngine,
-    device_cost,
-)
-from msfusion.models.objective import ContrastiveVariant
-from msfusion.models.registry import ModelConfig, model_spec, shrunk_config
 from msfusion.algorithm.overlap import OverlapConfig, OverlapMode
-from msfusion.data.partition import dirichlet, natural
-from msfusion.algorithm.planning import PlanConfig, Strategy, overlap_ratio_for, plan_round, DeviceSlot
+from msfusion.algorithm.planning import (
+    DeviceSlot,
+    PlanConfig,
+    Strategy,
+    overlap_ratio_for,
+    plan_round,
+)
 from msfusion.algorithm.spec import ratio_for_budget
+from msfusion.coordinator.reference.engine import ReferenceEngine, device_cost
+from msfusion.data.datasets import (
+    ArrayDataset,
+    default_data_dir,
+    load_fashion_mnist,
+    load_shakespeare,
+)
+from msfusion.data.partition import dirichlet, natural
+from msfusion.models.config import ContrastiveVariant, LossConfig, ModelConfig
+from msfusion.models.registry import model_spec, shrunk_config
+from msfusion.recipe import EngineConfig, LocalTrainConfig, OptimizerConfig
 
 STRATEGIES = (
     "msfusion",
@@ -76,8 +82,10 @@ class Case:
 
 def cases(quick: bool) -> list[Case]:
     """The benchmark's cases (smaller horizons and shards in quick mode)."""
-    image_local = LocalTrainConfig(epochs=1, batch_size=32, lr=0.05, momentum=0.9, max_samples=256 if quick else 1000)
-    lm_local = LocalTrainConfig(epochs=1, batch_size=32, lr=3e-3, optimizer="adamw", max_samples=64 if quick else 320)
+    image_local = LocalTrainConfig(epochs=1, batch_size=32, lr=0.05, max_samples=256 if quick else 1000)
+    lm_local = LocalTrainConfig(
+        epochs=1, batch_size=32, lr=3e-3, optimizer=OptimizerConfig(name="adamw"), max_samples=64 if quick else 320
+    )
     rounds_img = {"1/4": 4, "1/16": 4} if quick else {"1/4": 120, "1/16": 80}
     rounds_lm = {"1/4": 4, "1/16": 4} if quick else {"1/4": 150, "1/16": 150}
     out = [
@@ -133,18 +141,30 @@ def strategy_config(name: str, base: EngineConfig, ratio: float, mu: float) -> t
     if name in ("fedrolex", "heterofl", "feddropout"):
         return replace(base, plan=PlanConfig(strategy=Strategy(name)), loss=off), ratio
     if name == "fedavg-small":
-        return replace(base, model=shrunk_config(base.model, ratio), plan=PlanConfig(strategy=Strategy.FEDAVG), loss=off), 1.0
+        return replace(
+            base, model=shrunk_config(base.model, ratio), plan=PlanConfig(strategy=Strategy.FEDAVG), loss=off
+        ), 1.0
     if name == "fedavg-full":
         return replace(base, plan=PlanConfig(strategy=Strategy.FEDAVG), loss=off), 1.0
     raise SystemExit(f"unknown strategy {name!r}")
 
 
-def run_one(case: Case, budget: str, strategy: str, shards: list[ArrayDataset], test: ArrayDataset,
-            model: ModelConfig, seed: int, mu: float) -> dict[str, object]:
+def run_one(
+    case: Case,
+    budget: str,
+    strategy: str,
+    shards: list[ArrayDataset],
+    test: ArrayDataset,
+    model: ModelConfig,
+    seed: int,
+    mu: float,
+) -> dict[str, object]:
     """Train one (case, budget, strategy) and return its figures."""
     share = float(Fraction(budget))
     ratio = ratio_for_budget(model_spec(model), share)
-    base = EngineConfig(model=model, local=case.local, rounds=case.rounds[budget], seed=seed, eval_window=True, eval_expected=True)
+    base = EngineConfig(
+        model=model, local=case.local, rounds=case.rounds[budget], seed=seed, eval_window=True, eval_expected=True
+    )
     cfg, device_ratio = strategy_config(strategy, base, ratio, mu)
     engine = ReferenceEngine(cfg, shards, test, [device_ratio] * len(shards))
     plan = plan_round(engine.spec, [DeviceSlot("d", device_ratio)], 0, cfg.overlap.initial, cfg.plan)
@@ -198,11 +218,19 @@ def markdown_table(rows: list[dict[str, object]]) -> str:
     for r in rows:
         window, expect = r["window_curve"][-1], r["expected_curve"][-1]  # type: ignore[index]
         cells = [
-            r["case"], r["budget"], r["strategy"], f"{r['final']:.4f}", f"{np.mean(r['curve'][-5:]):.4f}", f"{r['best']:.4f}",
-            "" if window != window else f"{window:.4f}", "" if expect != expect else f"{expect:.4f}",
-            r["params_per_device"], f"{r['flops_per_sample_per_device'] / 1e6:.2f}",
-            f"{r['bytes_per_device_per_round'] / 1024:.1f}", f"{r['wall_s']:.0f}",
-        ]  # fmt: skip
+            r["case"],
+            r["budget"],
+            r["strategy"],
+            f"{r['final']:.4f}",
+            f"{np.mean(r['curve'][-5:]):.4f}",
+            f"{r['best']:.4f}",
+            "" if window != window else f"{window:.4f}",
+            "" if expect != expect else f"{expect:.4f}",
+            r["params_per_device"],
+            f"{r['flops_per_sample_per_device'] / 1e6:.2f}",
+            f"{r['bytes_per_device_per_round'] / 1024:.1f}",
+            f"{r['wall_s']:.0f}",
+        ]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
@@ -297,7 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--mu", type=float, default=0.1, help="contrastive weight of the msfusion strategies")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--from-json", default="", help="comma-separated result JSONs: print table, targets and plots only")
+    parser.add_argument(
+        "--from-json", default="", help="comma-separated result JSONs: print table, targets and plots only"
+    )
     parser.add_argument("--markdown", action="store_true", help="with --from-json: the table as Markdown")
     args = parser.parse_args(argv)
     if args.from_json:
@@ -331,9 +361,16 @@ def main(argv: list[str] | None = None) -> int:
             for strategy in args.strategies.split(","):
                 row = run_one(case, budget, strategy, shards, test, model, args.seed, args.mu)
                 rows.append(row)
-                print(f"{case.name} {budget} {strategy}: final {row['final']:.4f} best {row['best']:.4f} "
-                      f"({row['wall_s']:.0f} s)", flush=True)
-                args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "devices": N_DEVICES, "results": rows}, indent=1))
+                print(
+                    f"{case.name} {budget} {strategy}: final {row['final']:.4f} best {row['best']:.4f} "
+                    f"({row['wall_s']:.0f} s)",
+                    flush=True,
+                )
+                args.out.write_text(
+                    json.dumps(
+                        {"args": vars(args) | {"out": str(args.out)}, "devices": N_DEVICES, "results": rows}, indent=1
+                    )
+                )
     print()
     print_table(rows)
     print()

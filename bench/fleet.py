@@ -23,15 +23,20 @@ from pathlib import Path
 
 import numpy as np
 
+from msfusion.algorithm.merging import MergeAccumulator, SliceUpdate
+from msfusion.algorithm.planning import DeviceSlot, PlanConfig, plan_round
+from msfusion.algorithm.slicing import slice_weights
 from msfusion.coordinator.fleet.artifacts import ExportedArtifacts
 from msfusion.coordinator.fleet.config import RoundConfig
-from msfusion.coordinator.reference.engine import EngineConfig, LocalTrainConfig
-from msfusion.algorithm.merging import MergeAccumulator, SliceUpdate
-from msfusion.models.registry import ModelConfig, build_model, model_spec, state_to_numpy
-from msfusion.algorithm.planning import DeviceSlot, PlanConfig, plan_round
+from msfusion.coordinator.fleet.local_fleet import (
+    PartitionConfig,
+    SimulationConfig,
+    simulate,
+)
 from msfusion.coordinator.fleet.report import read_metrics
-from msfusion.coordinator.fleet.local_fleet import PartitionConfig, SimulationConfig, simulate
-from msfusion.algorithm.slicing import slice_weights
+from msfusion.models.config import ModelConfig
+from msfusion.models.registry import build_model, model_spec, state_to_numpy
+from msfusion.recipe import EngineConfig, LocalTrainConfig
 
 OVERHEAD = ("plan_s", "slice_s", "publish_s", "merge_s")
 
@@ -41,9 +46,7 @@ def merge_throughput(model: ModelConfig, devices: int, ratio: float, repeats: in
     spec = model_spec(model)
     weights = state_to_numpy(build_model(model, seed=0))
     plan = plan_round(spec, [DeviceSlot(f"d{i}", ratio) for i in range(devices)], 0, 0.5, PlanConfig())
-    updates = [
-        SliceUpdate(d, 0, plan.units(d), slice_weights(weights, spec, plan.units(d)), 100) for d in plan.windows
-    ]
+    updates = [SliceUpdate(d, 0, plan.units(d), slice_weights(weights, spec, plan.units(d)), 100) for d in plan.windows]
     size = sum(sum(a.nbytes for a in u.weights.values()) for u in updates)
     started = time.perf_counter()
     for _ in range(repeats):
@@ -71,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(args.out)
     config = SimulationConfig(
         engine=engine,
-        partition=PartitionConfig(devices=args.devices, scheme="iid", samples_per_device=2 * args.local_samples, test_samples=1000),
+        partition=PartitionConfig(
+            devices=args.devices, scheme="iid", samples_per_device=2 * args.local_samples, test_samples=1000
+        ),
         out=args.out,
         backend=args.backend,
         max_width_ratio=args.ratio,
@@ -79,8 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     summary = simulate(config, ExportedArtifacts(engine, args.backend, cache_dir=args.out / "artifact-cache"))
     lines = [line for line in read_metrics(args.out) if line["merged"]]
-    print(f"\n{args.devices} devices, CNN {args.channels}, width cap {args.ratio}, {args.backend}; "
-          f"{model_spec(model).param_count()} parameters; final {summary.final_metrics}")  # fmt: skip
+    print(
+        f"\n{args.devices} devices, CNN {args.channels}, width cap {args.ratio}, {args.backend}; "
+        f"{model_spec(model).param_count()} parameters; final {summary.final_metrics}"
+    )
     header = f"{'round':>5} {'wall s':>7} {'plan ms':>8} {'slice ms':>9} {'pub ms':>7} {'merge ms':>9} {'overhead':>9} {'KB down/dev':>12} {'KB slice':>9} {'down/slice':>11} {'up/slice':>9}"
     print(header)
     print("-" * len(header))
@@ -92,11 +99,21 @@ def main(argv: list[str] | None = None) -> int:
         down = np.mean(list(line["bytes_down"].values()))
         up = np.mean(list(line["bytes_up"].values()))
         fp32 = np.mean(list(line["slice_bytes"].values()))
-        rows.append({"round": line["round_idx"], "wall_s": wall, "overhead_share": overhead / wall,
-                     "bytes_down_per_device": down, "bytes_up_per_device": up, "slice_bytes": fp32})  # fmt: skip
-        print(f"{line['round_idx'] + 1:5d} {wall:7.2f} {1e3 * t['plan_s']:8.1f} {1e3 * t['slice_s']:9.1f} "
-              f"{1e3 * t['publish_s']:7.1f} {1e3 * t['merge_s']:9.1f} {100 * overhead / wall:8.2f}% "
-              f"{down / 1e3:12.1f} {fp32 / 1e3:9.1f} {down / fp32:11.3f} {up / fp32:9.3f}")  # fmt: skip
+        rows.append(
+            {
+                "round": line["round_idx"],
+                "wall_s": wall,
+                "overhead_share": overhead / wall,
+                "bytes_down_per_device": down,
+                "bytes_up_per_device": up,
+                "slice_bytes": fp32,
+            }
+        )
+        print(
+            f"{line['round_idx'] + 1:5d} {wall:7.2f} {1e3 * t['plan_s']:8.1f} {1e3 * t['slice_s']:9.1f} "
+            f"{1e3 * t['publish_s']:7.1f} {1e3 * t['merge_s']:9.1f} {100 * overhead / wall:8.2f}% "
+            f"{down / 1e3:12.1f} {fp32 / 1e3:9.1f} {down / fp32:11.3f} {up / fp32:9.3f}"
+        )
     merged_mb = sum(sum(line["slice_bytes"].values()) for line in lines) / 1e6
     merge_s = sum(line["timings_s"]["merge_s"] for line in lines)
     standalone = merge_throughput(model, args.devices, args.ratio)
@@ -104,12 +121,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nmerge throughput: {merged_mb / merge_s:.0f} MB/s in the run, {standalone:.0f} MB/s stand-alone")
     worst_overhead = max(r["overhead_share"] for r in rows)
     worst_bytes = max(r["bytes_down_per_device"] / r["slice_bytes"] for r in later)
-    print(f"target overhead <= 5% at 8 devices: worst {100 * worst_overhead:.2f}% "
-          f"({'met' if worst_overhead <= 0.05 else 'NOT met'})")  # fmt: skip
-    print(f"target bytes per round <= 1.05x slice after round 1: worst {worst_bytes:.3f}x "
-          f"({'met' if worst_bytes <= 1.05 else 'NOT met'})")  # fmt: skip
-    (args.out / "bench.json").write_text(json.dumps({"rows": rows, "merge_mb_s_run": merged_mb / merge_s,
-                                                     "merge_mb_s_standalone": standalone}, indent=1))  # fmt: skip
+    print(
+        f"target overhead <= 5% at 8 devices: worst {100 * worst_overhead:.2f}% "
+        f"({'met' if worst_overhead <= 0.05 else 'NOT met'})"
+    )
+    print(
+        f"target bytes per round <= 1.05x slice after round 1: worst {worst_bytes:.3f}x "
+        f"({'met' if worst_bytes <= 1.05 else 'NOT met'})"
+    )
+    (args.out / "bench.json").write_text(
+        json.dumps({"rows": rows, "merge_mb_s_run": merged_mb / merge_s, "merge_mb_s_standalone": standalone}, indent=1)
+    )
     print(f"json: {args.out / 'bench.json'}")
     return 0 if summary.ok else 1
 

@@ -42,7 +42,10 @@ MIB = 1 << 20
 # Sized so that activations are a real share of the peak, not just the runtime's few hundred MiB.
 MODELS: dict[str, tuple[dict[str, object], int]] = {
     "cnn": ({"arch": "cnn", "channels": [32, 64, 128]}, 256),
-    "resnet": ({"arch": "resnet", "in_channels": 3, "image_size": 32, "channels": [32, 64, 128], "blocks_per_stage": 2}, 64),
+    "resnet": (
+        {"arch": "resnet", "in_channels": 3, "image_size": 32, "channels": [32, 64, 128], "blocks_per_stage": 2},
+        64,
+    ),
     "charlm": ({"arch": "charlm", "d_model": 256, "d_ff": 1024, "n_heads": 8, "head_dim": 32}, 64),
 }
 
@@ -51,9 +54,10 @@ def measure_torch(cfg_json: str, ratio: float, batch: int, steps: int) -> dict[s
     """Train `steps` Adam steps in this process; return its peak RSS (VmHWM) and time per step."""
     import torch
 
-    from msfusion.models.objective import LocalObjective
-    from msfusion.models.registry import ModelConfig, build_model, model_spec
     from msfusion.algorithm.spec import widths_for_ratio
+    from msfusion.models.config import ModelConfig
+    from msfusion.models.objective import LocalObjective
+    from msfusion.models.registry import build_model, model_spec
 
     torch.set_num_threads(1)
     cfg = ModelConfig(**json.loads(cfg_json))
@@ -78,14 +82,18 @@ def measure_torch(cfg_json: str, ratio: float, batch: int, steps: int) -> dict[s
     return {"peak_bytes": hwm_kib * 1024, "step_time_s": step_time}
 
 
-def profile_torch(cfg: dict[str, object], points: list[tuple[float, int]], steps: int) -> dict[tuple[float, int], dict[str, float]]:
+def profile_torch(
+    cfg: dict[str, object], points: list[tuple[float, int]], steps: int
+) -> dict[tuple[float, int], dict[str, float]]:
     """Each point in a fresh interpreter."""
     measured = {}
     for ratio, batch in points:
         out = subprocess.run(
             [sys.executable, __file__, "--child", json.dumps(cfg), str(ratio), str(batch), str(steps)],
-            capture_output=True, text=True, check=True,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         measured[(ratio, batch)] = json.loads(out.stdout)
     return measured
 
@@ -100,19 +108,19 @@ def profile_ort(
         seconds the four batch-B points took (a full 4-width profile).
     """
     from msfusion.coordinator.fleet.artifacts import export_profile_set
-    from msfusion.coordinator.reference.engine import EngineConfig, LocalTrainConfig, LossConfig
-    from msfusion.models.objective import ContrastiveVariant
-    from msfusion.models.registry import ModelConfig
     from msfusion.edge_runtime.profiling import ProfileOptions, run_profile
+    from msfusion.models.config import ContrastiveVariant, LossConfig, ModelConfig
+    from msfusion.recipe import EngineConfig, LocalTrainConfig
 
     engine = EngineConfig(
         model=ModelConfig(**cfg),  # type: ignore[arg-type]
-        local=LocalTrainConfig(batch_size=batch, optimizer="sgd", momentum=0.9),
+        local=LocalTrainConfig(batch_size=batch),
         loss=LossConfig(ContrastiveVariant.MOON, mu=0.1, tau=0.5),
     )
     started = time.perf_counter()
-    profile_set = export_profile_set(engine, "ort", WIDTHS, [batch, 2 * batch], work / name, cache_dir=work / "cache",
-                                     validate=False)  # fmt: skip
+    profile_set = export_profile_set(
+        engine, "ort", WIDTHS, [batch, 2 * batch], work / name, cache_dir=work / "cache", validate=False
+    )
     export_s = time.perf_counter() - started
     options = ProfileOptions(steps=steps, warmup=1, threads=1)
     started = time.perf_counter()
@@ -122,7 +130,9 @@ def profile_ort(
     failed = [r for r in results if r.error]
     if failed:
         raise RuntimeError(f"{name}: profile points failed: {[(r.width_ratio, r.batch_size, r.error) for r in failed]}")
-    measured = {(r.width_ratio, r.batch_size): {"peak_bytes": r.peak_rss_bytes, "step_time_s": r.step_time_s} for r in results}
+    measured = {
+        (r.width_ratio, r.batch_size): {"peak_bytes": r.peak_rss_bytes, "step_time_s": r.step_time_s} for r in results
+    }
     return measured, export_s, profile_s
 
 
@@ -138,7 +148,7 @@ def main() -> None:
         print(json.dumps(measure_torch(cfg_json, float(ratio), int(batch), int(steps))))
         return
 
-    from msfusion.models.registry import ModelConfig
+    from msfusion.models.config import ModelConfig
 
     worst, slowest = 0.0, 0.0
     with tempfile.TemporaryDirectory(prefix="msfusion-bench-memory-") as tmp:
@@ -158,16 +168,22 @@ def main() -> None:
             samples = [MemorySample(r, b, int(measured[(r, b)]["peak_bytes"])) for r, b in points]
             model = fit_memory_model(samples, sizes)
             held_out = fit_memory_model([s for s in samples if s.width_ratio < 1.0], sizes)
-            print(f"\n{name} ({args.backend}): batch {batch}; {timing}; fit: {model.overhead_bytes / MIB:.0f} MiB + "
-                  f"{model.bytes_per_param:.1f} B/param + {model.bytes_per_activation:.2f} B/activation")  # fmt: skip
-            print(f"{'width':>6} {'batch':>5} {'measured':>9} {'predicted':>9} {'err':>6} {'held-out':>9} {'err':>6} {'step':>7}")
+            print(
+                f"\n{name} ({args.backend}): batch {batch}; {timing}; fit: {model.overhead_bytes / MIB:.0f} MiB + "
+                f"{model.bytes_per_param:.1f} B/param + {model.bytes_per_activation:.2f} B/activation"
+            )
+            print(
+                f"{'width':>6} {'batch':>5} {'measured':>9} {'predicted':>9} {'err':>6} {'held-out':>9} {'err':>6} {'step':>7}"
+            )
             for ratio, b in points:
                 peak = measured[(ratio, b)]["peak_bytes"]
                 fitted, extrapolated = model.predict(ratio, b), held_out.predict(ratio, b)
                 err, err_held = abs(fitted - peak) / peak, abs(extrapolated - peak) / peak
                 worst = max(worst, err, err_held)
-                print(f"{ratio:6.3f} {b:5d} {peak / MIB:8.0f}M {fitted / MIB:8.0f}M {err:6.1%} "
-                      f"{extrapolated / MIB:8.0f}M {err_held:6.1%} {measured[(ratio, b)]['step_time_s']:6.3f}s")  # fmt: skip
+                print(
+                    f"{ratio:6.3f} {b:5d} {peak / MIB:8.0f}M {fitted / MIB:8.0f}M {err:6.1%} "
+                    f"{extrapolated / MIB:8.0f}M {err_held:6.1%} {measured[(ratio, b)]['step_time_s']:6.3f}s"
+                )
     print(f"\nworst relative error: {worst:.1%} (target: 10%); slowest profile: {slowest:.1f} s (target: 60 s)")
 
 

@@ -101,10 +101,11 @@ def _run_worker(args: list[str], timeout_s: float, threads: int = 0) -> dict[str
 
 
 def _loss_config(loss: str) -> Any:
-    from msfusion.coordinator.reference.engine import LossConfig
-    from msfusion.models.objective import ContrastiveVariant
+    from msfusion.models.config import ContrastiveVariant, LossConfig
 
-    return LossConfig(ContrastiveVariant.MOON, mu=0.1, tau=0.5) if loss == "moon" else LossConfig()
+    return (
+        LossConfig(ContrastiveVariant.MOON, mu=0.1, tau=0.5) if loss == "moon" else LossConfig(ContrastiveVariant.OFF)
+    )
 
 
 def _config(name: str, size: str) -> dict[str, Any]:
@@ -114,8 +115,9 @@ def _config(name: str, size: str) -> dict[str, Any]:
 
 
 def _model(name: str, ratio: float, size: str = "default") -> tuple[Any, dict[str, int]]:
-    from msfusion.models.registry import ModelConfig, model_spec
     from msfusion.algorithm.spec import widths_for_ratio
+    from msfusion.models.config import ModelConfig
+    from msfusion.models.registry import model_spec
 
     cfg = ModelConfig(**_config(name, size))
     return cfg, widths_for_ratio(model_spec(cfg), ratio)
@@ -125,9 +127,9 @@ def worker_export(opts: argparse.Namespace) -> dict[str, Any]:
     """Export (and validate) one artifact into opts.dir."""
     import onnxruntime
 
-    from msfusion.wire.artifacts import ArtifactKind, OptimizerConfig, artifact_bytes
     from msfusion.export.cache import artifact_key, default_exporter
     from msfusion.export.validate import validate_artifact
+    from msfusion.wire.artifacts import ArtifactKind, OptimizerConfig, artifact_bytes
 
     onnxruntime.set_default_logger_severity(3)
     cfg, widths = _model(opts.model, opts.ratio, opts.size)
@@ -179,8 +181,10 @@ def worker_train(opts: argparse.Namespace) -> dict[str, Any]:
     _import_runtime(opts.runtime, opts.threads)  # libraries are the baseline; the sampler sees load + training
     with MemorySampler() as sampler:
         torch_runtime = opts.runtime.startswith("torch")
-        step = _torch_stepper(opts, start, global_ref, previous) if torch_runtime else _backend_stepper(
-            opts, start, global_ref, previous
+        step = (
+            _torch_stepper(opts, start, global_ref, previous)
+            if torch_runtime
+            else _backend_stepper(opts, start, global_ref, previous)
         )
         # As the edge runtime does (train_local's release_weights): the received weights are freed
         # once the runtime holds its own copies (ExecuTorch keeps the frozen ones as its inputs).
@@ -218,8 +222,9 @@ def _import_runtime(runtime: str, threads: int) -> None:
     if runtime == "ort":
         import msfusion.edge_runtime.backends.ort  # noqa: F401
     elif runtime == "executorch":
-        import msfusion.edge_runtime.backends.executorch  # noqa: F401
         import executorch.extension.training  # noqa: F401
+
+        import msfusion.edge_runtime.backends.executorch  # noqa: F401
     else:
         import msfusion.export.validate  # noqa: F401 (torch, the models, the objective)
     if runtime != "ort" and threads > 0:
@@ -229,8 +234,8 @@ def _import_runtime(runtime: str, threads: int) -> None:
 
 
 def _backend_stepper(opts: argparse.Namespace, start: Any, global_ref: Any, previous: Any) -> Any:
-    from msfusion.wire.artifacts import load_manifest, reference_weights
     from msfusion.edge_runtime.backends.base import make_backend
+    from msfusion.wire.artifacts import load_manifest, reference_weights
 
     artifact = Path(opts.artifact)
     manifest = load_manifest(artifact)
@@ -250,30 +255,32 @@ def _native_norms() -> None:
     """Make the models' GroupNorm and LayerNorm call torch's fused kernels (same function, same parameters)."""
     import torch.nn.functional as F
 
-    from msfusion.models import registry as models
+    from msfusion.models import layers
+
     def group_norm(self: Any, x: Any) -> Any:
         return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
     def layer_norm(self: Any, x: Any) -> Any:
         return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
-    models.GroupNorm.forward = group_norm  # type: ignore[method-assign]
-    models.LayerNorm.forward = layer_norm  # type: ignore[method-assign]
+    layers.GroupNorm.forward = group_norm  # type: ignore[method-assign]
+    layers.LayerNorm.forward = layer_norm  # type: ignore[method-assign]
 
 
 def _torch_stepper(opts: argparse.Namespace, start: Any, global_ref: Any, previous: Any) -> Any:
     import torch
 
-    from msfusion.models.registry import scale_gradients, scaled_parameters
+    from msfusion.export.objective import batch_inputs
+    from msfusion.models.layers import scale_gradients, scaled_parameters
+    from msfusion.models.objective import build_objective, make_optimizer
     from msfusion.wire.artifacts import OptimizerConfig
-    from msfusion.export.validate import batch_inputs, build_objective, make_torch_optimizer
 
     if opts.runtime == "torch-native":
         _native_norms()
     cfg, widths = _model(opts.model, opts.ratio, opts.size)
     objective = build_objective(cfg, widths, _loss_config(opts.loss), start, global_ref, previous)
     config = OptimizerConfig(MODELS[opts.model]["optimizer"])
-    optimizer = make_torch_optimizer(list(objective.model.parameters()), config, MODELS[opts.model]["lr"])
+    optimizer = make_optimizer(list(objective.model.parameters()), config, MODELS[opts.model]["lr"])
     compensated = scaled_parameters(objective.model, objective.model.gradient_scales() if config.compensates else {})
 
     def step(x: Any, y: Any, lr: float) -> float:
@@ -294,7 +301,7 @@ def _torch_stepper(opts: argparse.Namespace, start: Any, global_ref: Any, previo
 
 def measure(opts: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
     """Every (model, width, runtime) row."""
-    from msfusion.export.validate import random_weights
+    from msfusion.export.objective import random_weights
     from msfusion.wire.weights import pack_weights
 
     rows = []
@@ -390,7 +397,9 @@ RSS_TARGET = 0.35  # peak RSS at width 1/2 / width 1
 def _format_row(row: dict[str, Any]) -> str:
     if "error" in row:
         return f"{row['model']:7} {row['width']:4} {row['runtime']:10} ERROR {row['error'][:200]}"
-    export = f"{row['export_s']:7.1f} {row['artifact_bytes'] / 1024:9.0f}" if "export_s" in row else f"{'-':>7} {'-':>9}"
+    export = (
+        f"{row['export_s']:7.1f} {row['artifact_bytes'] / 1024:9.0f}" if "export_s" in row else f"{'-':>7} {'-':>9}"
+    )
     return (
         f"{row['model']:7} {row['width']:4} {row['runtime']:10} {export} {row['weight_bytes'] / 1024:9.0f} "
         f"{row['step_time_s'] * 1000:9.1f} {row.get('step_vs_torch', float('nan')):6.2f} "
@@ -465,28 +474,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer timed steps (a few minutes on 2 cores)")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of cnn,resnet,charlm")
     parser.add_argument("--widths", default=",".join(WIDTHS), help="comma-separated subset of 1,1/2,1/4")
-    parser.add_argument("--runtimes", default=",".join(RUNTIMES), help="comma-separated subset of " + ",".join(RUNTIMES))
+    parser.add_argument(
+        "--runtimes", default=",".join(RUNTIMES), help="comma-separated subset of " + ",".join(RUNTIMES)
+    )
     parser.add_argument("--loss", choices=("moon", "off"), default="moon", help="contrastive term (mu 0.1) or plain CE")
     parser.add_argument(
-        "--size", choices=SIZES, default="default",
+        "--size",
+        choices=SIZES,
+        default="default",
         help="default: the accuracy benchmark's models (94k-425k parameters); large: larger ones "
         "(cnn channels 128,256,512; resnet 64,128,256; charlm d_model 512, d_ff 2048, 4 layers); "
         "board: a model no board trains alone (charlm only: d_model 1024, d_ff 4096, 8 layers, 101M parameters)",
-    )  # fmt: skip
+    )
     parser.add_argument("--steps", type=int, default=0, help="timed steps (default 5 quick, 40 full)")
     parser.add_argument(
-        "--repeats", type=int, default=1,
+        "--repeats",
+        type=int,
+        default=1,
         help="training runs per runtime, taken in turns; step times are the fastest run's, other figures the "
         "median (default 1)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--warmup", type=int, default=0, help="untimed steps first, as torch's first steps are slow (default 3 quick, 5 full)"
     )
     parser.add_argument(
-        "--threads", type=int, default=1,
+        "--warmup",
+        type=int,
+        default=0,
+        help="untimed steps first, as torch's first steps are slow (default 3 quick, 5 full)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
         help="intra-op threads of every runtime (default 1: on a shared machine, spinning thread pools "
         "measure the scheduler, not the kernels); 0 = each runtime's default",
-    )  # fmt: skip
+    )
     # Worker mode (internal): one export or one training run in a fresh process.
     parser.add_argument("--worker", choices=("export", "train"), help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -527,14 +547,23 @@ def main(argv: list[str] | None = None) -> int:
     lines = print_summary(rows)
     print("\n".join(lines))
     meta = {
-        "quick": opts.quick, "size": opts.size, "loss": opts.loss, "batch_size": BATCH, "steps": opts.steps, "warmup": opts.warmup,
+        "quick": opts.quick,
+        "size": opts.size,
+        "loss": opts.loss,
+        "batch_size": BATCH,
+        "steps": opts.steps,
+        "warmup": opts.warmup,
         "repeats": opts.repeats,
-        "threads": opts.threads, "runtimes": opts.runtimes,
-        "models": {m: {**MODELS[m], "config": _config(m, opts.size)} for m in opts.models}, "cpu_count": os.cpu_count(),
-        "machine": platform.machine(), "python": platform.python_version(), "wall_s": time.perf_counter() - began,
-    }  # fmt: skip
+        "threads": opts.threads,
+        "runtimes": opts.runtimes,
+        "models": {m: {**MODELS[m], "config": _config(m, opts.size)} for m in opts.models},
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "wall_s": time.perf_counter() - began,
+    }
+    from msfusion.export.versions import runtime_versions
     from msfusion.wire.artifacts import ArtifactKind
-    from msfusion.export.cache import runtime_versions
 
     meta["versions"] = {**runtime_versions(ArtifactKind.ORT), **runtime_versions(ArtifactKind.EXECUTORCH)}
     opts.out.parent.mkdir(parents=True, exist_ok=True)

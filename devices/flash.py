@@ -54,7 +54,6 @@ INSTALL_SCRIPT = "install.sh"
 _ELF_MACHINE = {0xB7: "aarch64", 0x3E: "x86_64"}  # e_machine of an ELF file
 
 
-
 @dataclass(frozen=True)
 class DeviceSettings:
     """Who the device is and where it reports: the per-device part of a bundle.
@@ -135,7 +134,9 @@ def read_manifest(bundle_dir: Path) -> BundleManifest:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise BundleError(f"{bundle_dir} is not an msfusion bundle: {exc}") from exc
     if manifest.format_version != MANIFEST_FORMAT:
-        raise BundleError(f"{bundle_dir}: bundle format {manifest.format_version}, this msfusion reads {MANIFEST_FORMAT}")
+        raise BundleError(
+            f"{bundle_dir}: bundle format {manifest.format_version}, this msfusion reads {MANIFEST_FORMAT}"
+        )
     names = [units.DEVICE_UNIT, units.FIRSTBOOT_UNIT, INSTALL_SCRIPT, CONFIG]
     missing = [n for n in names if not (bundle_dir / n).is_file()]
     missing += [w.filename for w in manifest.wheels if not (bundle_dir / "wheelhouse" / w.filename).is_file()]
@@ -160,11 +161,18 @@ def device_config(profile: BoardProfile, device: DeviceSettings) -> DeviceConfig
             f"memory budget {budget} exceeds {profile.name}'s RAM less the OS reserve ({profile.memory_max_bytes})"
         )
     return DeviceConfig(
-        device_id=device.device_id, run_id=device.run_id, data_dir=Path(device.data_dir),
-        state_dir=Path(device.state_dir), memory_budget_bytes=budget, broker=device.broker_url,
-        username=device.username, password=device.password, backends=(profile.backend,),
-        max_width_ratio=device.max_width_ratio, threads=profile.cores,
-    )  # fmt: skip
+        device_id=device.device_id,
+        run_id=device.run_id,
+        data_dir=Path(device.data_dir),
+        state_dir=Path(device.state_dir),
+        memory_budget_bytes=budget,
+        broker=device.broker_url,
+        username=device.username,
+        password=device.password,
+        backends=(profile.backend,),
+        max_width_ratio=device.max_width_ratio,
+        threads=profile.cores,
+    )
 
 
 @dataclass(frozen=True)
@@ -223,9 +231,13 @@ def build_bundle(
 
 
 def _build(
-    profile: BoardProfile, device: DeviceSettings, config: DeviceConfig, out_dir: Path, options: BundleOptions,
+    profile: BoardProfile,
+    device: DeviceSettings,
+    config: DeviceConfig,
+    out_dir: Path,
+    options: BundleOptions,
     project_dir: Path,
-) -> BundleManifest:  # fmt: skip
+) -> BundleManifest:
     wheelhouse = out_dir / "wheelhouse"
     wheelhouse.mkdir(parents=True)
     out_dir.chmod(0o700)
@@ -248,7 +260,10 @@ def _build(
     _write(out_dir / units.FIRSTBOOT_UNIT, units.firstboot_unit(), 0o644)
     requirement = f"msfusion{extra}=={version}"
     script = units.install_script(
-        requirement, profile.python_minor, options.board_python, PurePosixPath(device.data_dir),
+        requirement,
+        profile.python_minor,
+        options.board_python,
+        PurePosixPath(device.data_dir),
         PurePosixPath(device.state_dir),
     )
     _write(out_dir / INSTALL_SCRIPT, script, 0o755)
@@ -256,12 +271,20 @@ def _build(
         shutil.copytree(options.shard_dir, out_dir / "shard")
 
     manifest = BundleManifest(
-        format_version=MANIFEST_FORMAT, profile=profile.name, arch=profile.arch,
-        python_version=profile.python_version, platform_tags=profile.platform_tags, backend=profile.backend,
-        backend_included=options.include_backend, device_id=device.device_id, requirement=requirement,
-        memory_budget_bytes=config.memory_budget_bytes, memory_max_bytes=profile.memory_max_bytes,
-        wheels=list_wheels(wheelhouse), created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    )  # fmt: skip
+        format_version=MANIFEST_FORMAT,
+        profile=profile.name,
+        arch=profile.arch,
+        python_version=profile.python_version,
+        platform_tags=profile.platform_tags,
+        backend=profile.backend,
+        backend_included=options.include_backend,
+        device_id=device.device_id,
+        requirement=requirement,
+        memory_budget_bytes=config.memory_budget_bytes,
+        memory_max_bytes=profile.memory_max_bytes,
+        wheels=list_wheels(wheelhouse),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
     _write(out_dir / MANIFEST, manifest.to_json(), 0o644)
     return manifest
 

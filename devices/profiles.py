@@ -33,10 +33,11 @@ fails cleanly before the kernel's OOM killer would act.
 from __future__ import annotations
 
 import re
-import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
+
+import tomllib
 
 from msfusion.errors import ConfigError
 
@@ -106,7 +107,7 @@ class BoardProfile:
         if self.backend == "ort" and self.arch != "x86_64":
             raise ConfigError(
                 f"{where}: backend 'ort' needs onnxruntime-training, which has no {self.arch} wheel; "
-                "use backend = \"executorch\""
+                'use backend = "executorch"'
             )
         for key in ("ram_bytes", "cores", "os_reserve_bytes", "default_memory_budget_bytes"):
             value = getattr(self, key)
@@ -128,7 +129,9 @@ class BoardProfile:
         if not self.platform_tags or any(
             not isinstance(tag, str) or not tag.endswith("_" + self.arch) for tag in self.platform_tags
         ):
-            raise ConfigError(f"{where}: platform_tags must be non-empty tags ending in _{self.arch}, got {self.platform_tags!r}")
+            raise ConfigError(
+                f"{where}: platform_tags must be non-empty tags ending in _{self.arch}, got {self.platform_tags!r}"
+            )
 
     @property
     def memory_max_bytes(self) -> int:
@@ -137,7 +140,7 @@ class BoardProfile:
 
     @property
     def python_minor(self) -> str:
-        """"3.11" for python_version "3.11.2"."""
+        """ "3.11" for python_version "3.11.2"."""
         return ".".join(self.python_version.split(".")[:2])
 
     @property
@@ -195,16 +198,31 @@ def parse_bytes(value: Any, key: str = "size") -> int:
 
 
 def _board(
-    name: str, arch: str, ram_gib: int, cores: int, os: str, python: str, glibc: str,
-    reserve_mib: int, notes: str = "",
-) -> BoardProfile:  # fmt: skip
+    name: str,
+    arch: str,
+    ram_gib: int,
+    cores: int,
+    os: str,
+    python: str,
+    glibc: str,
+    reserve_mib: int,
+    notes: str = "",
+) -> BoardProfile:
     ram, reserve = ram_gib * GIB, reserve_mib * MIB
     return BoardProfile(
-        name=name, arch=arch, ram_bytes=ram, cores=cores, os=os, python_version=python, glibc=glibc,
-        backend=DEFAULT_BACKEND[arch], os_reserve_bytes=reserve,
+        name=name,
+        arch=arch,
+        ram_bytes=ram,
+        cores=cores,
+        os=os,
+        python_version=python,
+        glibc=glibc,
+        backend=DEFAULT_BACKEND[arch],
+        os_reserve_bytes=reserve,
         default_memory_budget_bytes=default_budget(ram, reserve),
-        platform_tags=manylinux_tags(arch, glibc), notes=notes,
-    )  # fmt: skip
+        platform_tags=manylinux_tags(arch, glibc),
+        notes=notes,
+    )
 
 
 # Raspberry Pi OS bookworm (Debian 12): Python 3.11.2, glibc 2.36, systemd 252.
@@ -286,7 +304,7 @@ def profile_from_table(name: str, table: Mapping[str, Any], known: Mapping[str, 
         return _derive(replace(parent, name=name, notes=""), values, inherit=True)
     missing = sorted({"arch", "ram_bytes", "cores", "os", "python_version", "glibc"} - set(values))
     if missing:
-        raise ConfigError(f"profile {name!r} lacks {missing} (or give extends = \"<profile>\")")
+        raise ConfigError(f'profile {name!r} lacks {missing} (or give extends = "<profile>")')
     return _derive(None, {"name": name, **values}, inherit=False)
 
 
@@ -304,9 +322,7 @@ def _derive(parent: BoardProfile | None, values: dict[str, Any], *, inherit: boo
         merged["platform_tags"] = manylinux_tags(arch, merged.get("glibc", ""))
     if "os_reserve_bytes" not in values and not inherit:
         merged["os_reserve_bytes"] = min(GIB, merged["ram_bytes"] // 4)
-    if "default_memory_budget_bytes" not in values and (
-        not inherit or {"ram_bytes", "os_reserve_bytes"} & set(values)
-    ):
+    if "default_memory_budget_bytes" not in values and (not inherit or {"ram_bytes", "os_reserve_bytes"} & set(values)):
         merged["default_memory_budget_bytes"] = default_budget(merged["ram_bytes"], merged["os_reserve_bytes"])
     try:
         return BoardProfile(**merged)

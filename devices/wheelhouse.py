@@ -21,13 +21,16 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import tomllib
+
 from msfusion.devices.profiles import BoardProfile
-from msfusion.errors import BundleError as BundleError  # re-exported: it was defined here first
+from msfusion.errors import (
+    BundleError as BundleError,  # re-exported: it was defined here first
+)
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +125,14 @@ def _pip_for_target(profile: BoardProfile, python_version: str, pip_args: Sequen
     """Run pip with the board's tags and markers: `pip_args` start with the subcommand."""
     minor = ".".join(python_version.split(".")[:2])
     target = [
-        "--only-binary=:all:", "--implementation", "cp", "--python-version", python_version,
-        "--abi", "cp" + minor.replace(".", ""),
-    ]  # fmt: skip
+        "--only-binary=:all:",
+        "--implementation",
+        "cp",
+        "--python-version",
+        python_version,
+        "--abi",
+        "cp" + minor.replace(".", ""),
+    ]
     for tag in profile.platform_tags:
         target += ["--platform", tag]
     env = json.dumps(marker_environment(profile, python_version))
@@ -151,9 +159,12 @@ def download_wheels(
 
 
 def resolve_wheels(
-    requirements: Sequence[str], profile: BoardProfile, python_version: str, sources: WheelSources,
+    requirements: Sequence[str],
+    profile: BoardProfile,
+    python_version: str,
+    sources: WheelSources,
     find_links: Sequence[Path] = (),
-) -> list[str]:  # fmt: skip
+) -> list[str]:
     """The wheel file names `download_wheels` would fetch, resolved from metadata only.
 
     Cheap (PyPI serves each wheel's metadata on its own): for showing what a
@@ -165,9 +176,18 @@ def resolve_wheels(
     with tempfile.TemporaryDirectory(prefix="msfusion-resolve-") as tmp:
         report = Path(tmp) / "report.json"
         args = [
-            "install", "--dry-run", "--ignore-installed", "--quiet", "--target", str(Path(tmp) / "target"),
-            "--report", str(report), *[f"--find-links={p}" for p in find_links], *sources.pip_args(), *requirements,
-        ]  # fmt: skip
+            "install",
+            "--dry-run",
+            "--ignore-installed",
+            "--quiet",
+            "--target",
+            str(Path(tmp) / "target"),
+            "--report",
+            str(report),
+            *[f"--find-links={p}" for p in find_links],
+            *sources.pip_args(),
+            *requirements,
+        ]
         command = _pip_for_target(profile, python_version, args)
         _run(command, "pip resolve", profile.notes)
         installs = json.loads(report.read_text(encoding="utf-8"))["install"]
@@ -221,7 +241,18 @@ def build_pure_wheels(requirements: Sequence[str], dest: Path, sources: WheelSou
     built: list[Path] = []
     for requirement in requirements:
         with tempfile.TemporaryDirectory(prefix="msfusion-sdist-") as tmp:
-            command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", tmp, *sources.pip_args(), requirement]
+            command = [
+                sys.executable,
+                "-m",
+                "pip",
+                "wheel",
+                "--no-deps",
+                "-q",
+                "-w",
+                tmp,
+                *sources.pip_args(),
+                requirement,
+            ]
             _run(command, f"building a wheel for {requirement}")
             wheels = list(Path(tmp).glob("*.whl"))
             if len(wheels) != 1 or parse_wheel_filename(wheels[0].name).platforms != ("any",):

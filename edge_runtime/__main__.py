@@ -2,7 +2,6 @@
 
     msfusion-device --config device.toml [--broker URL]          run the daemon
     msfusion-device profile --config device.toml --artifacts DIR [--widths 1,0.5,0.25,0.125] [--batch-sizes 32]
-    msfusion-device profile --config device.toml --run run.toml  (exports the artifacts here: needs torch)
 
 `profile` trains the real artifact a few steps per width and batch size, each
 in a fresh process, prints peak memory and time per step, and saves the
@@ -15,14 +14,13 @@ import argparse
 import enum
 import logging
 import sys
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from msfusion.errors import ConfigError, MsfusionError
 
 if TYPE_CHECKING:
-    from msfusion.edge_runtime.profiling import ProfileSet
+    pass
 
 
 class ProfileExit(enum.IntEnum):
@@ -53,14 +51,22 @@ def _setup_logging(level: str) -> None:
 
 def profile_main(argv: list[str]) -> int:
     """`msfusion-device profile ...`: measure, print a table, save the profile; returns a `ProfileExit`."""
-    parser = argparse.ArgumentParser(prog="msfusion-device profile", description="Measure peak memory and step time "
-                                     "of the real training artifact at candidate widths and batch sizes.")  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="msfusion-device profile",
+        description="Measure peak memory and step time "
+        "of the real training artifact at candidate widths and batch sizes.",
+    )
     parser.add_argument("--config", required=True, help="device config TOML")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--artifacts", type=Path, help="a profile set (made by `msfusion devices profile-set`)")
-    source.add_argument("--run", type=Path, help="the coordinator's run.toml: export the artifacts here (needs torch)")
+    parser.add_argument(
+        "--artifacts",
+        type=Path,
+        required=True,
+        help="a profile set, made on the coordinator by `msfusion devices profile-set`",
+    )
     parser.add_argument("--widths", type=_floats, default=None, help="width ratios (default 1,0.5,0.25,0.125)")
-    parser.add_argument("--batch-sizes", type=_ints, default=None, help="batch sizes (default: the set's, or the run's)")
+    parser.add_argument(
+        "--batch-sizes", type=_ints, default=None, help="batch sizes (default: the set's, or the run's)"
+    )
     parser.add_argument("--steps", type=int, default=3, help="timed steps per point")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--out", type=Path, help="where to save the profile (default: <state_dir>/profile.json)")
@@ -68,9 +74,9 @@ def profile_main(argv: list[str]) -> int:
     parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = parser.parse_args(argv)
     _setup_logging(args.log_level)
+    from msfusion.data.shards import DATA_FILE
     from msfusion.edge_runtime.config import load_device_config
     from msfusion.edge_runtime.profiling import (
-        DEFAULT_WIDTHS,
         PROFILE_FILE,
         ProfileOptions,
         format_table,
@@ -79,27 +85,24 @@ def profile_main(argv: list[str]) -> int:
         run_profile,
         save_profile,
     )
-    from msfusion.data.shards import DATA_FILE
 
     log = logging.getLogger("msfusion.device")
     try:
         config = load_device_config(args.config)
         data_dir = config.data_dir if (config.data_dir / DATA_FILE).exists() else None
-        options = ProfileOptions(steps=args.steps, warmup=args.warmup, threads=config.threads, backends=config.backends,
-                                 data_dir=data_dir)  # fmt: skip
-        with tempfile.TemporaryDirectory(prefix="msfusion-profile-") as scratch:
-            if args.run is not None:
-                profile_set = _export_here(args.run, config.backends[0], args.widths or list(DEFAULT_WIDTHS),
-                                           args.batch_sizes, Path(scratch))  # fmt: skip
-            else:
-                profile_set = load_profile_set(args.artifacts)
-            results = run_profile(profile_set, args.widths, args.batch_sizes, options)
+        options = ProfileOptions(
+            steps=args.steps, warmup=args.warmup, threads=config.threads, backends=config.backends, data_dir=data_dir
+        )
+        profile_set = load_profile_set(args.artifacts)
+        results = run_profile(profile_set, args.widths, args.batch_sizes, options)
         report = profile_report(config.run_id, config.device_id, profile_set.model_key, results)
     except MsfusionError as exc:
         log.error("%s", exc)
         return int(ProfileExit.CONFIG)
-    print(f"{config.device_id}: {profile_set.kind} artifacts of model {profile_set.model_key[:12]}, "
-          f"budget {config.memory_budget_bytes >> 20} MiB")  # fmt: skip
+    print(
+        f"{config.device_id}: {profile_set.kind} artifacts of model {profile_set.model_key[:12]}, "
+        f"budget {config.memory_budget_bytes >> 20} MiB"
+    )
     print("\n".join(format_table(results, config.memory_budget_bytes)))
     if not report.entries:
         return int(ProfileExit.FAILED)
@@ -110,25 +113,14 @@ def profile_main(argv: list[str]) -> int:
     return int(ProfileExit.SUCCESS)
 
 
-def _export_here(run_toml: Path, kind: str, widths: list[float], batch_sizes: list[int] | None, out: Path) -> ProfileSet:
-    """The profile set of a run, exported on this machine (the coordinator's packages: torch, onnx)."""
-    try:
-        from msfusion.coordinator.fleet.artifacts import export_profile_set
-        from msfusion.coordinator.fleet.config import load_config
-    except ImportError as exc:
-        raise ConfigError(f"exporting here needs the coordinator's packages ({exc}); pass --artifacts DIR") from exc
-    run = load_config(run_toml)
-    return export_profile_set(run.engine, kind, widths, batch_sizes or [run.engine.local.batch_size], out,
-                              cache_dir=run.artifact_cache)  # fmt: skip
-
-
 def main(argv: list[str] | None = None) -> int:
     """Parse flags, load the device config, run the daemon (or `profile`); returns its exit code."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["profile"]:
         return profile_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="msfusion-device", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="msfusion-device", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", required=True, help="device config TOML (see edge_runtime/config.py)")
     parser.add_argument("--broker", help="override the broker URL, mqtt://host:port")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])

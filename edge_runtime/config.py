@@ -26,14 +26,15 @@ Example `device.toml`::
 from __future__ import annotations
 
 import re
-import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import tomllib
+
+from msfusion.errors import ConfigError
 from msfusion.wire.protocol import ID_PATTERN
 from msfusion.wire.transport import parse_broker_url
-from msfusion.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -24,12 +24,14 @@ import msgspec
 import psutil
 
 from msfusion import __version__
-from msfusion.wire import topics
-from msfusion.wire.bulk import BulkSender, receive
 from msfusion.edge_runtime.config import DeviceConfig
 from msfusion.edge_runtime.ledger import Ledger, StoredReply
 from msfusion.edge_runtime.memory import release_memory
 from msfusion.edge_runtime.profiling import PROFILE_FILE, load_profile
+from msfusion.edge_runtime.trainer import TaskOutcome, train_task, warm_up
+from msfusion.errors import ArtifactError, ConfigError, MsfusionError, ProtocolError
+from msfusion.wire import topics
+from msfusion.wire.bulk import BulkSender, receive
 from msfusion.wire.protocol import (
     ID_PATTERN,
     BulkRef,
@@ -49,9 +51,13 @@ from msfusion.wire.protocol import (
     decode,
     encode,
 )
-from msfusion.edge_runtime.trainer import TaskOutcome, train_task, warm_up
-from msfusion.wire.transport import BrokerUnavailable, ConnectionChanged, MqttTransport, Received, parse_broker_url
-from msfusion.errors import ArtifactError, ConfigError, MsfusionError, ProtocolError
+from msfusion.wire.transport import (
+    BrokerUnavailable,
+    ConnectionChanged,
+    MqttTransport,
+    Received,
+    parse_broker_url,
+)
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +110,13 @@ class HeartbeatThread(threading.Thread):
                 break
             with self._lock:
                 beat = Heartbeat(
-                    run_id=self._run_id, device_id=self._device_id, state=self._state,
-                    sent_at=time.time(), task_id=self._task_id, progress=self._progress,
-                )  # fmt: skip
+                    run_id=self._run_id,
+                    device_id=self._device_id,
+                    state=self._state,
+                    sent_at=time.time(),
+                    task_id=self._task_id,
+                    progress=self._progress,
+                )
             if not self._transport.connected:
                 continue
             try:
@@ -221,8 +231,12 @@ class Daemon:
         finally:
             self.beat.stop()
             try:
-                self.transport.publish(topics.status(self.config.run_id, self.config.device_id),
-                                       offline_beat(self.config.run_id, self.config.device_id), retain=True, timeout_s=2)
+                self.transport.publish(
+                    topics.status(self.config.run_id, self.config.device_id),
+                    offline_beat(self.config.run_id, self.config.device_id),
+                    retain=True,
+                    timeout_s=2,
+                )
             except MsfusionError:
                 pass  # the broker is gone; our last will says the same
             self.transport.close()
@@ -254,9 +268,12 @@ class Daemon:
             max_width_ratio=cfg.max_width_ratio,
         )
         msg = Registration(
-            run_id=cfg.run_id, device_id=cfg.device_id, capacity=capacity, runtime_version=__version__,
+            run_id=cfg.run_id,
+            device_id=cfg.device_id,
+            capacity=capacity,
+            runtime_version=__version__,
             profile=self._profile,
-        )  # fmt: skip
+        )
         self._last_register = time.monotonic()
         try:
             # Retained: a coordinator that starts (or restarts) later still sees it.
@@ -332,7 +349,9 @@ class Daemon:
         self.transport.put_back(early)
 
         def request(missing: list[int]) -> None:
-            ask = ChunkRequest(run_id=cfg.run_id, device_id=cfg.device_id, transfer_id=manifest.transfer_id, missing=missing)
+            ask = ChunkRequest(
+                run_id=cfg.run_id, device_id=cfg.device_id, transfer_id=manifest.transfer_id, missing=missing
+            )
             self.transport.publish(topics.req(cfg.run_id, cfg.device_id), encode(ask))
 
         payload: bytes = receive(
@@ -388,11 +407,14 @@ class Daemon:
         """A TaskFailed for a task that could not even be decoded (nothing to record it under)."""
         cfg = self.config
         failed = TaskFailed(
-            run_id=cfg.run_id, round_idx=round_idx, device_id=cfg.device_id, task_id=task_id,
-            code=code, reason=reason[:4000],
-        )  # fmt: skip
+            run_id=cfg.run_id,
+            round_idx=round_idx,
+            device_id=cfg.device_id,
+            task_id=task_id,
+            code=code,
+            reason=reason[:4000],
+        )
         try:
             self.transport.publish(topics.result(cfg.run_id, cfg.device_id), encode(failed))
         except MsfusionError as exc:
             log.warning("failure reply not sent: %s", exc)
-

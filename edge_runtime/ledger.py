@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -30,9 +28,10 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from msfusion.algorithm.indexing import TensorIndex, expand_units
+from msfusion.atomic import atomic_write
+from msfusion.errors import ArtifactError
 from msfusion.wire.protocol import AxisUnits
 from msfusion.wire.weights import Weights, unpack_weights
-from msfusion.errors import ArtifactError
 
 log = logging.getLogger(__name__)
 
@@ -58,20 +57,6 @@ def slice_index(units: Mapping[str, Sequence[int]], axes: Mapping[str, Sequence[
             a.axis: expand_units(np.asarray(units[a.group], dtype=np.int64), a.unit_size) for a in tensor_axes
         }
     return index
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that a crash leaves the old file or the new one, never half."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class Ledger:

@@ -39,8 +39,9 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
-from msfusion.wire.protocol import SCHEMA_VERSION, ProfileEntry, ProfileReport
+from msfusion.atomic import atomic_write
 from msfusion.errors import ConfigError, MsfusionError, ProtocolError
+from msfusion.wire.protocol import SCHEMA_VERSION, ProfileEntry, ProfileReport
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,9 @@ class ProfileSet:
         """
 
         def has(point: ProfileSetPoint, width: float | None, batch: int | None) -> bool:
-            return (width is None or abs(point.width_ratio - width) < 1e-9) and (batch is None or point.batch_size == batch)
+            return (width is None or abs(point.width_ratio - width) < 1e-9) and (
+                batch is None or point.batch_size == batch
+            )
 
         any_width: list[float | None] = list(widths) if widths else [None]
         any_batch: list[int | None] = list(batch_sizes) if batch_sizes else [None]
@@ -99,8 +102,12 @@ class ProfileSet:
 
 def write_profile_set_index(root: Path, model_key: str, kind: str, points: Sequence[ProfileSetPoint]) -> Path:
     """Write `profile-set.json` into `root`; returns its path."""
-    data = {"format_version": PROFILE_SET_FORMAT, "model_key": model_key, "kind": kind,
-            "points": [asdict(p) for p in points]}  # fmt: skip
+    data = {
+        "format_version": PROFILE_SET_FORMAT,
+        "model_key": model_key,
+        "kind": kind,
+        "points": [asdict(p) for p in points],
+    }
     path = Path(root) / PROFILE_SET_INDEX
     path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
     return path
@@ -116,7 +123,9 @@ def load_profile_set(root: Path) -> ProfileSet:
     try:
         data = json.loads((root / PROFILE_SET_INDEX).read_text(encoding="utf-8"))
         if data.get("format_version") != PROFILE_SET_FORMAT:
-            raise ConfigError(f"{root}: profile set format {data.get('format_version')!r}, this runtime reads {PROFILE_SET_FORMAT}")
+            raise ConfigError(
+                f"{root}: profile set format {data.get('format_version')!r}, this runtime reads {PROFILE_SET_FORMAT}"
+            )
         points = tuple(
             ProfileSetPoint(float(p["width_ratio"]), int(p["batch_size"]), str(p["path"])) for p in data["points"]
         )
@@ -124,7 +133,12 @@ def load_profile_set(root: Path) -> ProfileSet:
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ConfigError(f"{root} is not a profile set ({PROFILE_SET_INDEX}): {exc}") from exc
     for point in points:
-        if not 0.0 < point.width_ratio <= 1.0 or point.batch_size < 1 or "/" in point.path or point.path.startswith("."):
+        if (
+            not 0.0 < point.width_ratio <= 1.0
+            or point.batch_size < 1
+            or "/" in point.path
+            or point.path.startswith(".")
+        ):
             raise ConfigError(f"{root}: invalid profile point {point}")
         if not (root / point.path).is_dir():
             raise ConfigError(f"{root}: the artifact folder {point.path!r} is missing")
@@ -223,10 +237,10 @@ def measure_point(artifact_dir: Path, options: ProfileOptions) -> PointResult:
         ArtifactError: the artifact cannot be loaded or trained.
         ConfigError, DataError: the shard does not fit the artifact.
     """
-    from msfusion.wire.artifacts import load_manifest, reference_weights
     from msfusion.edge_runtime.backends.base import make_backend
     from msfusion.edge_runtime.memory import MemorySampler
     from msfusion.edge_runtime.trainer import warm_up
+    from msfusion.wire.artifacts import load_manifest, reference_weights
 
     began = time.perf_counter()
     warm_up(options.backends)  # the daemon's imports: part of every task's memory
@@ -234,7 +248,9 @@ def measure_point(artifact_dir: Path, options: ProfileOptions) -> PointResult:
     x_info, y_info = manifest.inputs
     batches = _batches(x_info.shape, x_info.dtype, y_info.shape, options.data_dir, options.warmup + options.steps)
     trainable = _start_weights([(t.name, t.shape) for t in manifest.params], seed=1)
-    frozen = reference_weights(manifest, trainable, _start_weights([(t.name, t.shape) for t in manifest.params], seed=2))
+    frozen = reference_weights(
+        manifest, trainable, _start_weights([(t.name, t.shape) for t in manifest.params], seed=2)
+    )
     times: list[float] = []
     backend = make_backend(manifest.kind, num_threads=options.threads)
     try:
@@ -252,10 +268,16 @@ def measure_point(artifact_dir: Path, options: ProfileOptions) -> PointResult:
     if report is None:  # unreachable: the context manager always stops the sampler
         raise RuntimeError("memory sampler produced no report")
     return PointResult(
-        width_ratio=0.0, batch_size=manifest.batch_size, peak_rss_bytes=report.peak_rss_bytes,
-        peak_uss_bytes=report.peak_uss_bytes, hwm_bytes=report.hwm_bytes, baseline_rss_bytes=report.baseline_rss_bytes,
-        step_time_s=statistics.median(times), steps=len(times), wall_s=time.perf_counter() - began,
-    )  # fmt: skip
+        width_ratio=0.0,
+        batch_size=manifest.batch_size,
+        peak_rss_bytes=report.peak_rss_bytes,
+        peak_uss_bytes=report.peak_uss_bytes,
+        hwm_bytes=report.hwm_bytes,
+        baseline_rss_bytes=report.baseline_rss_bytes,
+        step_time_s=statistics.median(times),
+        steps=len(times),
+        wall_s=time.perf_counter() - began,
+    )
 
 
 def run_point(profile_set: ProfileSet, point: ProfileSetPoint, options: ProfileOptions) -> PointResult:
@@ -287,15 +309,22 @@ def run_profile(
         ConfigError: the set lacks a requested point, or its kind is not one this device runs.
     """
     if profile_set.kind not in options.backends:
-        raise ConfigError(f"the profile set holds {profile_set.kind} artifacts; this device runs {list(options.backends)}")
+        raise ConfigError(
+            f"the profile set holds {profile_set.kind} artifacts; this device runs {list(options.backends)}"
+        )
     results = []
     for point in profile_set.select(widths, batch_sizes):
         result = run_point(profile_set, point, options)
         if result.error:
             log.warning("profile point width %g batch %d failed: %s", point.width_ratio, point.batch_size, result.error)
         else:
-            log.info("profile point width %g batch %d: peak %d MiB, %.3f s/step", point.width_ratio, point.batch_size,
-                     result.peak_rss_bytes >> 20, result.step_time_s)  # fmt: skip
+            log.info(
+                "profile point width %g batch %d: peak %d MiB, %.3f s/step",
+                point.width_ratio,
+                point.batch_size,
+                result.peak_rss_bytes >> 20,
+                result.step_time_s,
+            )
         results.append(result)
     return results
 
@@ -307,8 +336,13 @@ def profile_report(run_id: str, device_id: str, model_key: str, results: Sequenc
         ProtocolError: an id or a figure does not validate.
     """
     entries = [
-        ProfileEntry(width_ratio=r.width_ratio, batch_size=r.batch_size, peak_rss_bytes=r.peak_rss_bytes,
-                     step_time_s=r.step_time_s, peak_uss_bytes=r.peak_uss_bytes)  # fmt: skip
+        ProfileEntry(
+            width_ratio=r.width_ratio,
+            batch_size=r.batch_size,
+            peak_rss_bytes=r.peak_rss_bytes,
+            step_time_s=r.step_time_s,
+            peak_uss_bytes=r.peak_uss_bytes,
+        )
         for r in results
         if not r.error
     ]
@@ -328,12 +362,10 @@ def _validate(data: bytes) -> ProfileReport:
 
 
 def save_profile(path: Path, report: ProfileReport) -> None:
-    """Write a profile as JSON (to a temporary name first, then renamed into place)."""
+    """Write a profile as JSON, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_bytes(msgspec.json.format(msgspec.json.encode(report), indent=1))
-    partial.replace(path)
+    atomic_write(path, msgspec.json.format(msgspec.json.encode(report), indent=1))
 
 
 def load_profile(path: Path) -> ProfileReport | None:
@@ -354,7 +386,9 @@ def load_profile(path: Path) -> ProfileReport | None:
 def format_table(results: Sequence[PointResult], budget_bytes: int | None = None) -> list[str]:
     """The profile as text lines: one row per point (MiB, milliseconds)."""
     mib = 1 << 20
-    lines = [f"{'width':>6} {'batch':>5} {'peak RSS':>9} {'peak USS':>9} {'VmHWM':>8} {'baseline':>9} {'ms/step':>8}  fits"]
+    lines = [
+        f"{'width':>6} {'batch':>5} {'peak RSS':>9} {'peak USS':>9} {'VmHWM':>8} {'baseline':>9} {'ms/step':>8}  fits"
+    ]
     for r in results:
         if r.error:
             lines.append(f"{r.width_ratio:6.3f} {r.batch_size:5d}  failed: {r.error}")
@@ -371,9 +405,13 @@ def _child(request_json: str) -> int:
     """The fresh process of one point: measure, print one JSON line."""
     request = json.loads(request_json)
     options = ProfileOptions(
-        steps=request["steps"], warmup=request["warmup"], threads=request["threads"], backends=tuple(request["backends"]),
-        data_dir=Path(request["data_dir"]) if request["data_dir"] else None, timeout_s=request["timeout_s"],
-    )  # fmt: skip
+        steps=request["steps"],
+        warmup=request["warmup"],
+        threads=request["threads"],
+        backends=tuple(request["backends"]),
+        data_dir=Path(request["data_dir"]) if request["data_dir"] else None,
+        timeout_s=request["timeout_s"],
+    )
     try:
         result = measure_point(Path(request["artifact_dir"]), options)
     except MsfusionError as exc:

@@ -11,7 +11,6 @@ weights (`weights.unpack_weights`), build the frozen references
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 import time
@@ -21,24 +20,39 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from msfusion.wire.artifacts import MANIFEST_NAME, load_manifest, reference_weights, unpack_artifact
-from msfusion.edge_runtime.backends.base import TrainingBackend, make_backend
 from msfusion.algorithm.batches import batch_indices, samples_per_epoch
-from msfusion.wire.bulk import make_manifest
 from msfusion.algorithm.indexing import TensorIndex, reslice_previous
+from msfusion.algorithm.slicing import Weights
+from msfusion.data.shards import read_shard
+from msfusion.edge_runtime.backends.base import TrainingBackend, make_backend
 from msfusion.edge_runtime.ledger import slice_index
 from msfusion.edge_runtime.memory import MemoryReport, MemorySampler, current_rss_bytes
-from msfusion.wire.protocol import BulkRef, SliceResult, TaskFailed, TrainTask, failure_code
-from msfusion.data.shards import read_shard
+from msfusion.errors import (
+    ArtifactError,
+    ConfigError,
+    MemoryBudgetExceeded,
+    MsfusionError,
+)
+from msfusion.wire.artifacts import (
+    MANIFEST_NAME,
+    load_manifest,
+    reference_weights,
+    unpack_artifact,
+)
+from msfusion.wire.bulk import make_manifest, transfer_id
+from msfusion.wire.protocol import (
+    BulkRef,
+    SliceResult,
+    TaskFailed,
+    TrainTask,
+    failure_code,
+)
 from msfusion.wire.weights import pack_weights, unpack_weights
-from msfusion.errors import ArtifactError, ConfigError, MemoryBudgetExceeded, MsfusionError
 
 if TYPE_CHECKING:
     from msfusion.edge_runtime.config import DeviceConfig
 
 log = logging.getLogger(__name__)
-
-Weights = dict[str, npt.NDArray[np.float32]]
 
 
 @dataclass(frozen=True)
@@ -164,8 +178,9 @@ def _check_budget(sampler: MemorySampler, budget_bytes: int, after: str) -> None
         raise MemoryBudgetExceeded(
             f"stopped after {after}: memory peaked at {peak / 2**20:.0f} MiB, over the budget of "
             f"{budget_bytes / 2**20:.0f} MiB",
-            peak_bytes=peak, budget_bytes=budget_bytes,
-        )  # fmt: skip
+            peak_bytes=peak,
+            budget_bytes=budget_bytes,
+        )
 
 
 # ---------------------------------------------------------------- one task from the fleet
@@ -236,8 +251,7 @@ class _Progress:
 
 def slice_transfer_id(task: TrainTask) -> str:
     """The upload id of a task's trained slice (unique per run, round, device and task)."""
-    text = f"s-{task.task_id}-{task.device_id}"
-    return text if len(text) <= 64 else "s-" + hashlib.sha256(text.encode()).hexdigest()[:40]
+    return transfer_id("s", task.task_id, task.device_id)
 
 
 def train_task(
@@ -287,36 +301,57 @@ def train_task(
                 raise MemoryBudgetExceeded(
                     f"loading the artifact took memory to {loaded_rss / 2**20:.0f} MiB, over the budget of "
                     f"{config.memory_budget_bytes / 2**20:.0f} MiB",
-                    peak_bytes=loaded_rss, budget_bytes=config.memory_budget_bytes,
-                )  # fmt: skip
+                    peak_bytes=loaded_rss,
+                    budget_bytes=config.memory_budget_bytes,
+                )
             if manifest.batch_size != task.batch_size:
-                raise ArtifactError(f"artifact trains batches of {manifest.batch_size}, the task says {task.batch_size}")
+                raise ArtifactError(
+                    f"artifact trains batches of {manifest.batch_size}, the task says {task.batch_size}"
+                )
             steps = task.local_epochs * samples_per_epoch(len(x), task.batch_size, task.max_samples) // task.batch_size
             frozen = reference_weights(manifest, start, negative)
             del negative  # its arrays live on in `frozen` only, which train_local clears with `start`
             result = train_local(
-                _Progress(backend, steps, on_progress), start, frozen, x, y,
-                epochs=task.local_epochs, batch_size=task.batch_size, lr=task.lr, seed=task.seed,
-                max_samples=task.max_samples, memory_budget_bytes=config.memory_budget_bytes, release_weights=True,
-            )  # fmt: skip
+                _Progress(backend, steps, on_progress),
+                start,
+                frozen,
+                x,
+                y,
+                epochs=task.local_epochs,
+                batch_size=task.batch_size,
+                lr=task.lr,
+                seed=task.seed,
+                max_samples=task.max_samples,
+                memory_budget_bytes=config.memory_budget_bytes,
+                release_weights=True,
+            )
         finally:
             backend.close()
         if result.peak_rss_bytes > config.memory_budget_bytes:
             raise MemoryBudgetExceeded(
                 f"training peaked at {result.peak_rss_bytes} bytes, over the budget of {config.memory_budget_bytes}",
-                peak_bytes=result.peak_rss_bytes, budget_bytes=config.memory_budget_bytes,
-            )  # fmt: skip
+                peak_bytes=result.peak_rss_bytes,
+                budget_bytes=config.memory_budget_bytes,
+            )
         if time.perf_counter() - started > task.deadline_s:
             # The round has closed without us: say so instead of uploading a slice nobody merges.
-            raise _DeadlinePassed(f"training took {time.perf_counter() - started:.1f} s, over the task's {task.deadline_s:.1f} s")
+            raise _DeadlinePassed(
+                f"training took {time.perf_counter() - started:.1f} s, over the task's {task.deadline_s:.1f} s"
+            )
         packed = pack_weights(result.weights)
         upload = make_manifest(slice_transfer_id(task), "slice", packed)
         reply: SliceResult | TaskFailed = SliceResult(
-            run_id=task.run_id, round_idx=task.round_idx, device_id=task.device_id, task_id=task.task_id,
-            weights=upload, n_samples=result.n_samples, loss_curve=list(result.loss_curve),
-            step_time_s=result.step_time_s, peak_rss_bytes=result.peak_rss_bytes,
+            run_id=task.run_id,
+            round_idx=task.round_idx,
+            device_id=task.device_id,
+            task_id=task.task_id,
+            weights=upload,
+            n_samples=result.n_samples,
+            loss_curve=list(result.loss_curve),
+            step_time_s=result.step_time_s,
+            peak_rss_bytes=result.peak_rss_bytes,
             wall_s=time.perf_counter() - started,
-        )  # fmt: skip
+        )
         return TaskOutcome(reply, packed)
     except Exception as exc:  # noqa: BLE001 - the task's boundary: every failure becomes one TaskFailed
         if isinstance(exc, (MsfusionError, OSError)):
@@ -327,8 +362,12 @@ def train_task(
         if isinstance(exc, MemoryBudgetExceeded):
             details = {"peak_bytes": exc.peak_bytes, "budget_bytes": exc.budget_bytes}
         failed = TaskFailed(
-            run_id=task.run_id, round_idx=task.round_idx, device_id=task.device_id, task_id=task.task_id,
-            code="deadline" if isinstance(exc, _DeadlinePassed) else failure_code(exc), reason=str(exc)[:4000],
+            run_id=task.run_id,
+            round_idx=task.round_idx,
+            device_id=task.device_id,
+            task_id=task.task_id,
+            code="deadline" if isinstance(exc, _DeadlinePassed) else failure_code(exc),
+            reason=str(exc)[:4000],
             details=details,
-        )  # fmt: skip
+        )
         return TaskOutcome(failed, None)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.metadata
 import json
 import logging
 import shutil
@@ -24,36 +23,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
-from msfusion.coordinator.reference.engine import LossConfig
-from msfusion.models.registry import ModelConfig, model_spec, resolve_widths
-from msfusion.wire.artifacts import ArtifactKind, ArtifactManifest, OptimizerConfig, load_manifest
 from msfusion.errors import ArtifactError
+from msfusion.export.versions import runtime_versions
+from msfusion.models.config import LossConfig, ModelConfig
+from msfusion.models.registry import model_spec, resolve_widths
+from msfusion.wire.artifacts import (
+    ArtifactKind,
+    ArtifactManifest,
+    OptimizerConfig,
+    load_manifest,
+)
 
 log = logging.getLogger(__name__)
 
-# The packages whose versions shape an artifact, per kind.
-_TOOLS = {
-    ArtifactKind.ORT: ("torch", "onnx", "onnxruntime-training"),
-    ArtifactKind.EXECUTORCH: ("torch", "executorch"),
-}
-
 Exporter = Callable[..., ArtifactManifest]
-
-
-EXPORTER_REVISION = "5"  # 4: ExecuTorch convolutions as im2col + mm, linear as mm + add; 5: im2col + bmm
-
-
-def runtime_versions(kind: ArtifactKind) -> dict[str, str]:
-    """Installed versions of the tools that export and run artifacts of `kind`."""
-    # The exporters' own revision: bump it whenever a graph rewrite changes
-    # what an artifact of the same shape contains, so cached ones are rebuilt.
-    out = {"msfusion-exporter": EXPORTER_REVISION}
-    for package in _TOOLS[ArtifactKind(kind)]:
-        try:
-            out[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            out[package] = "absent"
-    return out
 
 
 def artifact_key(
@@ -79,7 +62,7 @@ def artifact_key(
     Returns:
         64 hex digits.
     """
-    from msfusion.export.validate import loss_signature
+    from msfusion.export.objective import loss_signature
 
     kind = ArtifactKind(kind)
     payload = {

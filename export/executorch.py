@@ -43,8 +43,14 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from msfusion.coordinator.reference.engine import LossConfig
-from msfusion.models.registry import ModelConfig, model_spec, resolve_widths
+from msfusion.edge_runtime.backends.executorch import METHOD, PROGRAM
+from msfusion.errors import ArtifactError
+from msfusion.export.objective import batch_inputs, loss_signature, random_weights
+from msfusion.export.versions import runtime_versions
+from msfusion.models.config import LossConfig, ModelConfig
+from msfusion.models.layers import traceable_norms
+from msfusion.models.objective import build_objective
+from msfusion.models.registry import model_spec, resolve_widths
 from msfusion.wire.artifacts import (
     GLOBAL_REF_PREFIX,
     PREV_REF_PREFIX,
@@ -55,10 +61,6 @@ from msfusion.wire.artifacts import (
     describe_files,
     write_manifest,
 )
-from msfusion.edge_runtime.backends.executorch import METHOD, PROGRAM
-from msfusion.errors import ArtifactError
-from msfusion.export.cache import runtime_versions
-from msfusion.export.validate import batch_inputs, build_objective, loss_signature, random_weights
 
 log = logging.getLogger(__name__)
 
@@ -120,11 +122,13 @@ def export_submodel(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     objective = build_objective(
-        model_cfg, widths, loss,
+        model_cfg,
+        widths,
+        loss,
         random_weights(model_cfg, widths, seed),
         random_weights(model_cfg, widths, seed + 1),
         random_weights(model_cfg, widths, seed + 2),
-    )  # fmt: skip
+    )
     refs = {
         name: tensor.detach()
         for name, tensor in objective.named_parameters()
@@ -143,7 +147,8 @@ def export_submodel(
         *refs.values(),
     )
     try:
-        program = export(wrapper, example, strict=False)
+        with traceable_norms():
+            program = export(wrapper, example, strict=False)
         program = program.run_decompositions(
             {
                 torch.ops.aten.max_pool2d.default: _max_pool2d_as_amax,
@@ -160,9 +165,7 @@ def export_submodel(
         raise ArtifactError(f"ExecuTorch export failed: {type(exc).__name__}: {str(exc)[-600:]}") from exc
     (out_dir / PROGRAM).write_bytes(executorch_program.buffer)
 
-    params = tuple(
-        TensorInfo(name, tuple(tensor.shape)) for name, tensor in objective.model.named_parameters()
-    )
+    params = tuple(TensorInfo(name, tuple(tensor.shape)) for name, tensor in objective.model.named_parameters())
     manifest = ArtifactManifest(
         kind=ArtifactKind.EXECUTORCH,
         key=key,
@@ -235,7 +238,9 @@ def _conv2d_as_matmul(
         x = torch.cat([cols_of_zeros, x, cols_of_zeros], dim=3)
     rows, cols = (height + 2 * ph - kh) // sh + 1, (width + 2 * pw - kw) // sw + 1
     taps = [
-        x[:, :, i : i + sh * (rows - 1) + 1 : sh, j : j + sw * (cols - 1) + 1 : sw] for i in range(kh) for j in range(kw)
+        x[:, :, i : i + sh * (rows - 1) + 1 : sh, j : j + sw * (cols - 1) + 1 : sw]
+        for i in range(kh)
+        for j in range(kw)
     ]
     # (B, C, kh*kw, rows, cols) -> (B, C*kh*kw, rows*cols), the weight's (C, kh, kw) order, no transpose;
     # a batched product then writes (B, O, rows*cols), conv2d's own layout (one mm over B*rows*cols

@@ -59,8 +59,20 @@ from onnxruntime.training import artifacts, onnxblock
 from onnxruntime.training.api import CheckpointState
 from onnxruntime.training.onnxblock.optim.optim import SGD, AdamWOptimizer, _Optimizer
 
-from msfusion.coordinator.reference.engine import LossConfig
-from msfusion.models.registry import ModelConfig, model_spec, resolve_widths
+from msfusion.edge_runtime.backends.ort import (
+    CHECKPOINT,
+    CONSTANTS,
+    EVAL_MODEL,
+    OPTIMIZER_MODEL,
+    TRAINING_MODEL,
+)
+from msfusion.errors import ArtifactError
+from msfusion.export.objective import batch_inputs, loss_signature, random_weights
+from msfusion.export.versions import runtime_versions
+from msfusion.models import layers
+from msfusion.models.config import LossConfig, ModelConfig
+from msfusion.models.objective import build_objective
+from msfusion.models.registry import model_spec, resolve_widths
 from msfusion.wire.artifacts import (
     GLOBAL_REF_PREFIX,
     PREV_REF_PREFIX,
@@ -71,11 +83,7 @@ from msfusion.wire.artifacts import (
     describe_files,
     write_manifest,
 )
-from msfusion.edge_runtime.backends.ort import CHECKPOINT, CONSTANTS, EVAL_MODEL, OPTIMIZER_MODEL, TRAINING_MODEL
 from msfusion.wire.weights import pack_weights
-from msfusion.errors import ArtifactError
-from msfusion.export.cache import runtime_versions
-from msfusion.export.validate import batch_inputs, build_objective, loss_signature, random_weights
 
 log = logging.getLogger(__name__)
 
@@ -123,11 +131,13 @@ def export_submodel(
 
     # Distinct placeholder weights per copy: equal tensors could be merged by the exporter.
     objective = build_objective(
-        model_cfg, widths, loss,
+        model_cfg,
+        widths,
+        loss,
         random_weights(model_cfg, widths, seed),
         random_weights(model_cfg, widths, seed + 1),
         random_weights(model_cfg, widths, seed + 2),
-    )  # fmt: skip
+    )
     x_info, y_info = batch_inputs(model_cfg, batch_size)
     model = _to_onnx(objective, x_info, y_info)
 
@@ -176,9 +186,7 @@ def export_submodel(
     refs = [n for n in layout if n.startswith((GLOBAL_REF_PREFIX, PREV_REF_PREFIX))]
     constants = [n for n in layout if n not in set(trainable) and n not in set(refs)]
     (out_dir / CONSTANTS).write_bytes(pack_weights({n: values[n] for n in constants}))
-    params = tuple(
-        TensorInfo(n[len(PARAM_PREFIX) :], tuple(values[n].shape)) for n in layout if n in set(trainable)
-    )
+    params = tuple(TensorInfo(n[len(PARAM_PREFIX) :], tuple(values[n].shape)) for n in layout if n in set(trainable))
     manifest = ArtifactManifest(
         kind=ArtifactKind.ORT,
         key=key,
@@ -204,7 +212,7 @@ def _to_onnx(objective: torch.nn.Module, x_info: TensorInfo, y_info: TensorInfo)
     x = torch.zeros(x_info.shape, dtype=getattr(torch, x_info.dtype))
     y = torch.zeros(y_info.shape, dtype=torch.int64)
     buffer = io.BytesIO()
-    with _logsumexp_as_logsoftmax(), _group_norm_as_layer_norm():
+    with _logsumexp_as_logsoftmax(), _group_norm_as_layer_norm(), layers.traceable_norms():
         try:
             torch.onnx.export(
                 objective,
@@ -230,20 +238,19 @@ def _group_norm_as_layer_norm() -> Iterator[None]:
     """Trace the models' GroupNorm as F.layer_norm over each group (one LayerNormalization node each)."""
     import torch.nn.functional as F
 
-    from msfusion.models import registry as models
-    def group_norm(self: models.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    def group_norm(self: layers.GroupNorm, x: torch.Tensor) -> torch.Tensor:
         group_size = math.prod(int(size) for size in x.shape[1:]) // self.num_groups
         grouped = x.reshape(x.shape[0], self.num_groups, group_size)  # (B, C, H, W) -> (B, G, C/G*H*W)
         normed = F.layer_norm(grouped, (group_size,), eps=self.eps).reshape(x.shape)
         affine_shape = (1, self.num_channels) + (1,) * (x.dim() - 2)
         return normed * self.weight.reshape(affine_shape) + self.bias.reshape(affine_shape)
 
-    saved = models.GroupNorm.forward
-    models.GroupNorm.forward = group_norm  # type: ignore[method-assign,assignment]
+    saved = layers.GroupNorm.forward
+    layers.GroupNorm.forward = group_norm  # type: ignore[method-assign,assignment]
     try:
         yield
     finally:
-        models.GroupNorm.forward = saved  # type: ignore[method-assign]
+        layers.GroupNorm.forward = saved  # type: ignore[method-assign]
 
 
 def _add_layer_norm_statistics(model: onnx.ModelProto) -> None:
@@ -341,7 +348,9 @@ def _add_momentum(model: onnx.ModelProto, optimizer: OptimizerConfig, grad_scale
         if node.op_type == _ACCUMULATOR:
             buffer, grad, reset = node.input
             param = buffer[: -len(_GRAD_BUFFER_SUFFIX)]
-            d, mb, acc, sel = (f"{param}.msfusion.{part}" for part in ("direction", "momentum", "accumulated", "buffer"))
+            d, mb, acc, sel = (
+                f"{param}.msfusion.{part}" for part in ("direction", "momentum", "accumulated", "buffer")
+            )
             if param in grad_scales:
                 factor = f"{param}.msfusion.grad_scale"
                 graph.initializer.append(numpy_helper.from_array(np.array(grad_scales[param], np.float32), factor))

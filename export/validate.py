@@ -18,32 +18,25 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from msfusion.coordinator.reference.engine import LossConfig
-from msfusion.models.objective import ContrastiveVariant, LocalObjective
+from msfusion.edge_runtime.backends.base import make_backend
+from msfusion.errors import ArtifactError
+from msfusion.export.objective import Batch, Weights, random_batch, random_weights
+from msfusion.export.versions import runtime_versions
+from msfusion.models.config import LossConfig, ModelConfig
+from msfusion.models.objective import build_objective, train_objective
 from msfusion.models.registry import (
-    ModelConfig,
-    build_model,
-    load_numpy,
     model_spec,
     resolve_widths,
-    scale_gradients,
-    scaled_parameters,
     state_to_numpy,
 )
 from msfusion.wire.artifacts import (
     ArtifactManifest,
     OptimizerConfig,
-    TensorInfo,
     load_manifest,
     reference_weights,
 )
-from msfusion.edge_runtime.backends.base import make_backend
-from msfusion.errors import ArtifactError
 
 log = logging.getLogger(__name__)
-
-Weights = dict[str, npt.NDArray[np.float32]]
-Batch = tuple[npt.NDArray[np.generic], npt.NDArray[np.int64]]
 
 
 @dataclass(frozen=True)
@@ -81,84 +74,6 @@ class ValidationReport:
     worst_tensor: str
 
 
-def loss_signature(loss: LossConfig) -> dict[str, object]:
-    """The loss knobs that shape the graph; every inactive term collapses to plain cross-entropy."""
-    if not loss.active:
-        return {"variant": ContrastiveVariant.OFF.value, "mu": 0.0, "tau": 0.0}
-    return {"variant": loss.variant.value, "mu": float(loss.mu), "tau": float(loss.tau)}
-
-
-def batch_inputs(model_cfg: ModelConfig, batch_size: int) -> tuple[TensorInfo, TensorInfo]:
-    """The static (x, y) an artifact of `model_cfg` trains on (docs/design.md, Models)."""
-    if model_cfg.task == "lm":
-        shape = (batch_size, model_cfg.context)
-        return TensorInfo("x", shape, "int64"), TensorInfo("y", shape, "int64")
-    x_shape = (batch_size, model_cfg.in_channels, model_cfg.image_size, model_cfg.image_size)
-    return TensorInfo("x", x_shape, "float32"), TensorInfo("y", (batch_size,), "int64")
-
-
-def random_batch(model_cfg: ModelConfig, batch_size: int, rng: np.random.Generator) -> Batch:
-    """A random batch shaped like real data (normalized images, or character ids)."""
-    x_info, y_info = batch_inputs(model_cfg, batch_size)
-    classes = model_cfg.vocab_size if model_cfg.task == "lm" else model_cfg.num_classes
-    if model_cfg.task == "lm":
-        x: npt.NDArray[np.generic] = rng.integers(0, model_cfg.vocab_size, x_info.shape, dtype=np.int64)
-    else:
-        x = rng.standard_normal(x_info.shape).astype(np.float32)
-    return x, rng.integers(0, classes, y_info.shape, dtype=np.int64)
-
-
-def random_weights(model_cfg: ModelConfig, widths: Mapping[str, int], seed: int) -> Weights:
-    """The initial weights `build_model` draws for the sub-model at `widths` from `seed`."""
-    return state_to_numpy(build_model(model_cfg, widths, seed=seed))
-
-
-def build_objective(
-    model_cfg: ModelConfig,
-    widths: Mapping[str, int],
-    loss: LossConfig,
-    trainable: Mapping[str, npt.NDArray[np.float32]],
-    global_ref: Mapping[str, npt.NDArray[np.float32]] | None = None,
-    prev_ref: Mapping[str, npt.NDArray[np.float32]] | None = None,
-) -> LocalObjective:
-    """The local objective of a sub-model, as both the exporters and the reference use it.
-
-    Args:
-        model_cfg: architecture.
-        widths: units per group of the sub-model.
-        loss: contrastive knobs.
-        trainable: the sub-model's weights (spec names).
-        global_ref: the frozen global sub-model (needed when the term is on).
-        prev_ref: the frozen previous local sub-model (MOON; None uses `global_ref`).
-
-    Returns:
-        The objective in training mode; only `objective.model` requires grad.
-    """
-    model = build_model(model_cfg, widths)
-    load_numpy(model, trainable)
-    global_model = prev_model = None
-    if loss.active:
-        if global_ref is None:
-            raise ArtifactError("the contrastive term needs the global reference weights")
-        global_model = build_model(model_cfg, widths)
-        load_numpy(global_model, global_ref)
-        if loss.variant is ContrastiveVariant.MOON:
-            prev_model = build_model(model_cfg, widths)
-            load_numpy(prev_model, prev_ref if prev_ref is not None else global_ref)
-    objective = LocalObjective(model, global_model, prev_model, loss.mu, loss.tau, loss.variant)
-    objective.train()
-    return objective
-
-
-def make_torch_optimizer(params: list[torch.nn.Parameter], optimizer: OptimizerConfig, lr: float) -> torch.optim.Optimizer:
-    """The torch optimizer an artifact's optimizer reproduces."""
-    if optimizer.name == "adamw":
-        return torch.optim.AdamW(
-            params, lr=lr, betas=optimizer.betas, eps=optimizer.eps, weight_decay=optimizer.weight_decay
-        )
-    return torch.optim.SGD(params, lr=lr, momentum=optimizer.momentum, weight_decay=optimizer.weight_decay)
-
-
 def reference_train(
     model_cfg: ModelConfig,
     widths: Mapping[str, int],
@@ -176,16 +91,8 @@ def reference_train(
         The loss of every step (before its update) and the final trainable weights.
     """
     objective = build_objective(model_cfg, widths, loss, trainable, global_ref, prev_ref)
-    opt = make_torch_optimizer(list(objective.model.parameters()), optimizer, lr)
-    compensated = scaled_parameters(objective.model, objective.model.gradient_scales() if optimizer.compensates else {})
-    losses = []
-    for x, y in batches:
-        value = objective(torch.from_numpy(np.asarray(x)), torch.from_numpy(np.asarray(y)))
-        opt.zero_grad(set_to_none=True)
-        value.backward()
-        scale_gradients(compensated)
-        opt.step()
-        losses.append(float(value.detach()))
+    steps = ((torch.from_numpy(np.asarray(x)), torch.from_numpy(np.asarray(y))) for x, y in batches)
+    losses = train_objective(objective, steps, optimizer, lr)
     return losses, state_to_numpy(objective.model)
 
 
@@ -328,13 +235,18 @@ def validate_artifact(
     # AdamW moves an element at most ~lr per step: rounding noise can do no more than that.
     bound = 2 * lr * len(batches) + tolerance.weight_atol if manifest.optimizer.name == "adamw" else 0.0
     report = compare(losses, weights, ref_losses, ref_weights, tolerance, what, outlier_bound=bound)
-    log.info("%s validated: losses %s, max weight error %.3g (%s)", what, losses, report.max_weight_error, report.worst_tensor)
+    log.info(
+        "%s validated: losses %s, max weight error %.3g (%s)",
+        what,
+        losses,
+        report.max_weight_error,
+        report.worst_tensor,
+    )
     return report
 
 
 def _check_versions(manifest: ArtifactManifest, what: str) -> None:
     """Refuse an artifact exported for another runtime version than the one installed."""
-    from msfusion.export.cache import runtime_versions
 
     installed = runtime_versions(manifest.kind)
     for package, version in manifest.versions.items():

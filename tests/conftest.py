@@ -8,18 +8,17 @@ import socket
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
 
 import pytest
 
-from msfusion.coordinator.reference.engine import LossConfig
-from msfusion.models.objective import ContrastiveVariant
-from msfusion.models.registry import ModelConfig, model_spec
 from msfusion.algorithm.spec import widths_for_ratio
-from msfusion.wire.artifacts import ArtifactKind, OptimizerConfig
 from msfusion.export.cache import ArtifactCache, CachedArtifact
+from msfusion.models.config import ContrastiveVariant, LossConfig, ModelConfig
+from msfusion.models.registry import model_spec
+from msfusion.wire.artifacts import ArtifactKind, OptimizerConfig
 
 
 def _free_port() -> int:
@@ -160,7 +159,7 @@ class Case:
     model: ModelConfig = ModelConfig(arch="cnn", channels=(8, 16, 32), image_size=16)
     widths: dict[str, int] = field(default_factory=dict)
     moon: LossConfig = LossConfig(ContrastiveVariant.MOON, mu=0.5, tau=0.5)
-    ce_only: LossConfig = LossConfig()
+    ce_only: LossConfig = LossConfig(ContrastiveVariant.OFF)
     sgd: OptimizerConfig = OptimizerConfig("sgd", momentum=0.9, weight_decay=0.0)
     batch: int = 8
 

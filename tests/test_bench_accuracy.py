@@ -23,10 +23,17 @@ def _bench() -> ModuleType:
 def _rows(metric: str, finals: dict[str, float], windows: dict[str, float] | None = None) -> list[dict[str, object]]:
     windows = windows or {}
     return [
-        {"case": "c", "budget": "1/16", "strategy": name, "metric": metric, "final": value, "curve": [value],
-         "window_curve": [windows.get(name, float("nan"))]}
+        {
+            "case": "c",
+            "budget": "1/16",
+            "strategy": name,
+            "metric": metric,
+            "final": value,
+            "curve": [value],
+            "window_curve": [windows.get(name, float("nan"))],
+        }
         for name, value in finals.items()
-    ]  # fmt: skip
+    ]
 
 
 BASE = {"fedavg-small": 0.70, "fedavg-full": 0.80, "heterofl": 0.60, "fedrolex": 0.50}

@@ -57,8 +57,14 @@ class RichProgress:
             merged = sum(1 for r in o.replies.values() if r == "merged")
             accuracy = f"{o.metrics['accuracy']:.4f}" if "accuracy" in o.metrics else "-"
             wall = sum(o.timings_s.values())
-            rounds.add_row(str(o.round_idx + 1), str(o.attempt), f"{merged}/{len(o.devices)}", accuracy,
-                           f"{o.overlap:.3f}", f"{wall:.1f}")  # fmt: skip
+            rounds.add_row(
+                str(o.round_idx + 1),
+                str(o.attempt),
+                f"{merged}/{len(o.devices)}",
+                accuracy,
+                f"{o.overlap:.3f}",
+                f"{wall:.1f}",
+            )
         devices = Table(title="devices")
         devices.add_column("device")
         devices.add_column("state")
@@ -72,24 +78,47 @@ class RichProgress:
 def print_summary(summary: RunSummary, console: Console | None = None) -> None:
     """The final block: success or failure, figures, failed devices and why, where the outputs are."""
     console = console or Console()
-    lines = [f"[bold {'green' if summary.ok else 'red'}]{'SUCCESS' if summary.ok else 'FAILURE'}[/]"
-             + (f": {summary.reason}" if summary.reason else "")]  # fmt: skip
+    lines = [
+        f"[bold {'green' if summary.ok else 'red'}]{'SUCCESS' if summary.ok else 'FAILURE'}[/]"
+        + (f": {summary.reason}" if summary.reason else "")
+    ]
     lines.append(f"strategy {summary.strategy}, {summary.rounds} rounds merged")
     if summary.final_metrics:
         lines.append("final: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.final_metrics.items()))
+    held = [d["params"] for d in summary.devices.values() if "params" in d]
+    if summary.model_params and held:
+        lines.append(
+            f"global model {summary.model_params:,} parameters; each device held and trained "
+            f"{min(held):,}-{max(held):,} of them ({min(held) / summary.model_params:.1%}-"
+            f"{max(held) / summary.model_params:.1%}) per round"
+        )
     rounds = Table(box=None, title="accuracy by round")
     for column in ("round", "accuracy", "loss", "overlap", "merged"):
         rounds.add_column(column, justify="right")
     for entry in summary.history:
         m = entry["metrics"]
-        rounds.add_row(str(entry["round"] + 1), f"{m.get('accuracy', float('nan')):.4f}", f"{m.get('loss', float('nan')):.4f}",
-                       f"{entry['overlap']:.3f}", f"{entry['merged']}/{entry['devices']}")  # fmt: skip
+        rounds.add_row(
+            str(entry["round"] + 1),
+            f"{m.get('accuracy', float('nan')):.4f}",
+            f"{m.get('loss', float('nan')):.4f}",
+            f"{entry['overlap']:.3f}",
+            f"{entry['merged']}/{entry['devices']}",
+        )
     table = Table(box=None, title="devices")
-    for column in ("device", "merged", "failed", "MB down", "MB up", "peak RSS MB"):
+    for column in ("device", "width", "share", "merged", "failed", "MB down", "MB up", "peak RSS MB"):
         table.add_column(column, justify="right")
     for device_id, d in sorted(summary.devices.items()):
-        table.add_row(device_id, str(d["merged"]), str(d["failed"]), f"{d['bytes_down'] / 1e6:.2f}",
-                      f"{d['bytes_up'] / 1e6:.2f}", f"{d['peak_rss_bytes'] / 1e6:.0f}")  # fmt: skip
+        share = d["params"] / summary.model_params if summary.model_params and "params" in d else float("nan")
+        table.add_row(
+            device_id,
+            f"{d.get('width_ratio', float('nan')):.3f}",
+            f"{share:.1%}",
+            str(d["merged"]),
+            str(d["failed"]),
+            f"{d['bytes_down'] / 1e6:.2f}",
+            f"{d['bytes_up'] / 1e6:.2f}",
+            f"{d['peak_rss_bytes'] / 1e6:.0f}",
+        )
     failures = [f"  {f}" for f in summary.failures[-10:]]
     if failures:
         failures.insert(0, f"failed replies ({len(summary.failures)}, last 10):")

@@ -13,19 +13,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import logging
+from fractions import Fraction
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
-from msfusion.errors import BundleError, ConfigError, DataError, DeviceLost, MsfusionError
+from msfusion.errors import (
+    BundleError,
+    ConfigError,
+    DataError,
+    MsfusionError,
+)
 
 if TYPE_CHECKING:
-    from msfusion.coordinator.reference.engine import EngineConfig
+    from msfusion.models.config import ModelConfig
+    from msfusion.recipe import EngineConfig
 
 
 class ExitCode(enum.IntEnum):
@@ -40,10 +49,14 @@ class ExitCode(enum.IntEnum):
     INTERRUPTED = 130
 
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="msfusion: train a model across a fleet of edge boards.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="msfusion: train a model across a fleet of edge boards."
+)
 coordinator_app = typer.Typer(no_args_is_help=True, help="The coordinator service.")
 app.add_typer(coordinator_app, name="coordinator")
-devices_app = typer.Typer(no_args_is_help=True, help="Board profiles, profiling artifacts, flashing the device runtime.")
+devices_app = typer.Typer(
+    no_args_is_help=True, help="Board profiles, profiling artifacts, flashing the device runtime."
+)
 app.add_typer(devices_app, name="devices")
 console = Console()
 
@@ -69,9 +82,22 @@ def _exit_for(exc: BaseException) -> ExitCode:
         return ExitCode.DATA_ERROR
     if isinstance(exc, ConfigError):
         return ExitCode.CONFIG_ERROR
-    if isinstance(exc, DeviceLost):
-        return ExitCode.RUN_FAILED
-    return ExitCode.RUN_FAILED
+    if isinstance(exc, (ValueError, OSError)):
+        return ExitCode.CONFIG_ERROR  # a malformed flag value, an unreadable file
+    return ExitCode.RUN_FAILED  # DeviceLost and the rest
+
+
+@contextlib.contextmanager
+def _cli_errors() -> Iterator[None]:
+    """The one place where a command's errors become a message (never a traceback) and an exit code."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise typer.Exit(ExitCode.INTERRUPTED) from None
+    except (MsfusionError, ValueError, OSError) as exc:
+        # Text, not markup: an error naming a path or a `[table]` must print as it is.
+        console.print(Text.assemble(("error: ", "red"), str(exc)))
+        raise typer.Exit(_exit_for(exc)) from None
 
 
 @coordinator_app.command("run")
@@ -89,14 +115,20 @@ def coordinator_run(
     keep_devices: bool = typer.Option(False, "--keep-devices", help="do not tell devices to stop at the end"),
 ) -> None:
     """Run rounds over the registered fleet until done; write metrics, checkpoints, model and summary."""
+    from msfusion.coordinator.cli.console import RichProgress, print_summary
     from msfusion.coordinator.fleet.artifacts import ExportedArtifacts
     from msfusion.coordinator.fleet.config import load_config
-    from msfusion.coordinator.cli.console import RichProgress, print_summary
     from msfusion.coordinator.fleet.runner import run_coordinator
 
-    try:
-        overrides = {"rounds": rounds, "broker": broker, "out": str(out) if out else None,
-                     "fleet.min_devices": min_devices, "round.deadline_s": deadline_s, "round.quorum": quorum}  # fmt: skip
+    with _cli_errors():
+        overrides = {
+            "rounds": rounds,
+            "broker": broker,
+            "out": str(out) if out else None,
+            "fleet.min_devices": min_devices,
+            "round.deadline_s": deadline_s,
+            "round.quorum": quorum,
+        }
         cfg = load_config(config, overrides)
         _setup_logging(log_level, cfg.out / "logs" / "coordinator.log")
         artifacts = ExportedArtifacts(cfg.engine, cfg.backend, cache_dir=cfg.artifact_cache)
@@ -104,31 +136,33 @@ def coordinator_run(
             summary = run_coordinator(cfg, artifacts, resume=resume, stop_devices=not keep_devices)
         else:
             with RichProgress(cfg.engine.rounds) as progress:
-                summary = run_coordinator(cfg, artifacts, resume=resume, progress=progress, stop_devices=not keep_devices)
-    except KeyboardInterrupt:
-        raise typer.Exit(ExitCode.INTERRUPTED)
-    except MsfusionError as exc:
-        console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(_exit_for(exc))
+                summary = run_coordinator(
+                    cfg, artifacts, resume=resume, progress=progress, stop_devices=not keep_devices
+                )
     print_summary(summary, console)
     raise typer.Exit(ExitCode.SUCCESS if summary.ok else ExitCode.RUN_FAILED)
 
 
-def _engine(model: str, channels: str | None, strategy: str, contrastive: str, rounds: int, seed: int,
-            local_samples: int) -> "EngineConfig":  # fmt: skip
+def _engine(
+    model: str, channels: str | None, strategy: str, contrastive: str, rounds: int, seed: int, local_samples: int
+) -> "EngineConfig":
     """The algorithm's knobs from the flags `simulate` and `train` share."""
-    from msfusion.coordinator.reference.engine import EngineConfig, LocalTrainConfig, LossConfig
-    from msfusion.models.objective import ContrastiveVariant
-    from msfusion.models.registry import ModelConfig
     from msfusion.algorithm.planning import PlanConfig, Strategy
+    from msfusion.models.config import ContrastiveVariant, LossConfig, ModelConfig
+    from msfusion.recipe import EngineConfig, LocalTrainConfig
 
     try:
         plan = PlanConfig(strategy=Strategy(strategy))
-        variant = ContrastiveVariant("moon" if contrastive == "auto" and strategy == "msfusion" else
-                                     "off" if contrastive == "auto" else contrastive)  # fmt: skip
+        variant = ContrastiveVariant(
+            "moon"
+            if contrastive == "auto" and strategy == "msfusion"
+            else "off"
+            if contrastive == "auto"
+            else contrastive
+        )
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    dims = {"channels": tuple(int(c) for c in channels.split(","))} if channels else {}
+    dims: dict[str, Any] = {"channels": tuple(int(c) for c in channels.split(","))} if channels else {}
     return EngineConfig(
         model=ModelConfig(arch=model, **dims),
         plan=plan,
@@ -137,6 +171,26 @@ def _engine(model: str, channels: str | None, strategy: str, contrastive: str, r
         rounds=rounds,
         seed=seed,
     )
+
+
+def board_ratio(model: "ModelConfig", share: float) -> float | None:
+    """The width a simulated board gets when its memory for model state is `share` of the full model's.
+
+    The coordinator's parameter-budget rule (`coordinator/fleet/registry.py`,
+    `ratio_for_memory`) on a budget of the runtime's bytes plus `share` of the
+    full model's training bytes: the width a real board of that size would be
+    given. The demo CNN is far smaller than any board's runtime, so a simulated
+    process's own memory cannot make the split; this makes it, by the same rule.
+    """
+    from msfusion.coordinator.fleet.registry import BYTES_PER_PARAM, RUNTIME_BYTES, ratio_for_memory
+    from msfusion.models.registry import model_spec
+
+    if not 0 < share <= 1:
+        raise ConfigError(f"--board-share must be in (0, 1], got {share}")
+    if share == 1:
+        return None
+    spec = model_spec(model)
+    return ratio_for_memory(spec, RUNTIME_BYTES + int(share * BYTES_PER_PARAM * spec.param_count()))
 
 
 @app.command()
@@ -152,6 +206,12 @@ def simulate(
     backend: str = typer.Option("ort", help="ort or executorch"),
     budget_mb: int = typer.Option(1024, "--budget-mb", help="each device's memory budget"),
     max_width_ratio: Optional[float] = typer.Option(None, "--max-width-ratio", help="width cap every device reports"),
+    board_share: str = typer.Option(
+        "1/16",
+        "--board-share",
+        help="each simulated board affords this share of the model's parameters (the coordinator's memory rule "
+        "turns it into the board's width; 1: whole boards)",
+    ),
     samples_per_device: int = typer.Option(0, help="cap each shard (0: all)"),
     local_samples: int = typer.Option(1000, help="samples per local epoch"),
     deadline_s: float = typer.Option(120.0, "--deadline-s"),
@@ -159,27 +219,29 @@ def simulate(
     log_level: str = typer.Option("INFO", "--log-level"),
 ) -> None:
     """Partition Fashion-MNIST, start N device daemons and a coordinator, train end to end."""
+    from msfusion.coordinator.cli.console import RichProgress, print_summary
     from msfusion.coordinator.fleet.artifacts import ExportedArtifacts
     from msfusion.coordinator.fleet.config import RoundConfig
-    from msfusion.coordinator.cli.console import RichProgress, print_summary
     from msfusion.coordinator.fleet.local_fleet import PartitionConfig, SimulationConfig
     from msfusion.coordinator.fleet.local_fleet import simulate as run_simulation
 
-    try:
+    with _cli_errors():
         engine = _engine(model, channels, strategy, contrastive, rounds, seed, local_samples)
+        board_cap = board_ratio(engine.model, float(Fraction(board_share)))
+        caps = [c for c in (max_width_ratio, board_cap) if c is not None]
         cfg = SimulationConfig(
-            engine=engine, partition=PartitionConfig(devices=devices, seed=seed, samples_per_device=samples_per_device),
-            out=out, broker=broker, backend=backend, memory_budget_bytes=budget_mb << 20,
-            max_width_ratio=max_width_ratio, round=RoundConfig(deadline_s=deadline_s),
-        )  # fmt: skip
+            engine=engine,
+            partition=PartitionConfig(devices=devices, seed=seed, samples_per_device=samples_per_device),
+            out=out,
+            broker=broker,
+            backend=backend,
+            memory_budget_bytes=budget_mb << 20,
+            max_width_ratio=min(caps) if caps else None,
+            round=RoundConfig(deadline_s=deadline_s),
+        )
         _setup_logging(log_level, out / "logs" / "coordinator.log")
         with RichProgress(rounds) as progress:
             summary = run_simulation(cfg, ExportedArtifacts(engine, backend), progress)
-    except KeyboardInterrupt:
-        raise typer.Exit(ExitCode.INTERRUPTED)
-    except MsfusionError as exc:
-        console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(_exit_for(exc))
     print_summary(summary, console)
     raise typer.Exit(ExitCode.SUCCESS if summary.ok else ExitCode.RUN_FAILED)
 
@@ -197,13 +259,18 @@ def partition(
     """Write Fashion-MNIST device shards (the format msfusion/data/shards.py reads) and a test shard."""
     from msfusion.coordinator.fleet.local_fleet import PartitionConfig, partition_fmnist
 
-    try:
+    with _cli_errors():
         shards = partition_fmnist(
-            PartitionConfig(devices=devices, scheme=scheme, alpha=alpha, seed=seed,
-                            samples_per_device=samples_per_device, test_samples=test_samples), out)  # fmt: skip
-    except MsfusionError as exc:
-        console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(_exit_for(exc))
+            PartitionConfig(
+                devices=devices,
+                scheme=scheme,
+                alpha=alpha,
+                seed=seed,
+                samples_per_device=samples_per_device,
+                test_samples=test_samples,
+            ),
+            out,
+        )
     console.print(f"wrote {len(shards.devices)} device shards and {shards.test}")
 
 
@@ -222,24 +289,36 @@ def train(
     seed: int = typer.Option(0),
 ) -> None:
     """The in-process reference engine (no MQTT) on the same partition `simulate` uses."""
+    from msfusion.coordinator.fleet.local_fleet import (
+        PartitionConfig,
+        load_shard_set,
+        partition_fmnist,
+    )
     from msfusion.coordinator.reference.engine import ReferenceEngine
-    from msfusion.coordinator.fleet.local_fleet import PartitionConfig, load_shard_set, partition_fmnist
     from msfusion.wire.weights import pack_weights
 
-    try:
+    with _cli_errors():
         engine_cfg = _engine(model, channels, strategy, contrastive, rounds, seed, local_samples)
-        shards = partition_fmnist(PartitionConfig(devices=devices, seed=seed, samples_per_device=samples_per_device), out / "shards")
+        shards = partition_fmnist(
+            PartitionConfig(devices=devices, seed=seed, samples_per_device=samples_per_device), out / "shards"
+        )
         data, test = load_shard_set(shards)
         engine = ReferenceEngine(engine_cfg, data, test, [ratio] * devices)
         with open(out / "metrics.jsonl", "w", encoding="utf-8") as handle:
             for record in engine.run():
-                handle.write(json.dumps({"round_idx": record.round_idx, "metrics": dict(record.metrics),
-                                         "overlap": record.overlap, "wall_s": record.wall_s}) + "\n")  # fmt: skip
+                handle.write(
+                    json.dumps(
+                        {
+                            "round_idx": record.round_idx,
+                            "metrics": dict(record.metrics),
+                            "overlap": record.overlap,
+                            "wall_s": record.wall_s,
+                        }
+                    )
+                    + "\n"
+                )
                 console.print(f"round {record.round_idx + 1}: {dict(record.metrics)}")
         (out / "model.safetensors").write_bytes(pack_weights(engine.weights))
-    except MsfusionError as exc:
-        console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(_exit_for(exc))
     console.print(f"model: {out / 'model.safetensors'}")
 
 
@@ -252,15 +331,21 @@ def devices_list(
 
     from msfusion.devices.profiles import load_profiles
 
-    try:
+    with _cli_errors():
         known = load_profiles(profiles)
-    except MsfusionError as exc:
-        console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(_exit_for(exc))
     table = Table("profile", "arch", "RAM", "cores", "OS", "Python", "backend", "budget", "MemoryMax")
     for p in sorted(known.values(), key=lambda p: p.name):
-        table.add_row(p.name, p.arch, f"{p.ram_bytes / 2**30:.0f} GiB", str(p.cores), p.os, p.python_version, p.backend,
-                      f"{p.default_memory_budget_bytes >> 20} MiB", f"{p.memory_max_bytes >> 20} MiB")  # fmt: skip
+        table.add_row(
+            p.name,
+            p.arch,
+            f"{p.ram_bytes / 2**30:.0f} GiB",
+            str(p.cores),
+            p.os,
+            p.python_version,
+            p.backend,
+            f"{p.default_memory_budget_bytes >> 20} MiB",
+            f"{p.memory_max_bytes >> 20} MiB",
+        )
     console.print(table)
 
 
@@ -287,13 +372,19 @@ def devices_flash(
     out: Path = typer.Option(..., "--out", help="the bundle folder to create"),
     username: Optional[str] = typer.Option(None, "--username", help="the device's broker user"),
     password_file: Optional[Path] = typer.Option(None, "--password-file", help="a file holding its broker password"),
-    memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="e.g. '1.5 GiB' (default: the profile's)"),
+    memory_budget: Optional[str] = typer.Option(
+        None, "--memory-budget", help="e.g. '1.5 GiB' (default: the profile's)"
+    ),
     max_width_ratio: Optional[float] = typer.Option(None, "--max-width-ratio"),
-    shard: Optional[Path] = typer.Option(None, "--shard", help="a data shard folder to ship (from `msfusion partition`)"),
+    shard: Optional[Path] = typer.Option(
+        None, "--shard", help="a data shard folder to ship (from `msfusion partition`)"
+    ),
     no_backend: bool = typer.Option(False, "--no-backend", help="core runtime only (no training backend)"),
     python_version: Optional[str] = typer.Option(None, "--python", help="the board's Python, if not the profile's"),
     board_python: str = typer.Option("python3", "--board-python", help="the interpreter install.sh runs on the board"),
-    extra_index_url: list[str] = typer.Option([], "--extra-index-url", help="e.g. https://download.pytorch.org/whl/cpu"),
+    extra_index_url: list[str] = typer.Option(
+        [], "--extra-index-url", help="e.g. https://download.pytorch.org/whl/cpu"
+    ),
     find_links: list[str] = typer.Option([], "--find-links", help="a local folder of wheels"),
     profiles: Optional[Path] = typer.Option(None, "--profiles", help="a TOML file of your own board profiles"),
     rootfs: Optional[Path] = typer.Option(None, "--rootfs", help="also install into this mounted root filesystem"),
@@ -308,32 +399,35 @@ def devices_flash(
     from msfusion.devices.wheelhouse import WheelSources
 
     _setup_logging(log_level, None)
-    try:
+    with _cli_errors():
         if rootfs is not None and ssh is not None:
             raise ConfigError("give --rootfs or --ssh, not both")
         board = get_profile(profile, profiles)
         password = password_file.read_text(encoding="utf-8").strip() if password_file is not None else None
         settings = DeviceSettings(
-            device_id=device_id, run_id=run_id, broker_url=broker, username=username, password=password,
+            device_id=device_id,
+            run_id=run_id,
+            broker_url=broker,
+            username=username,
+            password=password,
             memory_budget_bytes=parse_bytes(memory_budget, "--memory-budget") if memory_budget else None,
             max_width_ratio=max_width_ratio,
-        )  # fmt: skip
+        )
         options = BundleOptions(
             sources=WheelSources(extra_index_urls=tuple(extra_index_url), find_links=tuple(find_links)),
-            include_backend=not no_backend, python_version=python_version, board_python=board_python, shard_dir=shard,
-        )  # fmt: skip
+            include_backend=not no_backend,
+            python_version=python_version,
+            board_python=board_python,
+            shard_dir=shard,
+        )
         manifest = build_bundle(board, settings, out, options)
         done = _install(out, rootfs, ssh, ssh_port, identity)
-    except OSError as exc:
-        console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(ExitCode.CONFIG_ERROR)
-    except MsfusionError as exc:
-        console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(_exit_for(exc))
     size = sum(w.size_bytes for w in manifest.wheels)
-    console.print(f"bundle {out}: {manifest.device_id} on {manifest.profile} ({manifest.arch}, Python "
-                  f"{manifest.python_version}, backend {manifest.backend if manifest.backend_included else 'none'}), "
-                  f"{len(manifest.wheels)} wheels, {size / 2**20:.0f} MiB; {done}")  # fmt: skip
+    console.print(
+        f"bundle {out}: {manifest.device_id} on {manifest.profile} ({manifest.arch}, Python "
+        f"{manifest.python_version}, backend {manifest.backend if manifest.backend_included else 'none'}), "
+        f"{len(manifest.wheels)} wheels, {size / 2**20:.0f} MiB; {done}"
+    )
 
 
 @devices_app.command("install")
@@ -345,13 +439,10 @@ def devices_install(
     identity: Optional[Path] = typer.Option(None, "--identity", help="SSH private key"),
 ) -> None:
     """Install a built bundle into a mounted root filesystem or over SSH."""
-    try:
+    with _cli_errors():
         if (rootfs is None) == (ssh is None):
             raise ConfigError("give exactly one of --rootfs and --ssh")
         done = _install(bundle, rootfs, ssh, ssh_port, identity)
-    except MsfusionError as exc:
-        console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(_exit_for(exc))
     console.print(done)
 
 
@@ -366,19 +457,17 @@ def devices_profile_set(
     from msfusion.coordinator.fleet.artifacts import export_profile_set
     from msfusion.coordinator.fleet.config import load_config
 
-    try:
+    with _cli_errors():
         cfg = load_config(config)
         ratios = [float(w) for w in widths.split(",") if w.strip()]
-        batches = [int(b) for b in batch_sizes.split(",") if b.strip()] if batch_sizes else [cfg.engine.local.batch_size]
+        batches = (
+            [int(b) for b in batch_sizes.split(",") if b.strip()] if batch_sizes else [cfg.engine.local.batch_size]
+        )
         profile_set = export_profile_set(cfg.engine, cfg.backend, ratios, batches, out, cache_dir=cfg.artifact_cache)
-    except ValueError as exc:
-        console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(ExitCode.CONFIG_ERROR)
-    except MsfusionError as exc:
-        console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(_exit_for(exc))
-    console.print(f"profile set {out}: {len(profile_set.points)} {profile_set.kind} artifacts of model "
-                  f"{profile_set.model_key[:12]}")  # fmt: skip
+    console.print(
+        f"profile set {out}: {len(profile_set.points)} {profile_set.kind} artifacts of model "
+        f"{profile_set.model_key[:12]}"
+    )
 
 
 def main() -> None:

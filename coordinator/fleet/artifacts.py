@@ -14,26 +14,24 @@ import shutil
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from msfusion.coordinator.reference.engine import EngineConfig
-from msfusion.models.registry import model_spec
 from msfusion.algorithm.spec import widths_for_ratio
-from msfusion.wire.artifacts import ArtifactKind, OptimizerConfig, pack_artifact
-from msfusion.wire.bulk import make_manifest
-from msfusion.edge_runtime.profiling import ProfileSet, ProfileSetPoint, load_profile_set, write_profile_set_index
-from msfusion.wire.protocol import BulkRef
+from msfusion.edge_runtime.profiling import (
+    ProfileSet,
+    ProfileSetPoint,
+    load_profile_set,
+    write_profile_set_index,
+)
 from msfusion.errors import ConfigError
 from msfusion.export.cache import ArtifactCache
+from msfusion.models.registry import model_spec
+from msfusion.recipe import EngineConfig
+from msfusion.wire.artifacts import ArtifactKind, pack_artifact
+from msfusion.wire.bulk import make_manifest
+from msfusion.wire.protocol import BulkRef
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CACHE = Path.home() / ".cache" / "msfusion" / "artifacts"
-
-
-def optimizer_of(engine: EngineConfig) -> OptimizerConfig:
-    """The optimizer an artifact must implement to train as the reference engine does."""
-    local = engine.local
-    return OptimizerConfig(name=local.optimizer, momentum=local.momentum if local.optimizer == "sgd" else 0.0,
-                           weight_decay=local.weight_decay, scaler_compensation=local.scaler_compensation)  # fmt: skip
 
 
 class ExportedArtifacts:
@@ -61,10 +59,19 @@ class ExportedArtifacts:
         shape = tuple(sorted(widths.items()))
         if shape not in self._blobs:
             cached = self._cache.get_or_export(
-                self.engine.model, widths, self.engine.loss, optimizer_of(self.engine),
-                self.engine.local.batch_size, self.kind,
-            )  # fmt: skip
-            log.info("artifact for %s: %s (%s)", dict(widths), cached.manifest.key[:12], "cached" if cached.hit else "exported")
+                self.engine.model,
+                widths,
+                self.engine.loss,
+                self.engine.local.optimizer,
+                self.engine.local.batch_size,
+                self.kind,
+            )
+            log.info(
+                "artifact for %s: %s (%s)",
+                dict(widths),
+                cached.manifest.key[:12],
+                "cached" if cached.hit else "exported",
+            )
             data = pack_artifact(cached.path)
             manifest = make_manifest("a-placeholder", "artifact", data)
             # Named by content: a device that holds this sha256 never asks for it again.
@@ -78,21 +85,26 @@ def profile_key(engine: EngineConfig, backend: str) -> str:
 
     A coordinator sizes a device from its profile only when the keys agree.
     """
-    from msfusion.export.validate import loss_signature
+    from msfusion.export.objective import loss_signature
 
     payload = {
         "model": dataclasses.asdict(engine.model),
         "loss": loss_signature(engine.loss),
-        "optimizer": dataclasses.asdict(optimizer_of(engine)),
+        "optimizer": dataclasses.asdict(engine.local.optimizer),
         "kind": ArtifactKind(backend).value,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=list).encode()).hexdigest()[:32]
 
 
 def export_profile_set(
-    engine: EngineConfig, backend: str, widths: Sequence[float], batch_sizes: Sequence[int], out_dir: Path,
-    cache_dir: Path | None = None, validate: bool = True,
-) -> ProfileSet:  # fmt: skip
+    engine: EngineConfig,
+    backend: str,
+    widths: Sequence[float],
+    batch_sizes: Sequence[int],
+    out_dir: Path,
+    cache_dir: Path | None = None,
+    validate: bool = True,
+) -> ProfileSet:
     """The artifacts a device profiles (`msfusion-device profile --artifacts out_dir`), one per width x batch size.
 
     Args:
@@ -120,7 +132,12 @@ def export_profile_set(
     for ratio in sorted(set(widths), reverse=True):
         for batch in sorted(set(batch_sizes)):
             cached = cache.get_or_export(
-                engine.model, widths_for_ratio(spec, ratio), engine.loss, optimizer_of(engine), batch, ArtifactKind(backend)
+                engine.model,
+                widths_for_ratio(spec, ratio),
+                engine.loss,
+                engine.local.optimizer,
+                batch,
+                ArtifactKind(backend),
             )
             name = f"w{ratio:g}-b{batch}"
             shutil.rmtree(out_dir / name, ignore_errors=True)

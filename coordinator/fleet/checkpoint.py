@@ -24,9 +24,9 @@ import numpy as np
 import numpy.typing as npt
 
 from msfusion.algorithm.slicing import Weights
-from msfusion.edge_runtime.ledger import atomic_write
-from msfusion.wire.weights import pack_weights, unpack_weights
+from msfusion.atomic import atomic_write
 from msfusion.errors import ArtifactError, ConfigError
+from msfusion.wire.weights import pack_weights, unpack_weights
 
 WEIGHTS_PATTERN = "global-r{round:05d}.safetensors"
 STATE_FILE = "state.json"
@@ -41,7 +41,8 @@ class RunState:
         run_id: the run.
         session: random id fixed at the run's start; prefixes every task id.
         next_round: the round to run next (rounds before it are merged).
-        overlap: the overlap target the next round plans with.
+        overlap: the overlap target of the last merged round (the initial one before the first);
+            the next round adapts it from `disagreement` (`algorithm.overlap.next_overlap`).
         disagreement: measured at the last merge (None before the first).
         backend: the artifact kind of the run.
     """
@@ -76,7 +77,12 @@ def save_checkpoint(folder: Path, weights: Mapping[str, npt.NDArray[np.float32]]
     data = pack_weights(weights)
     name = WEIGHTS_PATTERN.format(round=state.next_round)
     atomic_write(folder / name, data)
-    record = {"format": FORMAT, "weights_file": name, "weights_sha256": hashlib.sha256(data).hexdigest(), **asdict(state)}
+    record = {
+        "format": FORMAT,
+        "weights_file": name,
+        "weights_sha256": hashlib.sha256(data).hexdigest(),
+        **asdict(state),
+    }
     atomic_write(folder / STATE_FILE, json.dumps(record, indent=2).encode("utf-8"))
     for old in folder.glob("global-r*.safetensors"):
         if old.name != name:

@@ -15,9 +15,10 @@ A run file looks like this (every table and key is optional except `model`)::
     [engine.model]
     arch = "cnn"
     channels = [8, 16, 32]
-    [engine.plan]              # strategy, shift_mode, round_shift ("1/8"), participant_shift
+    [engine.plan]              # strategy, shift_mode, round_shift ("1/8"), participant_shift, capped_overlap
     [engine.overlap]           # mode, initial, minimum, maximum, step, high, low
-    [engine.local]             # epochs, batch_size, lr, optimizer, momentum, max_samples, scaler_compensation
+    [engine.local]             # epochs, batch_size, lr, max_samples
+    [engine.local.optimizer]   # name ("sgd", "adamw"), momentum, weight_decay, betas, eps, scaler_compensation
     [engine.loss]              # variant ("off", "positive", "moon"), mu, tau
 
     [round]                    # deadline_s, quorum, max_attempts, stall_s
@@ -31,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -39,10 +39,12 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Mapping
 
-from msfusion.coordinator.reference.engine import EngineConfig
+import tomllib
+
+from msfusion.errors import ConfigError
+from msfusion.recipe import EngineConfig
 from msfusion.wire.protocol import ID_PATTERN
 from msfusion.wire.transport import parse_broker_url
-from msfusion.errors import ConfigError
 
 BACKENDS = ("ort", "executorch")
 

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Union
 
+from msfusion.errors import ArtifactError, MsfusionError, ProtocolError
 from msfusion.wire import topics
 from msfusion.wire.bulk import BulkReceiver, BulkSender
 from msfusion.wire.protocol import (
@@ -33,7 +34,6 @@ from msfusion.wire.protocol import (
     encode,
 )
 from msfusion.wire.transport import ConnectionChanged, MqttTransport, Received
-from msfusion.errors import ArtifactError, MsfusionError, ProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,7 @@ class CoordinatorLink:
         self._receiver = BulkReceiver()
         self._pending: dict[str, _Pending] = {}  # transfer id -> slice awaiting chunks
         self._offers: dict[str, tuple[BulkRef, bytes]] = {}  # transfer id -> what devices may request
+        self._ready: deque[SliceArrived] = deque()  # slices complete when their result came, emitted next
 
     def subscribe(self) -> None:
         """Subscribe to everything devices send in this run."""
@@ -140,7 +141,9 @@ class CoordinatorLink:
             for i in (indices if indices is not None else range(manifest.n_chunks))
         )
         # Every chunk's payload is its data plus the same framing (ids, index, sha256).
-        empty = Chunk(transfer_id=manifest.transfer_id, index=last, n_chunks=manifest.n_chunks, sha256="0" * 64, data=b"")
+        empty = Chunk(
+            transfer_id=manifest.transfer_id, index=last, n_chunks=manifest.n_chunks, sha256="0" * 64, data=b""
+        )
         self.bytes_down[device_id] += data_bytes + sent * len(encode(empty, validate=False))
 
     def forget_slices(self) -> None:
@@ -148,11 +151,14 @@ class CoordinatorLink:
         for transfer_id in list(self._pending):
             self._receiver.drop(transfer_id)
         self._pending.clear()
+        self._ready.clear()
 
     # In.
 
     def poll(self, timeout_s: float) -> LinkEvent | None:
         """The next event for the round loop, or None after `timeout_s` of nothing to report."""
+        if self._ready:
+            return self._ready.popleft()
         deadline = time.monotonic() + timeout_s
         while True:
             event = self.transport.get(max(0.0, deadline - time.monotonic()))
@@ -195,8 +201,12 @@ class CoordinatorLink:
         log.warning("unexpected %s from %s on %s", type(msg).__name__, device_id, where.kind)
         return None
 
-    def expect_slice(self, result: SliceResult) -> SliceArrived | None:
-        """Start receiving a result's slice; returns it at once if its chunks are all in already."""
+    def expect_slice(self, result: SliceResult) -> None:
+        """Start receiving a result's slice; `poll` emits a `SliceArrived` once all its chunks are in.
+
+        Every slice reaches the round loop the same way, as a `SliceArrived`
+        event, whether its chunks came before its result or after.
+        """
         transfer_id = result.weights.transfer_id
         self._pending[transfer_id] = _Pending(result.device_id, result, time.monotonic())
         try:
@@ -204,8 +214,10 @@ class CoordinatorLink:
         except ArtifactError as exc:
             log.warning("slice of %s failed its manifest: %s", result.device_id, exc)
             del self._pending[transfer_id]
-            return None
-        return self._finish(transfer_id, payload)
+            return
+        arrived = self._finish(transfer_id, payload)
+        if arrived is not None:
+            self._ready.append(arrived)
 
     def _on_chunk(self, device_id: str, chunk: Chunk) -> LinkEvent | None:
         pending = self._pending.get(chunk.transfer_id)
@@ -259,6 +271,8 @@ class CoordinatorLink:
             pending.requests += 1
             pending.last_progress = now
             log.info("slice of %s stalled; asking for %d chunks", pending.device_id, len(missing))
-            request = ChunkRequest(run_id=self.run_id, device_id=pending.device_id, transfer_id=transfer_id, missing=missing)
+            request = ChunkRequest(
+                run_id=self.run_id, device_id=pending.device_id, transfer_id=transfer_id, missing=missing
+            )
             self.publish(pending.device_id, topics.upreq(self.run_id, pending.device_id), encode(request))
         return lost

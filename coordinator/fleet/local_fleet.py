@@ -25,16 +25,20 @@ from typing import Sequence
 import numpy as np
 
 from msfusion.coordinator.fleet.broker import start_private_broker
-from msfusion.coordinator.fleet.config import CoordinatorConfig, FleetConfig, RoundConfig
-from msfusion.data.datasets import ArrayDataset, FASHION_MNIST_DIR, load_fashion_mnist
-from msfusion.coordinator.reference.engine import EngineConfig
-from msfusion.data.partition import dirichlet, iid
+from msfusion.coordinator.fleet.config import (
+    CoordinatorConfig,
+    FleetConfig,
+    RoundConfig,
+)
 from msfusion.coordinator.fleet.report import RunSummary
 from msfusion.coordinator.fleet.rounds import ArtifactSource
 from msfusion.coordinator.fleet.runner import RunProgress, run_coordinator
-from msfusion.edge_runtime.config import DeviceConfig, to_toml
+from msfusion.data.datasets import FASHION_MNIST_DIR, ArrayDataset, load_fashion_mnist
+from msfusion.data.partition import dirichlet, iid
 from msfusion.data.shards import write_shard
+from msfusion.edge_runtime.config import DeviceConfig, to_toml
 from msfusion.errors import ConfigError
+from msfusion.recipe import EngineConfig, device_id
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +80,6 @@ class ShardSet:
     test: Path
 
 
-def device_id(index: int) -> str:
-    """The id of the index-th device: dev000, dev001, ... (the reference engine's order)."""
-    return f"dev{index:03d}"
-
-
 def partition_fmnist(config: PartitionConfig, out: Path) -> ShardSet:
     """Partition Fashion-MNIST's training set into device shards plus a test shard.
 
@@ -106,8 +105,17 @@ def partition_fmnist(config: PartitionConfig, out: Path) -> ShardSet:
             part = part[: config.samples_per_device]
         shard = train.subset(part)
         folder = out / device_id(index)
-        write_shard(folder, shard.x, shard.y, {"name": f"fmnist-{device_id(index)}", "task": "classification",
-                                               "scheme": config.scheme, "seed": config.seed})  # fmt: skip
+        write_shard(
+            folder,
+            shard.x,
+            shard.y,
+            {
+                "name": f"fmnist-{device_id(index)}",
+                "task": "classification",
+                "scheme": config.scheme,
+                "seed": config.seed,
+            },
+        )
         folders.append(folder)
     if config.test_samples:
         test = test.subset(np.arange(min(config.test_samples, len(test))))
@@ -131,19 +139,32 @@ def start_device(config_path: Path, log_path: Path, threads: int = 1) -> subproc
 
 
 def write_device_configs(
-    out: Path, shards: ShardSet, run_id: str, broker: str, backend: str,
-    memory_budget_bytes: int, max_width_ratio: float | None, heartbeat_s: float = 2.0,
-) -> list[Path]:  # fmt: skip
+    out: Path,
+    shards: ShardSet,
+    run_id: str,
+    broker: str,
+    backend: str,
+    memory_budget_bytes: int,
+    max_width_ratio: float | None,
+    heartbeat_s: float = 2.0,
+) -> list[Path]:
     """One device.toml per shard, in out/devices/devNNN/."""
     paths = []
     for index, shard in enumerate(shards.devices):
         folder = out / "devices" / device_id(index)
         folder.mkdir(parents=True, exist_ok=True)
         config = DeviceConfig(
-            device_id=device_id(index), run_id=run_id, data_dir=shard.resolve(), state_dir=(folder / "state").resolve(),
-            memory_budget_bytes=memory_budget_bytes, broker=broker, backends=(backend,),
-            max_width_ratio=max_width_ratio, heartbeat_s=heartbeat_s, keepalive_s=5,
-        )  # fmt: skip
+            device_id=device_id(index),
+            run_id=run_id,
+            data_dir=shard.resolve(),
+            state_dir=(folder / "state").resolve(),
+            memory_budget_bytes=memory_budget_bytes,
+            broker=broker,
+            backends=(backend,),
+            max_width_ratio=max_width_ratio,
+            heartbeat_s=heartbeat_s,
+            keepalive_s=5,
+        )
         path = folder / "device.toml"
         path.write_text(to_toml(config), encoding="utf-8")
         paths.append(path)
@@ -207,12 +228,20 @@ def simulate(config: SimulationConfig, artifacts: ArtifactSource, progress: RunP
         broker = start_private_broker(out / "logs" / "broker.log")
         url = broker.url
     run_id = f"sim-{secrets.token_hex(3)}"  # fresh topics even on a shared broker
-    paths = write_device_configs(out, shards, run_id, url, config.backend, config.memory_budget_bytes, config.max_width_ratio)
+    paths = write_device_configs(
+        out, shards, run_id, url, config.backend, config.memory_budget_bytes, config.max_width_ratio
+    )
     processes = [start_device(path, out / "logs" / f"{device_id(i)}.log") for i, path in enumerate(paths)]
     coordinator = CoordinatorConfig(
-        engine=config.engine, run_id=run_id, broker=url, out=out, eval_shard=shards.test, backend=config.backend,
-        round=config.round, fleet=FleetConfig(min_devices=config.partition.devices, wait_s=120.0),
-    )  # fmt: skip
+        engine=config.engine,
+        run_id=run_id,
+        broker=url,
+        out=out,
+        eval_shard=shards.test,
+        backend=config.backend,
+        round=config.round,
+        fleet=FleetConfig(min_devices=config.partition.devices, wait_s=120.0),
+    )
     try:
         summary = run_coordinator(coordinator, artifacts, progress=progress)
     finally:
@@ -229,4 +258,3 @@ def load_shard_set(shards: ShardSet) -> tuple[list[ArrayDataset], ArrayDataset]:
 
     devices = [ArrayDataset(*read_shard(p)[:2]) for p in shards.devices]
     return devices, ArrayDataset(*read_shard(shards.test)[:2])
-

@@ -25,8 +25,8 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from msfusion.coordinator.fleet.sizing import ModelSizes
-from msfusion.wire.protocol import ProfileEntry
 from msfusion.errors import ConfigError, MemoryBudgetExceeded
+from msfusion.wire.protocol import ProfileEntry
 
 RATIO_STEPS = 1024  # ratios are searched as multiples of 1/1024, like spec.ratio_for_budget
 
@@ -71,7 +71,9 @@ class MemoryModel:
         """Predicted peak bytes when training at `width_ratio` with `batch_size`."""
         params = self.sizes.param_count(width_ratio)
         activations = self.sizes.activation_elements(width_ratio)
-        return float(self.overhead_bytes + self.bytes_per_param * params + self.bytes_per_activation * activations * batch_size)
+        return float(
+            self.overhead_bytes + self.bytes_per_param * params + self.bytes_per_activation * activations * batch_size
+        )
 
 
 def _design_row(sizes: ModelSizes, width_ratio: float, batch_size: int) -> list[float]:

@@ -46,8 +46,8 @@ from msfusion.coordinator.fleet.memory_model import (
     samples_from_profile,
 )
 from msfusion.coordinator.fleet.sizing import ModelSizes
-from msfusion.wire.protocol import Heartbeat, ProfileReport, Registration, Welcome
 from msfusion.errors import ConfigError, MemoryBudgetExceeded
+from msfusion.wire.protocol import Heartbeat, ProfileReport, Registration, Welcome
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,9 @@ class Sizing:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.safety_margin < 1.0 or self.batch_size < 1:
-            raise ConfigError(f"safety_margin must be in [0, 1) and batch_size >= 1, got {self.safety_margin}, {self.batch_size}")
+            raise ConfigError(
+                f"safety_margin must be in [0, 1) and batch_size >= 1, got {self.safety_margin}, {self.batch_size}"
+            )
 
 
 def ratio_from_profile(profile: ProfileReport, budget_bytes: int, sizing: Sizing) -> tuple[float, MemoryModel]:
@@ -93,7 +95,9 @@ def ratio_from_profile(profile: ProfileReport, budget_bytes: int, sizing: Sizing
         MemoryBudgetExceeded: not even the narrowest sub-model fits.
     """
     if profile.model_key != sizing.model_key:
-        raise ConfigError(f"the profile is of model {profile.model_key or '(unnamed)'!r}, this run trains {sizing.model_key!r}")
+        raise ConfigError(
+            f"the profile is of model {profile.model_key or '(unnamed)'!r}, this run trains {sizing.model_key!r}"
+        )
     model = fit_memory_model(samples_from_profile(profile.entries), sizing.sizes)
     return largest_affordable_ratio(model, budget_bytes, sizing.batch_size, sizing.safety_margin), model
 
@@ -174,9 +178,12 @@ class Fleet:
             else:
                 log.info(
                     "device %s: profile fit %.0f MiB + %.1f B/param + %.2f B/activation (max error %.1f%%)",
-                    msg.device_id, model.overhead_bytes / 2**20, model.bytes_per_param, model.bytes_per_activation,
+                    msg.device_id,
+                    model.overhead_bytes / 2**20,
+                    model.bytes_per_param,
+                    model.bytes_per_activation,
                     100 * model.max_relative_error,
-                )  # fmt: skip
+                )
                 capped = min(ratio, capacity.max_width_ratio) if capacity.max_width_ratio is not None else ratio
                 return capped, "profile"
         return ratio_for_memory(self._spec, capacity.memory_budget_bytes, capacity.max_width_ratio), "budget"
@@ -212,10 +219,13 @@ class Fleet:
         )
         self.devices[msg.device_id] = record
         log.info(
-            "device %s registered: budget %d B -> width ratio %.4f (from its %s)%s", msg.device_id,
-            record.memory_budget_bytes, ratio, sized_by,
+            "device %s registered: budget %d B -> width ratio %.4f (from its %s)%s",
+            msg.device_id,
+            record.memory_budget_bytes,
+            ratio,
+            sized_by,
             f", capped at {record.memory_cap:.4f} after running out of memory" if record.memory_cap < ratio else "",
-        )  # fmt: skip
+        )
         return Welcome(run_id=self._run_id, device_id=msg.device_id, accepted=True)
 
     def width_ratio(self, device_id: str) -> float:
@@ -234,7 +244,9 @@ class Fleet:
         if record is None:
             return cap
         record.memory_cap = min(record.memory_cap, cap)
-        log.warning("device %s ran out of memory at width %.4f: capped at %.4f", device_id, failed_ratio, record.memory_cap)
+        log.warning(
+            "device %s ran out of memory at width %.4f: capped at %.4f", device_id, failed_ratio, record.memory_cap
+        )
         return record.memory_cap
 
     def heartbeat(self, msg: Heartbeat, now: float) -> None:
@@ -279,6 +291,4 @@ class Fleet:
 
     def snapshot(self, now: float) -> Sequence[tuple[str, str, float]]:
         """(device, state, progress) per device, for progress displays."""
-        return [
-            (d, r.state if self.online(d, now) else "offline", r.progress) for d, r in sorted(self.devices.items())
-        ]
+        return [(d, r.state if self.online(d, now) else "offline", r.progress) for d, r in sorted(self.devices.items())]

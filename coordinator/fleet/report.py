@@ -7,7 +7,7 @@ import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from msfusion.coordinator.fleet.rounds import RoundOutcome
 
@@ -33,6 +33,7 @@ class RunSummary:
         devices: per device: bytes down/up, peak RSS, failures, last failure.
         failures: "device: reason" for every failed or missing reply.
         paths: name -> path of each output (model, metrics, summary, plot, logs, checkpoint).
+        model_params: parameters of the global model.
     """
 
     ok: bool
@@ -44,6 +45,7 @@ class RunSummary:
     devices: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     failures: Sequence[str] = ()
     paths: Mapping[str, str] = field(default_factory=dict)
+    model_params: int = 0
 
 
 def append_metrics(out: Path, outcome: RoundOutcome, wall_s: float) -> None:
@@ -61,14 +63,25 @@ def read_metrics(out: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def device_totals(lines: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per device: bytes down and up over all rounds, peak RSS, and how its tasks ended."""
+def device_totals(
+    lines: Sequence[Mapping[str, Any]], params_at: Callable[[float], int] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Per device: bytes down and up over all rounds, peak RSS, how its tasks ended, and what it held.
+
+    `width_ratio` is the width it trained at in its last task; `params` the
+    sub-model's parameters there (`params_at(ratio)`, when given).
+    """
     totals: dict[str, dict[str, Any]] = {}
     for line in lines:
         for device, reply in line["replies"].items():
             entry = totals.setdefault(
                 device, {"bytes_down": 0, "bytes_up": 0, "peak_rss_bytes": 0, "merged": 0, "failed": 0}
             )
+            ratio = line.get("width_ratios", {}).get(device)
+            if ratio is not None:
+                entry["width_ratio"] = ratio
+                if params_at is not None:
+                    entry["params"] = params_at(ratio)
             entry["bytes_down"] += line["bytes_down"].get(device, 0)
             entry["bytes_up"] += line["bytes_up"].get(device, 0)
             entry["peak_rss_bytes"] = max(entry["peak_rss_bytes"], line["peak_rss_bytes"].get(device, 0))
@@ -79,11 +92,16 @@ def device_totals(lines: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any
 def history(lines: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """One entry per merged round: its index, test figures, overlap and how many slices were merged."""
     return [
-        {"round": line["round_idx"], "metrics": line["metrics"], "overlap": line["overlap"],
-         "merged": sum(1 for r in line["replies"].values() if r == "merged"), "devices": len(line["replies"])}
+        {
+            "round": line["round_idx"],
+            "metrics": line["metrics"],
+            "overlap": line["overlap"],
+            "merged": sum(1 for r in line["replies"].values() if r == "merged"),
+            "devices": len(line["replies"]),
+        }
         for line in lines
         if line["merged"]
-    ]  # fmt: skip
+    ]
 
 
 def failures(lines: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -98,6 +116,7 @@ def failures(lines: Sequence[Mapping[str, Any]]) -> list[str]:
 
 def write_summary(out: Path, summary: RunSummary) -> Path:
     """summary.json (NaN written as null)."""
+
     def clean(value: Any) -> Any:
         if isinstance(value, float) and not math.isfinite(value):
             return None

@@ -1,33 +1,43 @@
 """One round over the fleet, top to bottom: plan, export, slice, send, collect, merge, evaluate, adapt, checkpoint.
 
 `run_round` reproduces `ReferenceEngine.run_round` over MQTT: the same plan
-(devices in id order), the same per-device seeds (`engine.device_seed`), the
-same batches (the devices use `edge_runtime.batches`) and the same merge.
+(devices in id order), the same per-device seeds (`msfusion.recipe.device_seed`), the
+same batches (the devices use `msfusion.algorithm.batches`) and the same merge.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Mapping, Protocol
+from typing import Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
-from msfusion.coordinator.fleet.checkpoint import RunState, save_checkpoint, weights_digest
-from msfusion.data.datasets import ArrayDataset
-from msfusion.coordinator.reference.engine import EngineConfig, device_seed, evaluate
-from msfusion.coordinator.fleet.config import RoundConfig
-from msfusion.coordinator.fleet.link import CoordinatorLink, Inbound, Malformed, SliceArrived
 from msfusion.algorithm.merging import MergeAccumulator, SliceUpdate
 from msfusion.algorithm.overlap import next_overlap
 from msfusion.algorithm.planning import effective_ratios, plan_round
-from msfusion.coordinator.fleet.registry import Fleet
 from msfusion.algorithm.slicing import Weights, slice_weights
 from msfusion.algorithm.spec import IndexArray, ModelSpec
-from msfusion.wire.bulk import make_manifest
+from msfusion.coordinator.fleet.checkpoint import (
+    RunState,
+    save_checkpoint,
+    weights_digest,
+)
+from msfusion.coordinator.fleet.config import RoundConfig
+from msfusion.coordinator.fleet.link import (
+    CoordinatorLink,
+    Inbound,
+    Malformed,
+    SliceArrived,
+)
+from msfusion.coordinator.fleet.registry import Fleet
+from msfusion.data.datasets import ArrayDataset
+from msfusion.errors import ArtifactError, InvalidSlice
+from msfusion.models.evaluate import evaluate
+from msfusion.recipe import EngineConfig, device_seed
+from msfusion.wire.bulk import make_manifest, transfer_id
 from msfusion.wire.protocol import (
     AxisUnits,
     BulkRef,
@@ -39,7 +49,6 @@ from msfusion.wire.protocol import (
 )
 from msfusion.wire.transport import ConnectionChanged
 from msfusion.wire.weights import nbytes, pack_weights, unpack_weights
-from msfusion.errors import ArtifactError, InvalidSlice
 
 log = logging.getLogger(__name__)
 
@@ -106,12 +115,6 @@ class RoundOutcome:
     end_sha256: str = ""  # ... and of the merged weights (empty when not merged)
 
 
-def transfer_id(*parts: str) -> str:
-    """A transfer id from readable parts, hashed when too long for an id."""
-    text = "-".join(parts)
-    return text if len(text) <= 64 else "x-" + hashlib.sha256(text.encode()).hexdigest()[:40]
-
-
 def tensor_axes(spec: ModelSpec) -> dict[str, list[AxisUnits]]:
     """Per tensor, its split axes as the wire carries them."""
     return {
@@ -122,9 +125,15 @@ def tensor_axes(spec: ModelSpec) -> dict[str, list[AxisUnits]]:
 
 
 def make_task(
-    ctx: RoundContext, round_idx: int, task_id: str, device_id: str, index: int,
-    units: Mapping[str, IndexArray], artifact: BulkRef, weights: BulkRef,
-) -> TrainTask:  # fmt: skip
+    ctx: RoundContext,
+    round_idx: int,
+    task_id: str,
+    device_id: str,
+    index: int,
+    units: Mapping[str, IndexArray],
+    artifact: BulkRef,
+    weights: BulkRef,
+) -> TrainTask:
     """The task telling one device what to train this round."""
     cfg = ctx.engine
     return TrainTask(
@@ -144,7 +153,7 @@ def make_task(
         mu=cfg.loss.mu,
         tau=cfg.loss.tau,
         contrastive=cfg.loss.variant.value,
-        optimizer=cfg.local.optimizer,
+        optimizer=cfg.local.optimizer.name,
         seed=device_seed(cfg.seed, round_idx, index),
         deadline_s=ctx.round.deadline_s,
     )
@@ -202,10 +211,14 @@ def run_round(
         clock = now
 
     # Plan (the core): devices in id order, as the reference engine orders them.
+    # The overlap target adapts here, from the last merge's disagreement, exactly as in the reference engine.
+    overlap = next_overlap(ctx.engine.overlap, round_idx, state.overlap, state.disagreement)
     devices = ctx.fleet.participants(time.monotonic())
-    plan = plan_round(ctx.spec, devices, round_idx, state.overlap, ctx.engine.plan)
+    plan = plan_round(ctx.spec, devices, round_idx, overlap, ctx.engine.plan)
     # The ratio each device trains at (msfusion may plan one below what the device affords).
-    ratios = {d.device_id: float(r) for d, r in zip(devices, effective_ratios(devices, state.overlap, ctx.engine.plan.strategy))}
+    ratios = {
+        d.device_id: float(r) for d, r in zip(devices, effective_ratios(devices, overlap, ctx.engine.plan.strategy))
+    }
     lap("plan_s")
 
     # Export or reuse: one artifact per distinct sub-model shape.
@@ -267,7 +280,12 @@ def run_round(
     needed = max(1, int(np.ceil(ctx.round.quorum * len(sent))))
     if len(merged) < needed:
         log.warning(
-            "round %d attempt %d: %d of %d slices, quorum %d: not merged", round_idx, attempt, len(merged), len(sent), needed
+            "round %d attempt %d: %d of %d slices, quorum %d: not merged",
+            round_idx,
+            attempt,
+            len(merged),
+            len(sent),
+            needed,
         )
         return outcome, weights, state
     clock = time.perf_counter()
@@ -279,13 +297,8 @@ def run_round(
     outcome.metrics = evaluate(ctx.engine.model, new_weights, ctx.test, ctx.engine.eval_batch_size)
     lap("eval_s")
 
-    # Adapt the overlap target for the next round (as the reference engine does at its plan step).
-    next_state = replace(
-        state,
-        next_round=round_idx + 1,
-        overlap=next_overlap(ctx.engine.overlap, round_idx + 1, plan.overlap, report.disagreement),
-        disagreement=report.disagreement,
-    )
+    # The next round adapts the overlap from this one's target and measured disagreement.
+    next_state = replace(state, next_round=round_idx + 1, overlap=overlap, disagreement=report.disagreement)
 
     # Checkpoint: weights and state, so --resume continues bit for bit.
     save_checkpoint(ctx.checkpoint_dir, new_weights, next_state)
@@ -296,11 +309,6 @@ def run_round(
     outcome.disagreement = report.disagreement
     outcome.coverage = report.coverage
     return outcome, new_weights, next_state
-
-
-def first_overlap(engine: EngineConfig) -> float:
-    """The overlap target round 0 plans with (what the reference engine computes)."""
-    return float(next_overlap(engine.overlap, 0, engine.overlap.initial, None))
 
 
 def _collect(
@@ -316,16 +324,7 @@ def _collect(
     peak_rss: dict[str, int] = {}
     merge_s = 0.0
     last_tick = 0.0
-
-    def resend(device_id: str) -> None:
-        item = sent[device_id]
-        log.info("sending task %s to %s again", item.task.task_id, device_id)
-        ctx.link.send_task(item.task, item.weights)
-
-    while len(replies) < len(sent):
-        now = time.monotonic()
-        if now >= deadline:
-            break
+    while len(replies) < len(sent) and (now := time.monotonic()) < deadline:
         if ctx.on_tick is not None and now - last_tick >= 0.5:
             ctx.on_tick(sent[next(iter(sent))].task.round_idx, replies)
             last_tick = now
@@ -333,61 +332,65 @@ def _collect(
             if device_id in sent and device_id not in replies:
                 replies[device_id] = "failed: slice transfer incomplete"
                 ctx.fleet.note_failure(device_id, "slice transfer incomplete")
-        event = ctx.link.poll(min(0.5, deadline - now))
-        if event is None:
-            continue
-        now = time.monotonic()
-        if isinstance(event, ConnectionChanged):
-            if event.connected:  # after a broker outage: tasks or replies may be lost, ask again
-                for device_id in sent:
-                    if device_id not in replies:
-                        resend(device_id)
-            continue
-        if isinstance(event, Malformed):
-            ctx.fleet.seen(event.device_id, now)
-            continue
-        if isinstance(event, SliceArrived):
-            if event.device_id in replies:
-                continue
-            started = time.perf_counter()
-            replies[event.device_id] = _merge_slice(accumulator, sent[event.device_id], event)
-            merge_s += time.perf_counter() - started
-            peak_rss[event.device_id] = event.result.peak_rss_bytes
-            if replies[event.device_id] != "merged":
-                ctx.fleet.note_failure(event.device_id, replies[event.device_id])
-            continue
-        msg = event.message
-        device_id = event.device_id
-        if isinstance(msg, (SliceResult, TaskFailed)):
-            ctx.fleet.seen(device_id, now)
-            item = sent.get(device_id)
-            if item is None or msg.key != item.task.key:
-                log.info("dropped a stale %s from %s for task %s", type(msg).__name__, device_id, msg.task_id)
-                continue
-            if device_id in replies:
-                continue  # a redelivered reply: handled once
-            if isinstance(msg, TaskFailed):
-                replies[device_id] = f"failed: {msg.code}: {msg.reason}"
-                ctx.fleet.note_failure(device_id, f"{msg.code}: {msg.reason}")
-                if msg.code == "memory_budget":
-                    ctx.fleet.memory_exceeded(device_id, item.width_ratio)  # a narrower width from the next round on
-                continue
-            arrived = ctx.link.expect_slice(msg)
-            if arrived is not None:
+        match ctx.link.poll(min(0.5, deadline - now)):
+            case None:
+                pass
+            case ConnectionChanged(connected=True):  # after a broker outage: tasks or replies may be lost
+                _resend(ctx, sent, [d for d in sent if d not in replies])
+            case ConnectionChanged():
+                pass
+            case Malformed(device_id=device_id):
+                ctx.fleet.seen(device_id, time.monotonic())
+            case SliceArrived() as arrived if arrived.device_id in sent and arrived.device_id not in replies:
                 started = time.perf_counter()
-                replies[device_id] = _merge_slice(accumulator, item, arrived)
+                replies[arrived.device_id] = _merge_slice(accumulator, sent[arrived.device_id], arrived)
                 merge_s += time.perf_counter() - started
-                peak_rss[device_id] = msg.peak_rss_bytes
-            continue
-        came_back = isinstance(msg, Registration) and not event.retained and not ctx.fleet.online(device_id, now)
-        handle_fleet_message(ctx, event, now)
-        if came_back and device_id in sent and device_id not in replies:
-            resend(device_id)  # it went offline and restarted: whatever it held of this task is gone
+                peak_rss[arrived.device_id] = arrived.result.peak_rss_bytes
+                if replies[arrived.device_id] != "merged":
+                    ctx.fleet.note_failure(arrived.device_id, replies[arrived.device_id])
+            case SliceArrived():
+                pass  # a slice already answered for
+            case Inbound(message=SliceResult() | TaskFailed()) as inbound:
+                _on_reply(ctx, sent, replies, inbound)
+            case Inbound() as inbound:
+                came_back = isinstance(inbound.message, Registration) and not inbound.retained
+                came_back = came_back and not ctx.fleet.online(inbound.device_id, time.monotonic())
+                handle_fleet_message(ctx, inbound, time.monotonic())
+                if came_back and inbound.device_id in sent and inbound.device_id not in replies:
+                    _resend(ctx, sent, [inbound.device_id])  # it restarted: whatever it held of this task is gone
     ctx.link.forget_slices()
     for device_id in sent:
         if device_id not in replies:
             ctx.fleet.note_failure(device_id, "no reply before the round's deadline")
     return {d: replies.get(d, "no reply") for d in sent}, peak_rss, merge_s
+
+
+def _resend(ctx: RoundContext, sent: Mapping[str, _Sent], device_ids: Sequence[str]) -> None:
+    for device_id in device_ids:
+        item = sent[device_id]
+        log.info("sending task %s to %s again", item.task.task_id, device_id)
+        ctx.link.send_task(item.task, item.weights)
+
+
+def _on_reply(ctx: RoundContext, sent: Mapping[str, _Sent], replies: dict[str, str], inbound: Inbound) -> None:
+    """A device's reply: a failure is recorded; a result starts its slice's transfer (merged on `SliceArrived`)."""
+    msg = inbound.message
+    assert isinstance(msg, (SliceResult, TaskFailed))
+    device_id = inbound.device_id
+    ctx.fleet.seen(device_id, time.monotonic())
+    item = sent.get(device_id)
+    if item is None or msg.key != item.task.key:
+        log.info("dropped a stale %s from %s for task %s", type(msg).__name__, device_id, msg.task_id)
+        return
+    if device_id in replies:
+        return  # a redelivered reply: handled once
+    if isinstance(msg, SliceResult):
+        ctx.link.expect_slice(msg)
+        return
+    replies[device_id] = f"failed: {msg.code}: {msg.reason}"
+    ctx.fleet.note_failure(device_id, f"{msg.code}: {msg.reason}")
+    if msg.code == "memory_budget":
+        ctx.fleet.memory_exceeded(device_id, item.width_ratio)  # a narrower width from the next round on
 
 
 def _merge_slice(accumulator: MergeAccumulator, item: _Sent, arrived: SliceArrived) -> str:
@@ -401,4 +404,3 @@ def _merge_slice(accumulator: MergeAccumulator, item: _Sent, arrived: SliceArriv
         log.warning("rejected the slice of %s: %s", arrived.device_id, exc)
         return f"rejected: {exc}"
     return "merged"
-

@@ -13,20 +13,27 @@ import time
 from pathlib import Path
 from typing import Mapping, Protocol
 
+from msfusion.algorithm.slicing import Weights
+from msfusion.algorithm.spec import widths_for_ratio
 from msfusion.coordinator.fleet import report
 from msfusion.coordinator.fleet.checkpoint import RunState, load_checkpoint
 from msfusion.coordinator.fleet.config import CoordinatorConfig
-from msfusion.data.datasets import ArrayDataset
 from msfusion.coordinator.fleet.link import CoordinatorLink, Inbound
-from msfusion.models.registry import build_model, model_spec, state_to_numpy
-from msfusion.coordinator.fleet.rounds import ArtifactSource, RoundContext, RoundOutcome, first_overlap, handle_fleet_message, run_round
 from msfusion.coordinator.fleet.registry import Fleet, Sizing
-from msfusion.algorithm.slicing import Weights
-from msfusion.wire.protocol import RunControl
+from msfusion.coordinator.fleet.rounds import (
+    ArtifactSource,
+    RoundContext,
+    RoundOutcome,
+    handle_fleet_message,
+    run_round,
+)
+from msfusion.data.datasets import ArrayDataset
 from msfusion.data.shards import read_shard
+from msfusion.errors import ConfigError, DeviceLost, MsfusionError
+from msfusion.models.registry import build_model, model_spec, state_to_numpy
+from msfusion.wire.protocol import RunControl
 from msfusion.wire.transport import MqttTransport, parse_broker_url
 from msfusion.wire.weights import pack_weights
-from msfusion.errors import ConfigError, DeviceLost, MsfusionError
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +75,9 @@ def initial_state(config: CoordinatorConfig, resume: bool) -> tuple[Weights, Run
     if resume:
         weights, state = load_checkpoint(config.out / CHECKPOINT_DIR)
         if state.run_id != config.run_id or state.backend != config.backend:
-            raise ConfigError(f"checkpoint is of run {state.run_id}/{state.backend}, config says {config.run_id}/{config.backend}")
+            raise ConfigError(
+                f"checkpoint is of run {state.run_id}/{state.backend}, config says {config.run_id}/{config.backend}"
+            )
         log.info("resuming %s at round %d", state.run_id, state.next_round)
         return weights, state
     weights = state_to_numpy(build_model(config.engine.model, seed=config.engine.seed))
@@ -77,7 +86,7 @@ def initial_state(config: CoordinatorConfig, resume: bool) -> tuple[Weights, Run
         run_id=config.run_id,
         session=secrets.token_hex(4),
         next_round=0,
-        overlap=first_overlap(config.engine),
+        overlap=config.engine.overlap.initial,
         disagreement=None,
         backend=config.backend,
     )
@@ -90,8 +99,12 @@ def run_sizing(config: CoordinatorConfig) -> Sizing:
     from msfusion.coordinator.fleet.sizing import model_sizes
 
     engine = config.engine
-    return Sizing(model_sizes(engine.model), profile_key(engine, config.backend), engine.local.batch_size,
-                  config.fleet.memory_margin)  # fmt: skip
+    return Sizing(
+        model_sizes(engine.model),
+        profile_key(engine, config.backend),
+        engine.local.batch_size,
+        config.fleet.memory_margin,
+    )
 
 
 def wait_for_devices(ctx: RoundContext, needed: int, wait_s: float, progress: RunProgress | None) -> None:
@@ -157,9 +170,18 @@ def run_coordinator(
             progress.tick(round_idx, snapshot, replies)
 
     ctx = RoundContext(
-        run_id=config.run_id, backend=config.backend, engine=config.engine, round=config.round, spec=spec,
-        fleet=fleet, link=link, artifacts=artifacts, test=test, checkpoint_dir=out / CHECKPOINT_DIR, on_tick=tick,
-    )  # fmt: skip
+        run_id=config.run_id,
+        backend=config.backend,
+        engine=config.engine,
+        round=config.round,
+        spec=spec,
+        fleet=fleet,
+        link=link,
+        artifacts=artifacts,
+        test=test,
+        checkpoint_dir=out / CHECKPOINT_DIR,
+        on_tick=tick,
+    )
     ok, reason = True, ""
     try:
         while state.next_round < config.engine.rounds:
@@ -173,7 +195,9 @@ def run_coordinator(
                 if outcome.merged:
                     break
             else:
-                raise RoundFailed(f"round {state.next_round} stayed below quorum in {config.round.max_attempts} attempts")
+                raise RoundFailed(
+                    f"round {state.next_round} stayed below quorum in {config.round.max_attempts} attempts"
+                )
     except (NotEnoughDevices, RoundFailed) as exc:
         ok, reason = False, str(exc)
         log.error("run failed: %s", exc)
@@ -181,7 +205,12 @@ def run_coordinator(
         if stop_devices:
             for device_id in sorted(fleet.devices):
                 try:
-                    link.send(device_id, RunControl(run_id=config.run_id, device_id=device_id, command="stop", reason=reason or "run finished"))
+                    link.send(
+                        device_id,
+                        RunControl(
+                            run_id=config.run_id, device_id=device_id, command="stop", reason=reason or "run finished"
+                        ),
+                    )
                 except MsfusionError as exc:
                     log.warning("could not tell %s to stop: %s", device_id, exc)
         transport.close()
@@ -191,6 +220,7 @@ def run_coordinator(
 def finish(config: CoordinatorConfig, weights: Weights, ok: bool, reason: str) -> report.RunSummary:
     """Write the final model, plot and summary.json; return the summary."""
     out = config.out
+    spec = model_spec(config.engine.model)
     (out / report.MODEL_FILE).write_bytes(pack_weights(weights))
     lines = report.read_metrics(out)
     plot = report.plot_accuracy(out, lines)
@@ -212,9 +242,10 @@ def finish(config: CoordinatorConfig, weights: Weights, ok: bool, reason: str) -
         rounds=len(merged),
         final_metrics=merged[-1]["metrics"] if merged else {},
         history=report.history(lines),
-        devices=report.device_totals(lines),
+        devices=report.device_totals(lines, lambda r: spec.param_count(widths_for_ratio(spec, r))),
         failures=report.failures(lines),
         paths=paths,
+        model_params=spec.param_count(),
     )
     report.write_summary(out, summary)
     return summary

@@ -10,109 +10,35 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
 import torch
 
-from msfusion.data.datasets import ArrayDataset
-from msfusion.algorithm.inference import CoHoldStats
-from msfusion.models.objective import ContrastiveVariant, LocalObjective, cross_entropy
-from msfusion.algorithm.merging import MergeReport, SliceUpdate, merge_slices
-from msfusion.models.registry import ModelConfig, build_model, flops_per_sample, load_numpy, model_spec, scale_gradients, scaled_parameters, state_to_numpy
-from msfusion.algorithm.overlap import OverlapConfig, next_overlap
-from msfusion.algorithm.planning import DeviceSlot, PlanConfig, SplitPlan, plan_round
-from msfusion.algorithm.slicing import Weights, slice_weights, tensor_indices
-from msfusion.algorithm.spec import ModelSpec
 from msfusion.algorithm.batches import batch_indices, samples_per_epoch
 from msfusion.algorithm.indexing import TensorIndex, reslice_previous
+from msfusion.algorithm.inference import CoHoldStats
+from msfusion.algorithm.merging import MergeReport, SliceUpdate, merge_slices
+from msfusion.algorithm.overlap import next_overlap
+from msfusion.algorithm.planning import DeviceSlot, SplitPlan, plan_round
+from msfusion.algorithm.slicing import Weights, slice_weights, tensor_indices
+from msfusion.algorithm.spec import ModelSpec
+from msfusion.data.datasets import ArrayDataset
 from msfusion.errors import ConfigError
+from msfusion.models.config import LossConfig, ModelConfig
+from msfusion.models.evaluate import evaluate
+from msfusion.models.objective import build_objective, train_objective
+from msfusion.models.registry import (
+    build_model,
+    flops_per_sample,
+    model_spec,
+    state_to_numpy,
+)
+from msfusion.recipe import EngineConfig, LocalTrainConfig, device_id, device_seed
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class LocalTrainConfig:
-    """Local training on a device.
-
-    Attributes:
-        epochs: local epochs E per round.
-        batch_size: samples per step.
-        lr: learning rate.
-        optimizer: "sgd" (with momentum) or "adamw".
-        momentum: SGD momentum.
-        weight_decay: AdamW / SGD weight decay.
-        max_samples: cap on samples per epoch (0 = the whole shard).
-        scaler_compensation: SGD: multiply scaled layers' weight gradients by
-            1/s (`SplitModel.gradient_scales`), so a sub-model trains at the
-            learning rate of the small model it is.
-    """
-
-    epochs: int = 1
-    batch_size: int = 32
-    lr: float = 0.05
-    optimizer: str = "sgd"
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    max_samples: int = 1000
-    scaler_compensation: bool = True
-
-    @property
-    def compensates(self) -> bool:
-        """Whether scaled weights' gradients are multiplied by 1/s (SGD with compensation on)."""
-        return self.optimizer == "sgd" and self.scaler_compensation
-
-    def __post_init__(self) -> None:
-        if self.optimizer not in ("sgd", "adamw"):
-            raise ConfigError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ConfigError("epochs, batch_size must be >= 1 and lr > 0")
-
-
-@dataclass(frozen=True)
-class LossConfig:
-    """The local objective's contrastive term (msfusion.md, section 5)."""
-
-    variant: ContrastiveVariant = ContrastiveVariant.OFF
-    mu: float = 0.1
-    tau: float = 0.5
-
-    @property
-    def active(self) -> bool:
-        """Whether the contrastive term is on."""
-        return self.variant is not ContrastiveVariant.OFF and self.mu > 0
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """One federated training run.
-
-    Attributes:
-        model: the global model's architecture.
-        plan: strategy and shift knobs.
-        overlap: overlap target knobs (msfusion).
-        local: local training knobs.
-        loss: contrastive term knobs.
-        rounds: number of rounds.
-        seed: seeds the global model's initialization and every local run.
-        eval_batch_size: batch size for evaluation.
-        eval_window: also evaluate the first device's window as a standalone model.
-        eval_expected: also evaluate the expected-sub-model full model
-            (msfusion/algorithm/inference.py).
-    """
-
-    model: ModelConfig
-    plan: PlanConfig = field(default_factory=PlanConfig)
-    overlap: OverlapConfig = field(default_factory=OverlapConfig)
-    local: LocalTrainConfig = field(default_factory=LocalTrainConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    rounds: int = 10
-    seed: int = 0
-    eval_batch_size: int = 500
-    eval_window: bool = False
-    eval_expected: bool = False
 
 
 @dataclass(frozen=True)
@@ -139,18 +65,9 @@ class RoundRecord:
     rejected: Mapping[str, str]
     mean_local_loss: float
     wall_s: float
-
-
-def device_seed(run_seed: int, round_idx: int, device_index: int) -> int:
-    """The seed of one device's local run in one round (same on every engine)."""
-    return int(np.random.SeedSequence([run_seed, round_idx, device_index]).generate_state(1)[0])
-
-
-def make_optimizer(params: list[torch.nn.Parameter], cfg: LocalTrainConfig) -> torch.optim.Optimizer:
-    """The local optimizer the exported artifacts implement too."""
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    variant_metrics: Mapping[str, Mapping[str, float]] = field(default_factory=dict)  # test figures per variant
+    validation_metrics: Mapping[str, Mapping[str, float]] = field(default_factory=dict)  # ... on validation data
+    deployable: str = "merged"  # the variant the run would output now (docs/algorithm.md, "The deployable model")
 
 
 def local_train(
@@ -162,6 +79,7 @@ def local_train(
     train_cfg: LocalTrainConfig,
     loss_cfg: LossConfig,
     seed: int,
+    device: torch.device | None = None,
 ) -> LocalResult:
     """Train one sub-model locally, as a device would (the PyTorch reference).
 
@@ -176,66 +94,22 @@ def local_train(
         train_cfg: local training knobs.
         loss_cfg: contrastive term knobs.
         seed: the batch-order seed.
+        device: where to train (default CPU); the result is on the CPU.
 
     Returns:
         Trained weights, samples per epoch trained, and the per-step losses.
     """
     torch.manual_seed(seed)
-    model = build_model(model_cfg, widths)
-    load_numpy(model, start)
-    global_ref = prev_ref = None
-    if loss_cfg.active:
-        global_ref = build_model(model_cfg, widths)
-        load_numpy(global_ref, start)
-        if loss_cfg.variant is ContrastiveVariant.MOON:
-            prev_ref = build_model(model_cfg, widths)
-            load_numpy(prev_ref, previous if previous is not None else start)
-    objective = LocalObjective(model, global_ref, prev_ref, loss_cfg.mu, loss_cfg.tau, loss_cfg.variant)
-    objective.train()
-    optimizer = make_optimizer(list(model.parameters()), train_cfg)
-    compensated = scaled_parameters(model, model.gradient_scales() if train_cfg.compensates else {})
-    x_all = torch.from_numpy(data.x)
-    y_all = torch.from_numpy(data.y)
-    losses: list[float] = []
-    for idx in batch_indices(len(data), train_cfg.batch_size, train_cfg.epochs, seed, train_cfg.max_samples):
-        index = torch.from_numpy(idx)
-        loss = objective(x_all[index], y_all[index])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        scale_gradients(compensated)
-        optimizer.step()
-        losses.append(float(loss.detach()))
+    objective = build_objective(model_cfg, widths, loss_cfg, start, start, previous)
+    if device is not None and device.type != "cpu":
+        objective.to(device)
+    x_all = torch.from_numpy(data.x).to(device or "cpu")
+    y_all = torch.from_numpy(data.y).to(device or "cpu")
+    order = batch_indices(len(data), train_cfg.batch_size, train_cfg.epochs, seed, train_cfg.max_samples)
+    batches = ((x_all[index], y_all[index]) for index in (torch.from_numpy(i).to(x_all.device) for i in order))
+    losses = train_objective(objective, batches, train_cfg.optimizer, train_cfg.lr)
     n_samples = samples_per_epoch(len(data), train_cfg.batch_size, train_cfg.max_samples)
-    return LocalResult(state_to_numpy(model), n_samples, tuple(losses))
-
-
-@torch.no_grad()
-def evaluate(
-    model_cfg: ModelConfig,
-    weights: Mapping[str, npt.NDArray[np.float32]],
-    data: ArrayDataset,
-    batch_size: int = 500,
-    widths: Mapping[str, int] | None = None,
-) -> dict[str, float]:
-    """Test figures of a model: loss and accuracy (classification) or perplexity (LM)."""
-    model = build_model(model_cfg, widths)
-    load_numpy(model, weights)
-    model.eval()
-    total_loss = 0.0
-    correct = 0
-    count = 0
-    for start in range(0, len(data), batch_size):
-        x = torch.from_numpy(data.x[start : start + batch_size])
-        y = torch.from_numpy(data.y[start : start + batch_size])
-        logits, _ = model(x)
-        n = int(y.numel())
-        total_loss += float(cross_entropy(logits, y)) * n
-        correct += int((logits.argmax(-1) == y).sum())
-        count += n
-    loss = total_loss / max(count, 1)
-    if model_cfg.task == "lm":
-        return {"loss": loss, "perplexity": float(np.exp(loss)), "accuracy": correct / max(count, 1)}
-    return {"loss": loss, "accuracy": correct / max(count, 1)}
+    return LocalResult(state_to_numpy(objective.model), n_samples, tuple(losses))
 
 
 @dataclass
@@ -255,6 +129,9 @@ class ReferenceEngine:
         test: held-out data for evaluation.
         max_ratios: per device, the largest width ratio it affords.
         initial: optional starting global weights (default: seeded init).
+        validation: held out of training and of the test set; chooses the
+            deployable variant (None: the merged model is deployed).
+        device: torch device for local training and evaluation ("cpu", "cuda").
     """
 
     def __init__(
@@ -264,6 +141,8 @@ class ReferenceEngine:
         test: ArrayDataset,
         max_ratios: Sequence[float],
         initial: Mapping[str, npt.NDArray[np.float32]] | None = None,
+        validation: ArrayDataset | None = None,
+        device: str = "cpu",
     ) -> None:
         if len(shards) != len(max_ratios):
             raise ConfigError(f"{len(shards)} shards but {len(max_ratios)} device ratios")
@@ -271,7 +150,11 @@ class ReferenceEngine:
         self.spec: ModelSpec = model_spec(config.model)
         self.shards = list(shards)
         self.test = test
-        self.devices = [DeviceSlot(f"dev{i:03d}", r) for i, r in enumerate(max_ratios)]
+        self.validation = validation
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device 'cuda' was asked for but torch sees no CUDA device")
+        self.devices = [DeviceSlot(device_id(i), r) for i, r in enumerate(max_ratios)]
         self.weights: Weights = (
             {n: np.array(a, np.float32) for n, a in initial.items()}
             if initial is not None
@@ -320,6 +203,7 @@ class ReferenceEngine:
                 self.config.local,
                 self.config.loss,
                 device_seed(self.config.seed, round_idx, index),
+                device=self.device,
             )
             memory.weights, memory.index = result.weights, index_now
             updates.append(SliceUpdate(device.device_id, round_idx, units, result.weights, result.n_samples))
@@ -327,19 +211,45 @@ class ReferenceEngine:
             local_losses.extend(result.loss_curve)
         self.weights, report = merge_slices(self.weights, self.spec, updates, round_idx)
         self.disagreement = report.disagreement
-        metrics = evaluate(self.config.model, self.weights, self.test, self.config.eval_batch_size)
-        window = self.evaluate_window(plan) if self.config.eval_window else {}
-        expected = (
-            evaluate(self.config.model, self.cohold.expected_weights(self.weights), self.test, self.config.eval_batch_size)
-            if self.config.eval_expected
-            else {}
-        )
+        evaluated = (round_idx + 1) % self.config.eval_every == 0 or round_idx + 1 >= self.config.rounds
+        variants = self.variants(plan) if evaluated else {}
+        scored = {name: self._evaluate(w, self.test, widths) for name, (w, widths) in variants.items()}
+        checked = {}
+        if self.validation is not None:
+            checked = {name: self._evaluate(w, self.validation, widths) for name, (w, widths) in variants.items()}
+        metrics = scored.get("merged", {})
+        window = scored.get("window", {})
+        expected = scored.get("expected", {})
         record = self._record(
             round_idx, plan, report, metrics, window, expected, local_losses, time.perf_counter() - t0
         )
+        if evaluated:
+            record = replace(
+                record, variant_metrics=scored, validation_metrics=checked, deployable=choose_deployable(checked)
+            )
         self.history.append(record)
         log.info("round %d: %s overlap %.3f disagreement %.3f", round_idx, metrics, plan.overlap, report.disagreement)
         return record
+
+    def variants(self, plan: SplitPlan) -> dict[str, tuple[Weights, dict[str, int] | None]]:
+        """The models a round can be scored as: merged full model, co-hold weighted full model, one window."""
+        out: dict[str, tuple[Weights, dict[str, int] | None]] = {"merged": (self.weights, None)}
+        if self.config.eval_expected:
+            out["expected"] = (self.cohold.expected_weights(self.weights), None)
+        if self.config.eval_window:
+            first = self.devices[0].device_id
+            out["window"] = (slice_weights(self.weights, self.spec, plan.units(first)), plan.widths(first))
+        return out
+
+    def deployable_weights(self) -> tuple[str, Weights]:
+        """The full model the run outputs: the variant chosen on validation data at the last evaluated round."""
+        chosen = next((r.deployable for r in reversed(self.history) if r.variant_metrics), "merged")
+        if chosen == "expected":
+            return chosen, self.cohold.expected_weights(self.weights)
+        return "merged", self.weights
+
+    def _evaluate(self, weights: Weights, data: ArrayDataset, widths: Mapping[str, int] | None) -> dict[str, float]:
+        return evaluate(self.config.model, weights, data, self.config.eval_batch_size, widths, device=self.device)
 
     def evaluate_window(self, plan: SplitPlan) -> dict[str, float]:
         """The second figure (msfusion.md, section 6): the first device's window of the
@@ -381,6 +291,24 @@ class ReferenceEngine:
             if on_round is not None:
                 on_round(record)
         return self.history
+
+
+def choose_deployable(validation: Mapping[str, Mapping[str, float]]) -> str:
+    """The deployable full model: of the merged and the co-hold weighted model, the better on validation data.
+
+    Perplexity (lower) for a language model, else accuracy (higher); a tie,
+    or no validation figures, keeps the merged model (docs/algorithm.md,
+    "The deployable model"). A window is a sub-model, never deployed as the full model.
+    """
+    candidates = {k: v for k, v in validation.items() if k in ("merged", "expected")}
+    if "merged" not in candidates:
+        return "merged"
+
+    def score(metrics: Mapping[str, float]) -> float:
+        return -metrics["perplexity"] if "perplexity" in metrics else metrics["accuracy"]
+
+    best = max(candidates, key=lambda k: (score(candidates[k]), k == "merged"))
+    return best
 
 
 @dataclass(frozen=True)

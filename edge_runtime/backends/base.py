@@ -8,8 +8,8 @@ from typing import Mapping, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from msfusion.wire.artifacts import ArtifactKind, ArtifactManifest
 from msfusion.errors import ArtifactError
+from msfusion.wire.artifacts import ArtifactKind, ArtifactManifest
 
 
 class TrainingBackend(Protocol):

@@ -25,8 +25,13 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from msfusion.wire.artifacts import ArtifactKind, ArtifactManifest, check_tensors, verify_files
 from msfusion.errors import ArtifactError
+from msfusion.wire.artifacts import (
+    ArtifactKind,
+    ArtifactManifest,
+    check_tensors,
+    verify_files,
+)
 
 PROGRAM = "program.pte"
 METHOD = "forward"
@@ -146,9 +151,13 @@ class ExecuTorchBackend:
             return
         if self._optimizer is None:
             self._optimizer = torch.optim.AdamW(
-                list(self._params.values()), lr=lr, betas=config.betas, eps=config.eps,
-                weight_decay=config.weight_decay, foreach=False,
-            )  # fmt: skip
+                list(self._params.values()),
+                lr=lr,
+                betas=config.betas,
+                eps=config.eps,
+                weight_decay=config.weight_decay,
+                foreach=False,
+            )
         for group in self._optimizer.param_groups:
             group["lr"] = lr
         for name, tensor in self._params.items():

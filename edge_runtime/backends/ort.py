@@ -28,12 +28,20 @@ from typing import Any, Mapping
 import numpy as np
 import numpy.typing as npt
 from onnxruntime.capi import _pybind_state as ort
-from onnxruntime.capi.onnxruntime_inference_collection import OrtValue, get_ort_device_type
+from onnxruntime.capi.onnxruntime_inference_collection import (
+    OrtValue,
+    get_ort_device_type,
+)
 from onnxruntime.capi.onnxruntime_pybind11_state import OrtValueVector
 
-from msfusion.wire.artifacts import ArtifactKind, ArtifactManifest, check_tensors, verify_files
-from msfusion.wire.weights import unpack_weights
 from msfusion.errors import ArtifactError
+from msfusion.wire.artifacts import (
+    ArtifactKind,
+    ArtifactManifest,
+    check_tensors,
+    verify_files,
+)
+from msfusion.wire.weights import unpack_weights
 
 TRAINING_MODEL = "training_model.onnx"
 EVAL_MODEL = "eval_model.onnx"

@@ -24,9 +24,9 @@ from typing import Mapping
 import numpy as np
 import numpy.typing as npt
 
+from msfusion.algorithm.indexing import open_index
 from msfusion.algorithm.slicing import Weights
 from msfusion.algorithm.spec import IndexArray, ModelSpec
-from msfusion.algorithm.indexing import open_index
 from msfusion.errors import ConfigError
 
 

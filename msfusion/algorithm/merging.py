@@ -14,9 +14,9 @@ from typing import Mapping, Sequence
 import numpy as np
 import numpy.typing as npt
 
+from msfusion.algorithm.indexing import open_index
 from msfusion.algorithm.slicing import Weights
 from msfusion.algorithm.spec import IndexArray, ModelSpec
-from msfusion.algorithm.indexing import open_index
 from msfusion.errors import InvalidSlice
 
 

@@ -7,8 +7,8 @@ from typing import Mapping
 import numpy as np
 import numpy.typing as npt
 
-from msfusion.algorithm.spec import IndexArray, ModelSpec
 from msfusion.algorithm.indexing import TensorIndex, take
+from msfusion.algorithm.spec import IndexArray, ModelSpec
 from msfusion.errors import ConfigError
 
 Weights = dict[str, npt.NDArray[np.float32]]

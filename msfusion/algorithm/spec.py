@@ -60,9 +60,7 @@ class ModelSpec:
     arch: str
     shapes: Mapping[str, tuple[int, ...]]
     groups: tuple[WidthGroup, ...]
-    _axis_owner: Mapping[tuple[str, int], tuple[str, int]] = field(
-        init=False, repr=False, compare=False
-    )
+    _axis_owner: Mapping[tuple[str, int], tuple[str, int]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         owner: dict[tuple[str, int], tuple[str, int]] = {}
@@ -102,9 +100,7 @@ class ModelSpec:
 
     def sliced_axes(self, tensor: str) -> dict[int, tuple[str, int]]:
         """Map axis -> (group, unit_size) for the grouped axes of `tensor`."""
-        return {
-            axis: owner for (name, axis), owner in self._axis_owner.items() if name == tensor
-        }
+        return {axis: owner for (name, axis), owner in self._axis_owner.items() if name == tensor}
 
     def sub_shape(self, tensor: str, widths: Mapping[str, int]) -> tuple[int, ...]:
         """Shape of `tensor` in a sub-model holding `widths[g]` units of each group."""
@@ -118,9 +114,7 @@ class ModelSpec:
         widths = self.group_sizes if widths is None else widths
         return sum(int(np.prod(self.sub_shape(t, widths))) for t in self.shapes)
 
-    def tensor_index(
-        self, tensor: str, units: Mapping[str, IndexArray]
-    ) -> dict[int, IndexArray]:
+    def tensor_index(self, tensor: str, units: Mapping[str, IndexArray]) -> dict[int, IndexArray]:
         """Element indices along each grouped axis of `tensor` for the given unit sets.
 
         Args:

@@ -24,8 +24,6 @@ agree with `meta.json` and raises `DataError` otherwise.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import zipfile
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -34,6 +32,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from msfusion.atomic import atomic_write
 from msfusion.errors import DataError
 
 FORMAT_VERSION = 1
@@ -56,17 +55,6 @@ class ShardMeta:
     created: str
     format_version: int = FORMAT_VERSION
     extra: Mapping[str, Any] = field(default_factory=dict)
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_shard(directory: str | Path, x: np.ndarray, y: np.ndarray, meta: Mapping[str, Any]) -> ShardMeta:
@@ -113,8 +101,8 @@ def write_shard(directory: str | Path, x: np.ndarray, y: np.ndarray, meta: Mappi
         raise DataError(f"shard meta is not JSON-serializable: {exc}") from exc
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
-    _atomic_write(folder / DATA_FILE, lambda handle: np.savez(handle, x=x, y=y))
-    _atomic_write(folder / META_FILE, lambda handle: handle.write(text.encode("utf-8")))
+    atomic_write(folder / DATA_FILE, lambda handle: np.savez(handle, x=x, y=y))
+    atomic_write(folder / META_FILE, lambda handle: handle.write(text.encode("utf-8")))
     return info
 
 

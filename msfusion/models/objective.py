@@ -8,21 +8,19 @@ exporters turn into on-device training artifacts.
 
 from __future__ import annotations
 
-import enum
+from typing import Iterable, Mapping
 
+import numpy as np
+import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from msfusion.errors import ConfigError
-
-
-class ContrastiveVariant(str, enum.Enum):
-    """Which contrastive term is added to the cross-entropy."""
-
-    OFF = "off"  # plain cross-entropy
-    POSITIVE = "positive"  # pull towards the global sub-model only: (1 - sim(z, z_glob)) / tau
-    MOON = "moon"  # MOON: towards global, away from the previous local sub-model
+from msfusion.models.config import ContrastiveVariant, LossConfig, ModelConfig
+from msfusion.models.layers import SplitModel, scale_gradients, scaled_parameters
+from msfusion.models.registry import build_model, load_numpy
+from msfusion.wire.artifacts import OptimizerConfig
 
 
 def contrastive_term(
@@ -70,7 +68,7 @@ class LocalObjective(nn.Module):
 
     def __init__(
         self,
-        model: nn.Module,
+        model: SplitModel,
         global_ref: nn.Module | None = None,
         prev_ref: nn.Module | None = None,
         mu: float = 0.0,
@@ -106,3 +104,77 @@ class LocalObjective(nn.Module):
         z_glob = self.global_ref(x)[1].detach()
         z_prev = self.prev_ref(x)[1].detach() if self.prev_ref is not None else None
         return loss + self.mu * contrastive_term(z, z_glob, z_prev, self.tau, self.variant)
+
+
+def build_objective(
+    model_cfg: ModelConfig,
+    widths: Mapping[str, int],
+    loss: LossConfig,
+    trainable: Mapping[str, npt.NDArray[np.float32]],
+    global_ref: Mapping[str, npt.NDArray[np.float32]] | None = None,
+    prev_ref: Mapping[str, npt.NDArray[np.float32]] | None = None,
+) -> LocalObjective:
+    """The local objective of a sub-model, as both the exporters and the reference use it.
+
+    Args:
+        model_cfg: architecture.
+        widths: units per group of the sub-model.
+        loss: contrastive knobs.
+        trainable: the sub-model's weights (spec names).
+        global_ref: the frozen global sub-model (needed when the term is on).
+        prev_ref: the frozen previous local sub-model (MOON; None uses `global_ref`).
+
+    Returns:
+        The objective in training mode; only `objective.model` requires grad.
+    """
+    model = build_model(model_cfg, widths)
+    load_numpy(model, trainable)
+    global_model = prev_model = None
+    if loss.active:
+        if global_ref is None:
+            raise ConfigError("the contrastive term needs the global reference weights")
+        global_model = build_model(model_cfg, widths)
+        load_numpy(global_model, global_ref)
+        if loss.variant is ContrastiveVariant.MOON:
+            prev_model = build_model(model_cfg, widths)
+            load_numpy(prev_model, prev_ref if prev_ref is not None else global_ref)
+    objective = LocalObjective(model, global_model, prev_model, loss.mu, loss.tau, loss.variant)
+    objective.train()
+    return objective
+
+
+def make_optimizer(params: list[torch.nn.Parameter], optimizer: OptimizerConfig, lr: float) -> torch.optim.Optimizer:
+    """The one torch optimizer factory: what every artifact's optimizer reproduces and the reference engine runs."""
+    if optimizer.name == "adamw":
+        return torch.optim.AdamW(
+            params, lr=lr, betas=optimizer.betas, eps=optimizer.eps, weight_decay=optimizer.weight_decay
+        )
+    return torch.optim.SGD(params, lr=lr, momentum=optimizer.momentum, weight_decay=optimizer.weight_decay)
+
+
+def train_objective(
+    objective: LocalObjective,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    optimizer: OptimizerConfig,
+    lr: float,
+) -> list[float]:
+    """The reference local training loop: one optimizer step per batch, scaler compensation included.
+
+    Both the reference engine (`coordinator/reference/engine.py`) and artifact
+    validation (`export/validate.py`) train through this loop, so an artifact
+    is checked against exactly what the engine runs.
+
+    Returns:
+        The loss of every step (before its update); `objective.model` holds the trained weights.
+    """
+    opt = make_optimizer(list(objective.model.parameters()), optimizer, lr)
+    compensated = scaled_parameters(objective.model, objective.model.gradient_scales() if optimizer.compensates else {})
+    losses = []
+    for x, y in batches:
+        value = objective(x, y)
+        opt.zero_grad(set_to_none=True)
+        value.backward()
+        scale_gradients(compensated)
+        opt.step()
+        losses.append(float(value.detach()))
+    return losses

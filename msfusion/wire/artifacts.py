@@ -28,6 +28,7 @@ from typing import Any, Mapping
 import numpy as np
 import numpy.typing as npt
 
+from msfusion.algorithm.slicing import Weights
 from msfusion.errors import ArtifactError, ConfigError
 
 MANIFEST_NAME = "manifest.json"
@@ -35,8 +36,6 @@ FORMAT_VERSION = 2
 GLOBAL_REF_PREFIX = "global_ref."
 PREV_REF_PREFIX = "prev_ref."
 _MAX_FILES = 64
-
-Weights = dict[str, npt.NDArray[np.float32]]
 
 
 class ArtifactKind(str, enum.Enum):
@@ -231,8 +230,7 @@ def sha256_file(path: Path) -> str:
 def describe_files(directory: Path, names: list[str]) -> tuple[ArtifactFile, ...]:
     """`ArtifactFile` entries (sha256, size) for the named files in `directory`."""
     return tuple(
-        ArtifactFile(name, sha256_file(directory / name), (directory / name).stat().st_size)
-        for name in sorted(names)
+        ArtifactFile(name, sha256_file(directory / name), (directory / name).stat().st_size) for name in sorted(names)
     )
 
 
@@ -386,9 +384,7 @@ def reference_weights(
     return out
 
 
-def check_tensors(
-    kind: str, expected: tuple[TensorInfo, ...], given: Mapping[str, npt.NDArray[Any]]
-) -> None:
+def check_tensors(kind: str, expected: tuple[TensorInfo, ...], given: Mapping[str, Any]) -> None:
     """Check that `given` holds exactly the `expected` names with their shapes.
 
     Raises:

@@ -17,6 +17,7 @@ import time
 from collections import OrderedDict, deque
 from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
+from msfusion.errors import ArtifactError, DeviceLost, ProtocolError
 from msfusion.wire.protocol import (
     MAX_CHUNK_BYTES,
     BulkKind,
@@ -27,7 +28,6 @@ from msfusion.wire.protocol import (
     encode,
 )
 from msfusion.wire.transport import Event, Received
-from msfusion.errors import ArtifactError, DeviceLost, ProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,12 @@ class BulkTransport(Protocol):
 
 def sha256_hex(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def transfer_id(prefix: str, *parts: str) -> str:
+    """A transfer id: `prefix-part-part...`, or `prefix-<sha256[:40]>` of it when too long for an id (64)."""
+    text = "-".join((prefix, *parts))
+    return text if len(text) <= 64 else f"{prefix}-" + hashlib.sha256(text.encode()).hexdigest()[:40]
 
 
 def make_manifest(transfer_id: str, kind: BulkKind, data: bytes, chunk_bytes: int = MAX_CHUNK_BYTES) -> BulkRef:

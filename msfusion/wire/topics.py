@@ -31,8 +31,8 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
-from msfusion.wire.protocol import ID_PATTERN
 from msfusion.errors import ProtocolError
+from msfusion.wire.protocol import ID_PATTERN
 
 PREFIX = "msfusion"
 

@@ -19,12 +19,11 @@ import numpy.typing as npt
 import safetensors
 import safetensors.numpy
 
+from msfusion.algorithm.slicing import Weights
 from msfusion.errors import ArtifactError, InvalidSlice
 
 FORMAT = "msfusion-weights-1"
 _MAX_HEADER_BYTES = 100 << 20
-
-Weights = dict[str, npt.NDArray[np.float32]]
 
 
 def _digest(weights: Mapping[str, npt.NDArray[np.float32]]) -> str:

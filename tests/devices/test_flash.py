@@ -13,24 +13,24 @@ import pytest
 from packaging.tags import compatible_tags, cpython_tags
 from packaging.utils import parse_wheel_filename
 
+from msfusion.data.shards import write_shard
 from msfusion.devices import units
 from msfusion.devices.flash import (
     BundleManifest,
     BundleOptions,
     DeviceSettings,
+    SshTarget,
     build_bundle,
     device_config,
     install_bundle,
     install_over_ssh,
     read_manifest,
     rootfs_arch,
-    SshTarget,
     ssh_commands,
 )
 from msfusion.devices.profiles import BUILTIN_PROFILES, MIB
 from msfusion.devices.wheelhouse import BundleError
 from msfusion.edge_runtime.config import load_device_config
-from msfusion.data.shards import write_shard
 from msfusion.errors import ConfigError
 
 PC = BUILTIN_PROFILES["x86_64-generic"]
@@ -102,7 +102,12 @@ def test_device_config_is_what_the_daemon_loads(pc_bundle: tuple[Path, BundleMan
 
 
 def test_device_config_checks_the_budget_and_ids() -> None:
-    assert device_config(RPI, DeviceSettings("d1", "r1", "mqtt://h:1883", memory_budget_bytes=512 * MIB)).memory_budget_bytes == 512 * MIB
+    assert (
+        device_config(
+            RPI, DeviceSettings("d1", "r1", "mqtt://h:1883", memory_budget_bytes=512 * MIB)
+        ).memory_budget_bytes
+        == 512 * MIB
+    )
     with pytest.raises(ConfigError, match="exceeds"):
         device_config(RPI, DeviceSettings("d1", "r1", "mqtt://h:1883", memory_budget_bytes=4 << 30))
     with pytest.raises(ConfigError):
@@ -116,9 +121,14 @@ def test_units_and_install_script(pc_bundle: tuple[Path, BundleManifest]) -> Non
     unit = (bundle / units.DEVICE_UNIT).read_text()
     assert f"MemoryMax={PC.memory_max_bytes}\n" in unit and "Restart=on-failure\n" in unit
     assert "User=msfusion\n" in unit and "WantedBy=multi-user.target" in unit
-    assert "ExecStart=/opt/msfusion/venv/bin/python -m msfusion.edge_runtime --config /etc/msfusion/device.toml\n" in unit
+    assert (
+        "ExecStart=/opt/msfusion/venv/bin/python -m msfusion.edge_runtime --config /etc/msfusion/device.toml\n" in unit
+    )
     firstboot = (bundle / units.FIRSTBOOT_UNIT).read_text()
-    assert "ConditionPathExists=!/opt/msfusion/venv/bin/python" in firstboot and "Before=msfusion-device.service" in firstboot
+    assert (
+        "ConditionPathExists=!/opt/msfusion/venv/bin/python" in firstboot
+        and "Before=msfusion-device.service" in firstboot
+    )
     script = bundle / "install.sh"
     assert subprocess.run(["sh", "-n", str(script)]).returncode == 0
     assert "--no-index" in script.read_text() and "REQUIREMENT=msfusion==0.1.0" in script.read_text()
@@ -129,13 +139,17 @@ def test_install_script_refuses_another_python(pc_bundle: tuple[Path, BundleMani
     fake.write_text("#!/bin/sh\necho 3.9\n")
     fake.chmod(0o755)
     proc = subprocess.run(
-        ["sh", str(pc_bundle[0] / "install.sh")], env={**os.environ, "MSFUSION_ROOT": str(tmp_path), "PYTHON": str(fake)},
-        capture_output=True, text=True,
-    )  # fmt: skip
+        ["sh", str(pc_bundle[0] / "install.sh")],
+        env={**os.environ, "MSFUSION_ROOT": str(tmp_path), "PYTHON": str(fake)},
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 1 and "for Python 3.11 but" in proc.stderr
 
 
-def test_install_into_rootfs_then_build_the_venv_offline(pc_bundle: tuple[Path, BundleManifest], tmp_path: Path) -> None:
+def test_install_into_rootfs_then_build_the_venv_offline(
+    pc_bundle: tuple[Path, BundleManifest], tmp_path: Path
+) -> None:
     # Prepare: an empty root filesystem
     bundle, manifest = pc_bundle
     rootfs = tmp_path / "rootfs"
@@ -145,7 +159,9 @@ def test_install_into_rootfs_then_build_the_venv_offline(pc_bundle: tuple[Path, 
     installed = rootfs / "opt/msfusion/bundle"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
     env.update(MSFUSION_ROOT=str(rootfs), PYTHON=sys.executable)
-    proc = subprocess.run(["sh", str(installed / "install.sh"), "--firstboot"], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        ["sh", str(installed / "install.sh"), "--firstboot"], env=env, capture_output=True, text=True, timeout=300
+    )
     # Assert: the flashed files
     assert proc.returncode == 0, proc.stderr
     assert read_manifest(installed) == manifest and _mode(installed) == 0o700
@@ -167,7 +183,9 @@ def test_install_into_rootfs_then_build_the_venv_offline(pc_bundle: tuple[Path, 
         "assert importlib.util.find_spec('torch') is None\n"
         "print(sys.prefix)\n"
     )
-    run = subprocess.run([str(python), "-c", check, str(config), str(rootfs)], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    run = subprocess.run(
+        [str(python), "-c", check, str(config), str(rootfs)], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
     assert run.returncode == 0, run.stderr
     assert run.stdout.split()[0] == "dev003" and run.stdout.split()[-1] == str(rootfs / "opt/msfusion/venv")
     assert (rootfs / "opt/msfusion/venv/bin/msfusion-device").exists()
@@ -207,10 +225,28 @@ def test_ssh_commands(tmp_path: Path) -> None:
     as_pi = ssh_commands(tmp_path / "b", SshTarget("board.local", "pi", port=2222, identity_file=Path("/k/id")))
     assert as_pi == [
         ["ssh", "-p", "2222", "-i", "/k/id", "pi@board.local", "rm -rf /var/tmp/msfusion-bundle"],
-        ["scp", "-r", "-p", "-P", "2222", "-i", "/k/id", str(tmp_path / "b"), "pi@board.local:/var/tmp/msfusion-bundle"],
-        ["ssh", "-t", "-p", "2222", "-i", "/k/id", "pi@board.local",
-         "sudo sh /var/tmp/msfusion-bundle/install.sh && rm -rf /var/tmp/msfusion-bundle"],
-    ]  # fmt: skip
+        [
+            "scp",
+            "-r",
+            "-p",
+            "-P",
+            "2222",
+            "-i",
+            "/k/id",
+            str(tmp_path / "b"),
+            "pi@board.local:/var/tmp/msfusion-bundle",
+        ],
+        [
+            "ssh",
+            "-t",
+            "-p",
+            "2222",
+            "-i",
+            "/k/id",
+            "pi@board.local",
+            "sudo sh /var/tmp/msfusion-bundle/install.sh && rm -rf /var/tmp/msfusion-bundle",
+        ],
+    ]
     as_root = ssh_commands(tmp_path / "b", SshTarget("10.0.0.2", remote_dir="/tmp/a b"))
     assert as_root[2][-1] == "sh '/tmp/a b'/install.sh && rm -rf '/tmp/a b'" and as_root[0][3] == "root@10.0.0.2"
 

@@ -25,10 +25,23 @@ from typing import Any
 import pytest
 
 from msfusion.coordinator.fleet.artifacts import ExportedArtifacts
-from msfusion.coordinator.fleet.config import CoordinatorConfig, FleetConfig, RoundConfig
-from msfusion.coordinator.fleet.local_fleet import PartitionConfig, partition_fmnist, stop_processes
+from msfusion.coordinator.fleet.config import (
+    CoordinatorConfig,
+    FleetConfig,
+    RoundConfig,
+)
+from msfusion.coordinator.fleet.local_fleet import (
+    PartitionConfig,
+    partition_fmnist,
+    stop_processes,
+)
 from msfusion.devices import units
-from msfusion.devices.flash import BundleOptions, DeviceSettings, build_bundle, install_bundle
+from msfusion.devices.flash import (
+    BundleOptions,
+    DeviceSettings,
+    build_bundle,
+    install_bundle,
+)
 from msfusion.devices.profiles import BUILTIN_PROFILES
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "coordinator" / "fleet"))
@@ -109,20 +122,36 @@ def test_a_flashed_root_filesystem_boots_the_daemon_which_trains_a_round(
     log_path = tmp_path / "dev000.log"
     with open(log_path, "wb") as log:
         daemon = subprocess.Popen(
-            chroot_command(rootfs, argv), stdout=log, stderr=subprocess.STDOUT,
-            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONUNBUFFERED": "1", "MALLOC_ARENA_MAX": "2", "OMP_NUM_THREADS": "1"},
-        )  # fmt: skip
+            chroot_command(rootfs, argv),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={
+                "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+                "PYTHONUNBUFFERED": "1",
+                "MALLOC_ARENA_MAX": "2",
+                "OMP_NUM_THREADS": "1",
+            },
+        )
     out = tmp_path / "run"
     config = CoordinatorConfig(
-        engine=replace(ENGINE, rounds=1), run_id=run_id, broker=mosquitto.url, out=out, eval_shard=shards.test,
-        backend="ort", artifact_cache=tmp_path / "artifacts", round=RoundConfig(deadline_s=120.0, quorum=1.0),
+        engine=replace(ENGINE, rounds=1),
+        run_id=run_id,
+        broker=mosquitto.url,
+        out=out,
+        eval_shard=shards.test,
+        backend="ort",
+        artifact_cache=tmp_path / "artifacts",
+        round=RoundConfig(deadline_s=120.0, quorum=1.0),
         fleet=FleetConfig(min_devices=1, wait_s=120.0, heartbeat_timeout_s=30.0),
-    )  # fmt: skip
+    )
     coordinator = CoordinatorThread(config, ExportedArtifacts(config.engine, "ort", cache_dir=tmp_path / "artifacts"))
     coordinator.start()
     try:
-        wait_for(lambda: "connected to" in log_path.read_text(errors="replace") or daemon.poll() is not None, 120,
-                 "the flashed daemon to connect")  # fmt: skip
+        wait_for(
+            lambda: "connected to" in log_path.read_text(errors="replace") or daemon.poll() is not None,
+            120,
+            "the flashed daemon to connect",
+        )
         root_seen = os.readlink(f"/proc/{daemon.pid}/root")
         summary = coordinator.result(timeout_s=300)
     finally:

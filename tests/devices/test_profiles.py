@@ -49,7 +49,9 @@ def test_builtin_profile_facts(name: str) -> None:
 def test_budget_is_ram_less_reserve_times_safety_factor() -> None:
     profile = BUILTIN_PROFILES["rpi4-4gb"]
     expected = int((profile.ram_bytes - profile.os_reserve_bytes) * 0.85) // MIB * MIB
-    assert profile.default_memory_budget_bytes == expected == default_budget(profile.ram_bytes, profile.os_reserve_bytes)
+    assert (
+        profile.default_memory_budget_bytes == expected == default_budget(profile.ram_bytes, profile.os_reserve_bytes)
+    )
 
 
 def test_jetson_nano_notes_say_what_stock_jetpack_lacks() -> None:
@@ -90,7 +92,9 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 def test_user_profiles_merge_with_builtins(tmp_path: Path) -> None:
     # Prepare
-    path = _write(tmp_path, """
+    path = _write(
+        tmp_path,
+        """
 [profiles.rpi4-4gb-desktop]
 extends = "rpi4-4gb"
 os_reserve = "1 GiB"
@@ -107,13 +111,18 @@ glibc = "2.36"
 [profiles.x86_64-generic]
 extends = "x86_64-generic"
 cores = 16
-""")
+""",
+    )
     # Execute
     profiles = load_profiles(path)
     # Assert
     assert set(BUILTIN_PROFILES) < set(profiles)
     desktop, parent = profiles["rpi4-4gb-desktop"], BUILTIN_PROFILES["rpi4-4gb"]
-    assert (desktop.ram_bytes, desktop.arch, desktop.platform_tags) == (parent.ram_bytes, "aarch64", parent.platform_tags)
+    assert (desktop.ram_bytes, desktop.arch, desktop.platform_tags) == (
+        parent.ram_bytes,
+        "aarch64",
+        parent.platform_tags,
+    )
     assert desktop.os_reserve_bytes == GIB and desktop.notes == "with desktop"
     assert desktop.default_memory_budget_bytes == default_budget(4 * GIB, GIB) < parent.default_memory_budget_bytes
     rock = profiles["rock5b-16gb"]
@@ -133,17 +142,17 @@ def test_extends_rederives_tags_when_glibc_changes(tmp_path: Path) -> None:
     ("text", "message"),
     [
         ("[profiles.x\narch = 1", "cannot read"),
-        ("[profiles.a]\nextends = \"rpi4-4gb\"\ncolour = \"red\"\n", "unknown key 'colour'"),
-        ("[profiles.a]\nextends = \"rpi9\"\n", "unknown profile 'rpi9'"),
-        ("[profiles.a]\narch = \"aarch64\"\ncores = 4\n", "lacks"),
-        ("[profiles.a]\nextends = \"rpi4-4gb\"\nbackend = \"ort\"\n", "no aarch64 wheel"),
-        ("[profiles.a]\nextends = \"rpi4-4gb\"\narch = \"riscv64\"\n", "arch must be one of"),
-        ("[profiles.a]\nextends = \"rpi4-4gb\"\nmemory_budget = \"8 GiB\"\n", "exceeds RAM"),
-        ("[profiles.a]\nextends = \"rpi4-4gb\"\npython_version = \"3\"\n", "python_version"),
-        ("[profiles.a]\nextends = \"rpi4-4gb\"\ncores = 0\n", "cores"),
-        ("[profiles.A_B]\nextends = \"rpi4-4gb\"\n", "name must match"),
-        ("[boards.a]\narch = \"aarch64\"\n", "expected only [profiles"),
-        ("[profiles.a]\nextends = \"rpi4-4gb\"\nram = \"4 GiB\"\nram_bytes = 1\n", "given twice"),
+        ('[profiles.a]\nextends = "rpi4-4gb"\ncolour = "red"\n', "unknown key 'colour'"),
+        ('[profiles.a]\nextends = "rpi9"\n', "unknown profile 'rpi9'"),
+        ('[profiles.a]\narch = "aarch64"\ncores = 4\n', "lacks"),
+        ('[profiles.a]\nextends = "rpi4-4gb"\nbackend = "ort"\n', "no aarch64 wheel"),
+        ('[profiles.a]\nextends = "rpi4-4gb"\narch = "riscv64"\n', "arch must be one of"),
+        ('[profiles.a]\nextends = "rpi4-4gb"\nmemory_budget = "8 GiB"\n', "exceeds RAM"),
+        ('[profiles.a]\nextends = "rpi4-4gb"\npython_version = "3"\n', "python_version"),
+        ('[profiles.a]\nextends = "rpi4-4gb"\ncores = 0\n', "cores"),
+        ('[profiles.A_B]\nextends = "rpi4-4gb"\n', "name must match"),
+        ('[boards.a]\narch = "aarch64"\n', "expected only [profiles"),
+        ('[profiles.a]\nextends = "rpi4-4gb"\nram = "4 GiB"\nram_bytes = 1\n', "given twice"),
     ],
 )
 def test_bad_profile_files_raise_config_error(tmp_path: Path, text: str, message: str) -> None:

@@ -89,7 +89,9 @@ def test_marker_environment_is_the_boards() -> None:
 
 
 def test_download_command_targets_the_board(tmp_path: Path) -> None:
-    command = download_command(["msfusion"], RPI, "3.11.2", tmp_path, WheelSources(extra_index_urls=("https://x/simple",)))
+    command = download_command(
+        ["msfusion"], RPI, "3.11.2", tmp_path, WheelSources(extra_index_urls=("https://x/simple",))
+    )
     joined = " ".join(command)
     assert "--only-binary=:all:" in command and "--abi cp311" in joined and "--python-version 3.11.2" in joined
     assert command.count("--platform") == len(RPI.platform_tags)
@@ -111,7 +113,15 @@ def test_executorch_closure_resolves_for_aarch64(profile: object, tmp_path: Path
     """The full executorch + torch closure for the board (metadata only: no gigabyte download)."""
     # Prepare: the one pure-Python sdist of the closure, built here
     build_pure_wheels(PURE_SDISTS["executorch"], tmp_path, WheelSources())
-    requirements = ["executorch==1.5.1", "torch==2.13.0", "numpy>=1.24", "psutil>=5.9", "paho-mqtt>=2.0", "msgspec>=0.18", "safetensors>=0.4"]
+    requirements = [
+        "executorch==1.5.1",
+        "torch==2.13.0",
+        "numpy>=1.24",
+        "psutil>=5.9",
+        "paho-mqtt>=2.0",
+        "msgspec>=0.18",
+        "safetensors>=0.4",
+    ]
     # Execute
     names = resolve_wheels(requirements, profile, profile.python_version, WheelSources(), [tmp_path])  # type: ignore[attr-defined]
     # Assert

@@ -9,11 +9,11 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 
-from msfusion.wire.artifacts import ArtifactKind, load_manifest, reference_weights
 from msfusion.edge_runtime.backends.base import TrainingBackend, make_backend
 from msfusion.errors import ArtifactError
 from msfusion.export.cache import CachedArtifact
-from msfusion.export.validate import random_batch, random_weights
+from msfusion.export.objective import random_batch, random_weights
+from msfusion.wire.artifacts import ArtifactKind, load_manifest, reference_weights
 
 
 @pytest.fixture(params=list(ArtifactKind), ids=lambda kind: kind.value)
@@ -74,7 +74,7 @@ class TestTrainingBackendContract:
     ) -> None:
         # Prepare
         _set(backend, artifact, start)
-        (x, y), = _batches(case, 1)
+        ((x, y),) = _batches(case, 1)
         # Execute
         loss = backend.train_step(x, y, lr=0.05)
         after = backend.weights()
@@ -118,13 +118,11 @@ class TestTrainingBackendContract:
         self, backend: TrainingBackend, artifact: CachedArtifact, start: dict[str, Any], case: Any
     ) -> None:
         _set(backend, artifact, start)
-        (x, y), = _batches(case, 1)
+        ((x, y),) = _batches(case, 1)
         with pytest.raises(ArtifactError, match="batch shapes"):
             backend.train_step(x[:-1], y[:-1], lr=0.05)
 
-    def test_a_corrupt_artifact_is_refused_at_load(
-        self, artifact: CachedArtifact, tmp_path: Path
-    ) -> None:
+    def test_a_corrupt_artifact_is_refused_at_load(self, artifact: CachedArtifact, tmp_path: Path) -> None:
         # Prepare: flip one byte in the middle of the largest file
         copy = tmp_path / "artifact"
         shutil.copytree(artifact.path, copy)

@@ -12,9 +12,18 @@ from msfusion.errors import ConfigError
 
 def test_a_device_config_round_trips_through_toml(tmp_path: Path) -> None:
     # Prepare
-    config = DeviceConfig(device_id="dev003", run_id="fmnist", data_dir=Path("/data/s"), state_dir=Path("/var/s"),
-                          memory_budget_bytes=1 << 29, broker="mqtt://h:1884", username="dev003", password='p"w',
-                          backends=("ort", "executorch"), max_width_ratio=0.5)  # fmt: skip
+    config = DeviceConfig(
+        device_id="dev003",
+        run_id="fmnist",
+        data_dir=Path("/data/s"),
+        state_dir=Path("/var/s"),
+        memory_budget_bytes=1 << 29,
+        broker="mqtt://h:1884",
+        username="dev003",
+        password='p"w',
+        backends=("ort", "executorch"),
+        max_width_ratio=0.5,
+    )
     path = tmp_path / "device.toml"
     path.write_text(to_toml(config))
     # Execute / Assert
@@ -24,11 +33,21 @@ def test_a_device_config_round_trips_through_toml(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("line", "message"),
-    [('device_id = "dev/3"', "not a safe id"), ("budget = 5", "unknown key"), ('backends = ["tflite"]', "backends"),
-     ("memory_budget_bytes = 0", "memory_budget_bytes")],  # fmt: skip
+    [
+        ('device_id = "dev/3"', "not a safe id"),
+        ("budget = 5", "unknown key"),
+        ('backends = ["tflite"]', "backends"),
+        ("memory_budget_bytes = 0", "memory_budget_bytes"),
+    ],
 )
 def test_a_bad_device_config_is_refused(tmp_path: Path, line: str, message: str) -> None:
-    base = {"device_id": '"dev0"', "run_id": '"r"', "data_dir": '"/d"', "state_dir": '"/s"', "memory_budget_bytes": "100"}
+    base = {
+        "device_id": '"dev0"',
+        "run_id": '"r"',
+        "data_dir": '"/d"',
+        "state_dir": '"/s"',
+        "memory_budget_bytes": "100",
+    }
     key = line.split(" = ")[0]
     base[key] = line.split(" = ", 1)[1]
     path = tmp_path / "device.toml"

@@ -11,12 +11,21 @@ from msfusion.edge_runtime.ledger import Ledger, slice_index
 from msfusion.wire.protocol import AxisUnits
 from msfusion.wire.weights import pack_weights
 
-AXES = {"l1.weight": [AxisUnits(axis=0, group="a", unit_size=1)], "l2.weight": [AxisUnits(axis=1, group="a", unit_size=2)]}
+AXES = {
+    "l1.weight": [AxisUnits(axis=0, group="a", unit_size=1)],
+    "l2.weight": [AxisUnits(axis=1, group="a", unit_size=2)],
+}
 
 
 def _slice(seed: int) -> bytes:
     rng = np.random.default_rng(seed)
-    return pack_weights({"l1.weight": rng.standard_normal((2, 3)), "l2.weight": rng.standard_normal((5, 4)), "b": rng.standard_normal(5)})
+    return pack_weights(
+        {
+            "l1.weight": rng.standard_normal((2, 3)),
+            "l2.weight": rng.standard_normal((5, 4)),
+            "b": rng.standard_normal(5),
+        }
+    )
 
 
 def test_a_handled_task_gets_the_same_reply_and_the_slice_survives_a_restart(tmp_path: Path) -> None:
@@ -30,7 +39,9 @@ def test_a_handled_task_gets_the_same_reply_and_the_slice_survives_a_restart(tmp
     # Assert
     assert restarted.handled(key)
     stored = restarted.last_reply()
-    assert stored is not None and stored.key == key and stored.reply == b"reply-bytes" and stored.slice_bytes == _slice(0)
+    assert (
+        stored is not None and stored.key == key and stored.reply == b"reply-bytes" and stored.slice_bytes == _slice(0)
+    )
     previous = restarted.previous_slice()
     assert previous is not None
     weights, index = previous

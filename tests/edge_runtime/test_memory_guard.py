@@ -9,20 +9,32 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from msfusion.models.registry import model_spec
 from msfusion.coordinator.fleet.rounds import tensor_axes
-from msfusion.wire.artifacts import ArtifactKind, pack_artifact, reference_weights
-from msfusion.edge_runtime.backends.base import TrainingBackend, make_backend
-from msfusion.wire.bulk import make_manifest
-from msfusion.edge_runtime.config import DeviceConfig
-from msfusion.edge_runtime.memory import MemorySampler, current_rss_bytes, release_memory
-from msfusion.wire.protocol import BulkRef, SliceResult, TaskFailed, TrainTask, decode, encode, failure_code
 from msfusion.data.shards import write_shard
+from msfusion.edge_runtime.backends.base import TrainingBackend, make_backend
+from msfusion.edge_runtime.config import DeviceConfig
+from msfusion.edge_runtime.memory import (
+    MemorySampler,
+    current_rss_bytes,
+    release_memory,
+)
 from msfusion.edge_runtime.trainer import train_local, train_task
-from msfusion.wire.weights import pack_weights
 from msfusion.errors import MemoryBudgetExceeded
 from msfusion.export.cache import CachedArtifact
-from msfusion.export.validate import random_batch, random_weights
+from msfusion.export.objective import random_batch, random_weights
+from msfusion.models.registry import model_spec
+from msfusion.wire.artifacts import ArtifactKind, pack_artifact, reference_weights
+from msfusion.wire.bulk import make_manifest
+from msfusion.wire.protocol import (
+    BulkRef,
+    SliceResult,
+    TaskFailed,
+    TrainTask,
+    decode,
+    encode,
+    failure_code,
+)
+from msfusion.wire.weights import pack_weights
 
 MIB = 1 << 20
 SPIKE_BYTES = 160 * MIB
@@ -75,9 +87,18 @@ def test_the_guard_stops_at_the_step_boundary_after_the_peak_passed_the_budget(
     # Execute
     with pytest.raises(MemoryBudgetExceeded) as caught:
         train_local(
-            SpikingBackend(backend, spike_at=3), start, reference_weights(artifact.manifest, start), x, y,
-            epochs=1, batch_size=case.batch, lr=0.05, seed=0, progress=steps.append, memory_budget_bytes=budget,
-        )  # fmt: skip
+            SpikingBackend(backend, spike_at=3),
+            start,
+            reference_weights(artifact.manifest, start),
+            x,
+            y,
+            epochs=1,
+            batch_size=case.batch,
+            lr=0.05,
+            seed=0,
+            progress=steps.append,
+            memory_budget_bytes=budget,
+        )
     backend.close()
     # Assert: stopped right after step 3 of 6, with the numbers
     assert len(steps) == 2
@@ -94,9 +115,17 @@ def test_without_a_budget_or_under_it_the_run_completes(case: Any, exported: Cal
     x, y = random_batch(case.model, 3 * case.batch, np.random.default_rng(0))
     generous = current_rss_bytes() + 2 * SPIKE_BYTES
     result = train_local(
-        SpikingBackend(backend, spike_at=2), start, reference_weights(artifact.manifest, start), x, y,
-        epochs=1, batch_size=case.batch, lr=0.05, seed=0, memory_budget_bytes=generous,
-    )  # fmt: skip
+        SpikingBackend(backend, spike_at=2),
+        start,
+        reference_weights(artifact.manifest, start),
+        x,
+        y,
+        epochs=1,
+        batch_size=case.batch,
+        lr=0.05,
+        seed=0,
+        memory_budget_bytes=generous,
+    )
     backend.close()
     assert len(result.loss_curve) == 3
     assert 0.9 * SPIKE_BYTES <= result.peak_rss_bytes - result.memory.baseline_rss_bytes < 2 * SPIKE_BYTES
@@ -147,14 +176,30 @@ def test_a_task_over_its_budget_gets_one_memory_budget_reply_with_the_numbers(
     x, y = random_batch(case.model, 4 * case.batch, np.random.default_rng(0))
     write_shard(tmp_path / "shard", x, y, {"name": "guard", "task": "classification"})
     task = TrainTask(
-        run_id="r", round_idx=0, device_id="d", task_id="t0", backend="ort", artifact=artifact_ref,
-        weights=weights_ref, units={g: list(range(w)) for g, w in case.widths.items()}, tensor_axes=tensor_axes(spec),
-        local_epochs=1, batch_size=case.batch, lr=0.05, max_samples=0, mu=0.5, tau=0.5, contrastive="moon",
-        optimizer="sgd", seed=1, deadline_s=120.0,
-    )  # fmt: skip
+        run_id="r",
+        round_idx=0,
+        device_id="d",
+        task_id="t0",
+        backend="ort",
+        artifact=artifact_ref,
+        weights=weights_ref,
+        units={g: list(range(w)) for g, w in case.widths.items()},
+        tensor_axes=tensor_axes(spec),
+        local_epochs=1,
+        batch_size=case.batch,
+        lr=0.05,
+        max_samples=0,
+        mu=0.5,
+        tau=0.5,
+        contrastive="moon",
+        optimizer="sgd",
+        seed=1,
+        deadline_s=120.0,
+    )
     limit = current_rss_bytes() // 2 if budget == "half the runtime" else current_rss_bytes() + (1 << 30)
-    config = DeviceConfig(device_id="d", run_id="r", data_dir=tmp_path / "shard", state_dir=tmp_path / "state",
-                          memory_budget_bytes=limit)  # fmt: skip
+    config = DeviceConfig(
+        device_id="d", run_id="r", data_dir=tmp_path / "shard", state_dir=tmp_path / "state", memory_budget_bytes=limit
+    )
     # Execute
     outcome = train_task(task, BlobIO({"a-1": blob, "w-1": weights}), None, config)
     # Assert

@@ -16,12 +16,12 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 
-from msfusion.wire.artifacts import ArtifactKind, pack_artifact, reference_weights
 from msfusion.edge_runtime.backends.base import make_backend
 from msfusion.edge_runtime.trainer import train_local
-from msfusion.wire.weights import pack_weights, unpack_weights
 from msfusion.export.cache import CachedArtifact
-from msfusion.export.validate import random_batch, random_weights
+from msfusion.export.objective import random_batch, random_weights
+from msfusion.wire.artifacts import ArtifactKind, pack_artifact, reference_weights
+from msfusion.wire.weights import pack_weights, unpack_weights
 
 NO_TORCH = """
 import importlib, sys
@@ -61,13 +61,21 @@ result = train_local(backend, start, reference_weights(manifest, start), shard["
 
 @pytest.mark.parametrize(
     "module",
-    ["edge_runtime.backends.base", "edge_runtime.backends.ort", "wire.artifacts", "edge_runtime.trainer", "edge_runtime.memory"],
+    [
+        "edge_runtime.backends.base",
+        "edge_runtime.backends.ort",
+        "wire.artifacts",
+        "edge_runtime.trainer",
+        "edge_runtime.memory",
+    ],
 )
 def test_the_training_core_imports_without_torch(module: str) -> None:
     proc = subprocess.run(
         [sys.executable, "-c", NO_TORCH + f"importlib.import_module('msfusion.{module}')" + CHECK_LOADED],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
 
 
@@ -89,17 +97,26 @@ def test_a_board_without_torch_trains_an_ort_artifact(
     # Execute
     proc = subprocess.run(
         [sys.executable, "-c", NO_TORCH + TRAIN + CHECK_LOADED, str(tmp_path)],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     # Assert: the same weights as the same run in this process
     assert proc.returncode == 0, proc.stderr
     trained = unpack_weights((tmp_path / "trained.safetensors").read_bytes())
     backend = make_backend(ArtifactKind.ORT)
     backend.load(artifact.path, artifact.manifest)
     here = train_local(
-        backend, start, reference_weights(artifact.manifest, start), x, y,
-        epochs=1, batch_size=case.batch, lr=0.05, seed=3,
-    )  # fmt: skip
+        backend,
+        start,
+        reference_weights(artifact.manifest, start),
+        x,
+        y,
+        epochs=1,
+        batch_size=case.batch,
+        lr=0.05,
+        seed=3,
+    )
     assert sorted(trained) == sorted(here.weights)
     for name, value in here.weights.items():
         np.testing.assert_allclose(trained[name], value, atol=1e-6, err_msg=name)

@@ -12,9 +12,8 @@ import msgspec
 import numpy as np
 import pytest
 
-from msfusion.models.registry import model_spec
 from msfusion.algorithm.spec import widths_for_ratio
-from msfusion.wire.artifacts import ArtifactKind
+from msfusion.data.shards import write_shard
 from msfusion.edge_runtime.config import DeviceConfig, to_toml
 from msfusion.edge_runtime.profiling import (
     PROFILE_FILE,
@@ -30,17 +29,20 @@ from msfusion.edge_runtime.profiling import (
     save_profile,
     write_profile_set_index,
 )
-from msfusion.wire.protocol import ProfileReport
-from msfusion.data.shards import write_shard
 from msfusion.errors import ConfigError, ProtocolError
 from msfusion.export.cache import CachedArtifact
-from msfusion.export.validate import random_batch
+from msfusion.export.objective import random_batch
+from msfusion.models.registry import model_spec
+from msfusion.wire.artifacts import ArtifactKind
+from msfusion.wire.protocol import ProfileReport
 
 RATIOS = (1.0, 0.5, 0.25)
 
 
 @pytest.fixture(scope="module")
-def profile_set(case: Any, exported: Callable[..., CachedArtifact], tmp_path_factory: pytest.TempPathFactory) -> ProfileSet:
+def profile_set(
+    case: Any, exported: Callable[..., CachedArtifact], tmp_path_factory: pytest.TempPathFactory
+) -> ProfileSet:
     """The case's CNN at three widths, batch 8, as a profile set."""
     root = tmp_path_factory.mktemp("profile-set")
     spec = model_spec(case.model)
@@ -108,8 +110,10 @@ def test_a_profile_of_another_kind_is_refused(profile_set: ProfileSet) -> None:
 
 
 def test_a_saved_profile_reads_back_and_a_bad_one_is_refused(tmp_path: Path) -> None:
-    results = [PointResult(1.0, 32, peak_rss_bytes=600 << 20, peak_uss_bytes=400 << 20, step_time_s=0.2),
-               PointResult(0.5, 32, error="killed")]  # fmt: skip
+    results = [
+        PointResult(1.0, 32, peak_rss_bytes=600 << 20, peak_uss_bytes=400 << 20, step_time_s=0.2),
+        PointResult(0.5, 32, error="killed"),
+    ]
     report = profile_report("r", "dev001", "key", results)
     save_profile(tmp_path / PROFILE_FILE, report)
     assert load_profile(tmp_path / PROFILE_FILE) == report
@@ -129,15 +133,36 @@ def test_the_profile_command_prints_a_table_and_saves_what_the_daemon_sends(
     # Prepare: a device with a shard of the case's images (the command trains on it)
     x, y = random_batch(case.model, 24, np.random.default_rng(0))
     write_shard(tmp_path / "shard", x, y, {"name": "p", "task": "classification"})
-    config = DeviceConfig(device_id="dev007", run_id="r1", data_dir=tmp_path / "shard", state_dir=tmp_path / "state",
-                          memory_budget_bytes=4 << 30)  # fmt: skip
+    config = DeviceConfig(
+        device_id="dev007",
+        run_id="r1",
+        data_dir=tmp_path / "shard",
+        state_dir=tmp_path / "state",
+        memory_budget_bytes=4 << 30,
+    )
     (tmp_path / "device.toml").write_text(to_toml(config))
     # Execute
     proc = subprocess.run(
-        [sys.executable, "-m", "msfusion.edge_runtime", "profile", "--config", str(tmp_path / "device.toml"),
-         "--artifacts", str(profile_set.root), "--widths", "1,0.25", "--steps", "1", "--warmup", "0"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "msfusion.edge_runtime",
+            "profile",
+            "--config",
+            str(tmp_path / "device.toml"),
+            "--artifacts",
+            str(profile_set.root),
+            "--widths",
+            "1,0.25",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     # Assert
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
@@ -152,30 +177,75 @@ def test_the_profile_command_refuses_a_missing_set(tmp_path: Path) -> None:
     config = DeviceConfig(device_id="d", run_id="r", data_dir=tmp_path, state_dir=tmp_path, memory_budget_bytes=1 << 30)
     (tmp_path / "device.toml").write_text(to_toml(config))
     proc = subprocess.run(
-        [sys.executable, "-m", "msfusion.edge_runtime", "profile", "--config", str(tmp_path / "device.toml"),
-         "--artifacts", str(tmp_path / "nowhere")],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "msfusion.edge_runtime",
+            "profile",
+            "--config",
+            str(tmp_path / "device.toml"),
+            "--artifacts",
+            str(tmp_path / "nowhere"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2 and "not a profile set" in proc.stderr
 
 
 @pytest.mark.slow
-def test_the_profile_command_exports_the_runs_artifacts_itself_where_torch_is_installed(tmp_path: Path) -> None:
+def test_a_coordinator_profile_set_then_the_board_profile_measure_the_runs_artifacts(tmp_path: Path) -> None:
     # Prepare: a run file (the coordinator's) and a device without a shard (random batches)
     (tmp_path / "run.toml").write_text(
         f'backend = "ort"\nartifact_cache = "{tmp_path / "cache"}"\n'
         '[engine.model]\narch = "cnn"\nchannels = [8, 16, 32]\nimage_size = 16\n'
-        '[engine.local]\nbatch_size = 8\n'
+        "[engine.local]\nbatch_size = 8\n"
     )
-    config = DeviceConfig(device_id="d", run_id="r", data_dir=tmp_path / "none", state_dir=tmp_path / "state",
-                          memory_budget_bytes=4 << 30)  # fmt: skip
+    config = DeviceConfig(
+        device_id="d", run_id="r", data_dir=tmp_path / "none", state_dir=tmp_path / "state", memory_budget_bytes=4 << 30
+    )
     (tmp_path / "device.toml").write_text(to_toml(config))
-    # Execute
+    # Execute: the coordinator exports the run's profile set, the board measures it
+    export = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "msfusion.coordinator.cli.main",
+            "devices",
+            "profile-set",
+            "--config",
+            str(tmp_path / "run.toml"),
+            "--out",
+            str(tmp_path / "set"),
+            "--widths",
+            "1,0.5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert export.returncode == 0, export.stdout + export.stderr
     proc = subprocess.run(
-        [sys.executable, "-m", "msfusion.edge_runtime", "profile", "--config", str(tmp_path / "device.toml"),
-         "--run", str(tmp_path / "run.toml"), "--widths", "1,0.5", "--steps", "1", "--warmup", "0", "--no-save"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "msfusion.edge_runtime",
+            "profile",
+            "--config",
+            str(tmp_path / "device.toml"),
+            "--artifacts",
+            str(tmp_path / "set"),
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--no-save",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     # Assert: the run's model key, both widths at the run's batch size, nothing saved
     from msfusion.coordinator.fleet.artifacts import profile_key
     from msfusion.coordinator.fleet.config import load_config

@@ -7,14 +7,15 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 
+from msfusion.coordinator.reference.engine import local_train
 from msfusion.data.datasets import ArrayDataset
-from msfusion.coordinator.reference.engine import LocalTrainConfig, local_train
-from msfusion.wire.artifacts import ArtifactKind, reference_weights
 from msfusion.edge_runtime.backends.base import make_backend
 from msfusion.edge_runtime.trainer import train_local
 from msfusion.errors import ConfigError
 from msfusion.export.cache import CachedArtifact
-from msfusion.export.validate import random_batch, random_weights
+from msfusion.export.objective import random_batch, random_weights
+from msfusion.recipe import LocalTrainConfig
+from msfusion.wire.artifacts import ArtifactKind, reference_weights
 
 
 @pytest.fixture
@@ -30,14 +31,22 @@ def test_train_local_matches_the_reference_engine(
     artifact = exported(ArtifactKind.ORT)
     start = random_weights(case.model, case.widths, seed=2)
     previous = random_weights(case.model, case.widths, seed=3)
-    config = LocalTrainConfig(epochs=2, batch_size=case.batch, lr=0.05, optimizer="sgd", momentum=0.9, max_samples=40)
+    config = LocalTrainConfig(epochs=2, batch_size=case.batch, lr=0.05, max_samples=40)
     backend = make_backend(ArtifactKind.ORT)
     backend.load(artifact.path, artifact.manifest)
     # Execute
     result = train_local(
-        backend, start, reference_weights(artifact.manifest, start, previous), shard.x, shard.y,
-        epochs=2, batch_size=case.batch, lr=0.05, seed=7, max_samples=40,
-    )  # fmt: skip
+        backend,
+        start,
+        reference_weights(artifact.manifest, start, previous),
+        shard.x,
+        shard.y,
+        epochs=2,
+        batch_size=case.batch,
+        lr=0.05,
+        seed=7,
+        max_samples=40,
+    )
     expected = local_train(case.model, case.widths, start, previous, shard, config, case.moon, seed=7)
     # Assert
     assert result.n_samples == expected.n_samples == 40
@@ -57,14 +66,29 @@ def test_train_local_refuses_a_shard_smaller_than_one_batch(case: Any, exported:
     x, y = random_batch(case.model, case.batch - 1, np.random.default_rng(0))
     with pytest.raises(ConfigError, match="cannot fill one batch"):
         train_local(
-            backend, start, reference_weights(artifact.manifest, start), x, y,
-            epochs=1, batch_size=case.batch, lr=0.05, seed=0,
-        )  # fmt: skip
+            backend,
+            start,
+            reference_weights(artifact.manifest, start),
+            x,
+            y,
+            epochs=1,
+            batch_size=case.batch,
+            lr=0.05,
+            seed=0,
+        )
     with pytest.raises(ConfigError, match="lr_schedule"):
         train_local(
-            backend, start, reference_weights(artifact.manifest, start), x, y,
-            epochs=1, batch_size=case.batch, lr=0.05, seed=0, lr_schedule="cosine",
-        )  # fmt: skip
+            backend,
+            start,
+            reference_weights(artifact.manifest, start),
+            x,
+            y,
+            epochs=1,
+            batch_size=case.batch,
+            lr=0.05,
+            seed=0,
+            lr_schedule="cosine",
+        )
 
 
 def test_release_weights_frees_the_callers_arrays_and_trains_the_same(
@@ -84,10 +108,20 @@ def test_release_weights_frees_the_callers_arrays_and_trains_the_same(
         alive = [weakref.ref(value) for value in (*trainable.values(), *frozen.values())]
         backend = make_backend(ArtifactKind.ORT)
         backend.load(artifact.path, artifact.manifest)
-        runs.append(train_local(
-            backend, trainable, frozen, shard.x, shard.y,
-            epochs=1, batch_size=case.batch, lr=0.05, seed=7, release_weights=release,
-        ))  # fmt: skip
+        runs.append(
+            train_local(
+                backend,
+                trainable,
+                frozen,
+                shard.x,
+                shard.y,
+                epochs=1,
+                batch_size=case.batch,
+                lr=0.05,
+                seed=7,
+                release_weights=release,
+            )
+        )
         gc.collect()
         # Without release the caller's dicts still hold every array; with it none survives.
         assert (trainable == {} and frozen == {}) is release

@@ -8,10 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from msfusion.coordinator.reference.engine import LossConfig
-from msfusion.models.registry import ModelConfig
 from msfusion.edge_runtime.backends.executorch import PROGRAM
 from msfusion.export.executorch import _conv2d_as_matmul, export_submodel
+from msfusion.models.config import ContrastiveVariant, LossConfig, ModelConfig
 
 
 @pytest.mark.parametrize(
@@ -42,7 +41,7 @@ def test_unsupported_convolutions_keep_the_stock_op() -> None:
 
 def test_the_exported_cnn_program_has_no_convolution_kernel(tmp_path: Path) -> None:
     cfg = ModelConfig(arch="cnn", channels=(4, 8, 8))
-    export_submodel(cfg, None, LossConfig(), tmp_path, batch_size=2)
+    export_submodel(cfg, None, LossConfig(ContrastiveVariant.OFF), tmp_path, batch_size=2)
     program = (tmp_path / PROGRAM).read_bytes()
     assert b"aten::mm" in program
     assert b"aten::convolution" not in program  # neither the forward nor convolution_backward
@@ -66,7 +65,7 @@ def test_linear_as_mm_equals_linear_and_its_gradients(shape: tuple[int, ...], bi
 
 def test_the_exported_charlm_program_has_no_addmm_kernel(tmp_path: Path) -> None:
     cfg = ModelConfig(arch="charlm", d_model=16, n_heads=2, head_dim=8, d_ff=32, n_layers=1, context=8)
-    export_submodel(cfg, None, LossConfig(), tmp_path, optimizer="adamw", batch_size=2)
+    export_submodel(cfg, None, LossConfig(ContrastiveVariant.OFF), tmp_path, optimizer="adamw", batch_size=2)
     program = (tmp_path / PROGRAM).read_bytes()
     assert b"aten::mm" in program
     assert b"aten::addmm" not in program and b"aten::linear" not in program

@@ -11,9 +11,9 @@ from typing import Any, Callable
 
 import onnx
 
-from msfusion.wire.artifacts import ArtifactKind
 from msfusion.edge_runtime.backends.ort import TRAINING_MODEL
 from msfusion.export.cache import CachedArtifact
+from msfusion.wire.artifacts import ArtifactKind
 
 
 def _training_graph(exported: Callable[..., CachedArtifact]) -> onnx.GraphProto:
@@ -21,7 +21,9 @@ def _training_graph(exported: Callable[..., CachedArtifact]) -> onnx.GraphProto:
     return onnx.load(artifact.path / TRAINING_MODEL).graph
 
 
-def test_group_norms_are_layer_normalization_with_statistics(case: Any, exported: Callable[..., CachedArtifact]) -> None:
+def test_group_norms_are_layer_normalization_with_statistics(
+    case: Any, exported: Callable[..., CachedArtifact]
+) -> None:
     # Prepare
     graph = _training_graph(exported)
     ops = Counter(node.op_type for node in graph.node)

@@ -12,14 +12,14 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 
-from msfusion.coordinator.reference.engine import LossConfig
-from msfusion.models.objective import ContrastiveVariant
-from msfusion.models.registry import ModelConfig, model_spec
 from msfusion.algorithm.spec import widths_for_ratio
-from msfusion.wire.artifacts import ArtifactKind, OptimizerConfig, reference_weights
 from msfusion.edge_runtime.backends.base import make_backend
 from msfusion.export.cache import CachedArtifact
-from msfusion.export.validate import random_batch, random_weights, reference_train
+from msfusion.export.objective import random_batch, random_weights
+from msfusion.export.validate import reference_train
+from msfusion.models.config import ContrastiveVariant, LossConfig, ModelConfig
+from msfusion.models.registry import model_spec
+from msfusion.wire.artifacts import ArtifactKind, OptimizerConfig, reference_weights
 
 STEPS = 5
 LOSS_RTOL = 1e-4
@@ -49,7 +49,9 @@ def _run_both(
     return losses, weights, ref_losses, ref_weights
 
 
-def _assert_parity(losses: list[float], weights: dict[str, np.ndarray], ref_losses: list[float], ref_weights: dict[str, np.ndarray]) -> None:
+def _assert_parity(
+    losses: list[float], weights: dict[str, np.ndarray], ref_losses: list[float], ref_weights: dict[str, np.ndarray]
+) -> None:
     np.testing.assert_allclose(losses, ref_losses, rtol=LOSS_RTOL)
     assert sorted(weights) == sorted(ref_weights)
     for name, expected in ref_weights.items():
@@ -70,10 +72,16 @@ def test_cnn_sgd_momentum_tracks_torch(
     _assert_parity(losses, weights, ref_losses, ref_weights)
     if loss_name == "moon":  # the contrastive term really is in the graph
         plain = reference_train(
-            case.model, case.widths, case.ce_only, artifact.manifest.optimizer,
-            random_weights(case.model, case.widths, seed=11), None, None,
-            [random_batch(case.model, case.batch, np.random.default_rng(5))], 0.05,
-        )[0]  # fmt: skip
+            case.model,
+            case.widths,
+            case.ce_only,
+            artifact.manifest.optimizer,
+            random_weights(case.model, case.widths, seed=11),
+            None,
+            None,
+            [random_batch(case.model, case.batch, np.random.default_rng(5))],
+            0.05,
+        )[0]
         assert abs(losses[0] - plain[0]) > 1e-3
 
 
@@ -93,13 +101,19 @@ def test_executorch_adamw_tracks_torch(case: Any, exported: Callable[..., Cached
 
 
 SMALL_RESNET = ModelConfig(arch="resnet", in_channels=3, image_size=16, channels=(8, 16))
-SMALL_CHARLM = ModelConfig(arch="charlm", vocab_size=24, d_model=32, n_heads=4, head_dim=8, d_ff=64, n_layers=2, context=16)
+SMALL_CHARLM = ModelConfig(
+    arch="charlm", vocab_size=24, d_model=32, n_heads=4, head_dim=8, d_ff=64, n_layers=2, context=16
+)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("model", [SMALL_RESNET, SMALL_CHARLM], ids=["resnet", "charlm"])
-@pytest.mark.parametrize("loss", [LossConfig(ContrastiveVariant.MOON, mu=0.5, tau=0.5), LossConfig()], ids=["moon", "ce_only"])
+@pytest.mark.parametrize(
+    "loss",
+    [LossConfig(ContrastiveVariant.MOON, mu=0.5, tau=0.5), LossConfig(ContrastiveVariant.OFF)],
+    ids=["moon", "ce_only"],
+)
 def test_resnet_and_charlm_track_torch(
     kind: ArtifactKind, model: ModelConfig, loss: LossConfig, exported: Callable[..., CachedArtifact]
 ) -> None:

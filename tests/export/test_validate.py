@@ -13,12 +13,17 @@ import pytest
 from onnx import helper, numpy_helper
 from onnxruntime.training import artifacts
 
-from msfusion.wire.artifacts import ArtifactKind, describe_files, load_manifest, write_manifest
 from msfusion.edge_runtime.backends.ort import TRAINING_MODEL
 from msfusion.errors import ArtifactError
 from msfusion.export.cache import CachedArtifact
 from msfusion.export.onnx_training import _explain_generate_error
 from msfusion.export.validate import validate_artifact
+from msfusion.wire.artifacts import (
+    ArtifactKind,
+    describe_files,
+    load_manifest,
+    write_manifest,
+)
 
 
 @pytest.fixture
@@ -87,9 +92,11 @@ def test_a_missing_gradient_op_is_named(tmp_path: Path) -> None:
     weight = numpy_helper.from_array(np.ones((3, 4), np.float32), "w")
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("ReduceMax", ["h"], ["loss"], keepdims=0)],
-        "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3])],
-        [helper.make_tensor_value_info("loss", onnx.TensorProto.FLOAT, [])], [weight],
-    )  # fmt: skip
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("loss", onnx.TensorProto.FLOAT, [])],
+        [weight],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     # Execute
     with pytest.raises(RuntimeError) as raised:

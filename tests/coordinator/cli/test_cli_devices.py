@@ -21,7 +21,9 @@ def _plain(text: str) -> str:
 
 def test_devices_list_shows_every_profile_with_its_backend_and_budget(tmp_path: Path) -> None:
     (tmp_path / "boards.toml").write_text('[profiles.rock5b]\nextends = "rpi5-8gb"\nram = "16 GiB"\n')
-    result = runner.invoke(app, ["devices", "list", "--profiles", str(tmp_path / "boards.toml")], env={"COLUMNS": "200"})
+    result = runner.invoke(
+        app, ["devices", "list", "--profiles", str(tmp_path / "boards.toml")], env={"COLUMNS": "200"}
+    )
     assert result.exit_code == ExitCode.SUCCESS, result.output
     rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.count("│") > 5}
     assert set(rows) == set(BUILTIN_PROFILES) | {"rock5b"}
@@ -37,11 +39,33 @@ def test_devices_flash_builds_a_bundle_and_installs_it_into_a_root_filesystem(tm
     (rootfs / "etc").mkdir(parents=True)
     (tmp_path / "password").write_text("s3cret\n")
     # Execute
-    result = runner.invoke(app, [
-        "devices", "flash", "--profile", "x86_64-generic", "--device-id", "dev009", "--run-id", "fmnist",
-        "--broker", "mqtt://10.0.0.1:1883", "--username", "dev009", "--password-file", str(tmp_path / "password"),
-        "--memory-budget", "1.5 GiB", "--no-backend", "--out", str(tmp_path / "bundle"), "--rootfs", str(rootfs),
-    ], env={"COLUMNS": "200"})  # fmt: skip
+    result = runner.invoke(
+        app,
+        [
+            "devices",
+            "flash",
+            "--profile",
+            "x86_64-generic",
+            "--device-id",
+            "dev009",
+            "--run-id",
+            "fmnist",
+            "--broker",
+            "mqtt://10.0.0.1:1883",
+            "--username",
+            "dev009",
+            "--password-file",
+            str(tmp_path / "password"),
+            "--memory-budget",
+            "1.5 GiB",
+            "--no-backend",
+            "--out",
+            str(tmp_path / "bundle"),
+            "--rootfs",
+            str(rootfs),
+        ],
+        env={"COLUMNS": "200"},
+    )
     # Assert
     assert result.exit_code == ExitCode.SUCCESS, result.output
     assert "dev009 on x86_64-generic" in _plain(result.output) and "installed into" in _plain(result.output)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-
 # The fleet tests (test_fleet*.py) share one partition, one reference run and one artifact cache.
 
 

@@ -12,13 +12,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from msfusion.coordinator.fleet.config import CoordinatorConfig, FleetConfig, RoundConfig
-from msfusion.coordinator.reference.engine import EngineConfig, LocalTrainConfig, LossConfig, ReferenceEngine
-from msfusion.models.objective import ContrastiveVariant
-from msfusion.models.registry import ModelConfig, model_spec
-from msfusion.coordinator.fleet.report import RunSummary, read_metrics
-from msfusion.coordinator.fleet.runner import run_coordinator
-from msfusion.coordinator.fleet.registry import ratio_for_memory
+from msfusion.algorithm.slicing import Weights
+from msfusion.coordinator.fleet.config import (
+    CoordinatorConfig,
+    FleetConfig,
+    RoundConfig,
+)
 from msfusion.coordinator.fleet.local_fleet import (
     PartitionConfig,
     ShardSet,
@@ -29,12 +28,18 @@ from msfusion.coordinator.fleet.local_fleet import (
     stop_processes,
     write_device_configs,
 )
-from msfusion.algorithm.slicing import Weights
+from msfusion.coordinator.fleet.registry import ratio_for_memory
+from msfusion.coordinator.fleet.report import RunSummary, read_metrics
+from msfusion.coordinator.fleet.runner import run_coordinator
+from msfusion.coordinator.reference.engine import ReferenceEngine
+from msfusion.models.config import ContrastiveVariant, LossConfig, ModelConfig
+from msfusion.models.registry import model_spec
+from msfusion.recipe import EngineConfig, LocalTrainConfig
 
 MODEL = ModelConfig(arch="cnn", channels=(8, 16, 32))
 ENGINE = EngineConfig(
     model=MODEL,
-    local=LocalTrainConfig(epochs=1, batch_size=32, lr=0.05, momentum=0.9, max_samples=128),
+    local=LocalTrainConfig(epochs=1, batch_size=32, lr=0.05, max_samples=128),
     loss=LossConfig(variant=ContrastiveVariant.MOON, mu=0.1, tau=0.5),
     rounds=3,
     seed=7,
@@ -46,7 +51,9 @@ N_DEVICES = 4
 
 def make_shards(root: Path) -> ShardSet:
     """Four small IID Fashion-MNIST shards and a 500-sample test set."""
-    return partition_fmnist(PartitionConfig(devices=N_DEVICES, scheme="iid", seed=3, samples_per_device=256, test_samples=500), root)
+    return partition_fmnist(
+        PartitionConfig(devices=N_DEVICES, scheme="iid", seed=3, samples_per_device=256, test_samples=500), root
+    )
 
 
 @dataclass
@@ -61,7 +68,9 @@ class Fleet:
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.configs = write_device_configs(self.out, self.shards, self.run_id, self.broker_url, "ort", BUDGET_BYTES, MAX_RATIO, heartbeat_s=1.0)
+        self.configs = write_device_configs(
+            self.out, self.shards, self.run_id, self.broker_url, "ort", BUDGET_BYTES, MAX_RATIO, heartbeat_s=1.0
+        )
 
     def log_path(self, index: int) -> Path:
         return self.out / "logs" / f"{device_id(index)}.log"
@@ -94,12 +103,19 @@ class Fleet:
         return codes
 
 
-def coordinator_config(out: Path, run_id: str, broker_url: str, shards: ShardSet, **round_knobs: Any) -> CoordinatorConfig:
+def coordinator_config(
+    out: Path, run_id: str, broker_url: str, shards: ShardSet, **round_knobs: Any
+) -> CoordinatorConfig:
     return CoordinatorConfig(
-        engine=ENGINE, run_id=run_id, broker=broker_url, out=out, eval_shard=shards.test, backend="ort",
+        engine=ENGINE,
+        run_id=run_id,
+        broker=broker_url,
+        out=out,
+        eval_shard=shards.test,
+        backend="ort",
         round=RoundConfig(**{"deadline_s": 60.0, "quorum": 0.5, "stall_s": 2.0, **round_knobs}),
         fleet=FleetConfig(min_devices=N_DEVICES, wait_s=90.0, heartbeat_timeout_s=10.0),
-    )  # fmt: skip
+    )
 
 
 class CoordinatorThread(threading.Thread):

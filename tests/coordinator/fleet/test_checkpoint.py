@@ -7,14 +7,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from msfusion.coordinator.fleet.checkpoint import RunState, load_checkpoint, save_checkpoint, weights_digest
+from msfusion.coordinator.fleet.checkpoint import (
+    RunState,
+    load_checkpoint,
+    save_checkpoint,
+    weights_digest,
+)
 from msfusion.errors import ArtifactError, ConfigError
 
 
 def test_a_checkpoint_reads_back_bit_for_bit(tmp_path: Path) -> None:
     # Prepare: values whose last bits matter.
     rng = np.random.default_rng(0)
-    weights = {"a.weight": rng.standard_normal((3, 4)).astype(np.float32), "b.bias": np.array([1e-38, -0.0, np.pi], np.float32)}
+    weights = {
+        "a.weight": rng.standard_normal((3, 4)).astype(np.float32),
+        "b.bias": np.array([1e-38, -0.0, np.pi], np.float32),
+    }
     state = RunState("run", "0123abcd", 5, 0.85, 0.41234567890123, "ort")
     # Execute
     save_checkpoint(tmp_path, weights, state)

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from msfusion.coordinator.fleet.config import load_config
-from msfusion.models.objective import ContrastiveVariant
 from msfusion.algorithm.planning import Strategy
+from msfusion.coordinator.fleet.config import load_config
 from msfusion.errors import ConfigError
+from msfusion.models.config import ContrastiveVariant
 
 RUN = """
 run_id = "fmnist"
@@ -53,12 +53,12 @@ def test_a_run_file_loads_into_typed_values_and_flags_override_it(tmp_path: Path
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (('deadline_s = 30', 'deadline = 30'), "unknown key"),
+        (("deadline_s = 30", "deadline = 30"), "unknown key"),
         (('variant = "moon"', 'variant = "mooon"'), "must be one of"),
         (('run_id = "fmnist"', 'run_id = "a/b"'), "not a safe id"),
         (('broker = "mqtt://10.0.0.2:1884"', 'broker = "http://x"'), "scheme"),
-        (('rounds = 7', 'rounds = "seven"'), "must be int"),
-        (('deadline_s = 30', 'deadline_s = 0'), "must be > 0"),
+        (("rounds = 7", 'rounds = "seven"'), "must be int"),
+        (("deadline_s = 30", "deadline_s = 0"), "must be > 0"),
     ],
 )
 def test_a_bad_run_file_is_refused_with_the_reason(tmp_path: Path, edit: tuple[str, str], message: str) -> None:

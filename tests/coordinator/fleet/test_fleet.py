@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fleet_harness import N_DEVICES, Fleet, coordinator_config, max_abs_diff
 
 from msfusion.coordinator.fleet.report import read_metrics
 from msfusion.coordinator.fleet.runner import run_coordinator
 from msfusion.wire.weights import unpack_weights
-from fleet_harness import N_DEVICES, Fleet, coordinator_config, max_abs_diff
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -10,13 +10,6 @@ from typing import Any
 
 import msgspec
 import pytest
-
-from msfusion.coordinator.fleet.checkpoint import load_checkpoint, weights_digest
-from msfusion.coordinator.fleet.report import read_metrics
-from msfusion.wire import topics
-from msfusion.wire.protocol import RunControl, TaskFailed, decode, encode
-from msfusion.wire.transport import MqttTransport, Received
-from msfusion.wire.weights import unpack_weights
 from fleet_harness import (
     ENGINE,
     N_DEVICES,
@@ -27,6 +20,13 @@ from fleet_harness import (
     merged_rounds,
     wait_for,
 )
+
+from msfusion.coordinator.fleet.checkpoint import load_checkpoint, weights_digest
+from msfusion.coordinator.fleet.report import read_metrics
+from msfusion.wire import topics
+from msfusion.wire.protocol import RunControl, TaskFailed, decode, encode
+from msfusion.wire.transport import MqttTransport, Received
+from msfusion.wire.weights import unpack_weights
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -107,8 +107,9 @@ channels = {list(ENGINE.model.channels)}
 epochs = {ENGINE.local.epochs}
 batch_size = {ENGINE.local.batch_size}
 lr = {ENGINE.local.lr}
-momentum = {ENGINE.local.momentum}
 max_samples = {ENGINE.local.max_samples}
+[engine.local.optimizer]
+momentum = {ENGINE.local.optimizer.momentum}
 [engine.loss]
 variant = "{ENGINE.loss.variant.value}"
 mu = {ENGINE.loss.mu}
@@ -130,7 +131,16 @@ def test_a_killed_coordinator_resumes_from_its_checkpoint_bit_for_bit(
     fleet = Fleet(tmp_path, fleet_shards, "resume", mosquitto.url)
     run_toml = tmp_path / "run.toml"
     run_toml.write_text(_run_toml(tmp_path, mosquitto.url, fleet_shards, fleet_artifacts.cache_dir))
-    command = [sys.executable, "-m", "msfusion.coordinator.cli.main", "coordinator", "run", "--config", str(run_toml), "--quiet"]
+    command = [
+        sys.executable,
+        "-m",
+        "msfusion.coordinator.cli.main",
+        "coordinator",
+        "run",
+        "--config",
+        str(run_toml),
+        "--quiet",
+    ]
     fleet.start_all()
     try:
         first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
@@ -180,8 +190,12 @@ def test_a_malformed_task_gets_a_task_failed_reply_and_the_daemon_keeps_serving(
         # Execute: bytes that are not MessagePack, then a task missing most of its fields.
         probe.publish(task_topic, b"\xc1 not a message")
         first = next_reply()
-        probe.publish(task_topic, msgspec.msgpack.encode({"type": "task", "schema_version": 1, "run_id": "malformed",
-                                                          "round_idx": 4, "task_id": "t-4"}))  # fmt: skip
+        probe.publish(
+            task_topic,
+            msgspec.msgpack.encode(
+                {"type": "task", "schema_version": 1, "run_id": "malformed", "round_idx": 4, "task_id": "t-4"}
+            ),
+        )
         second = next_reply()
         stop = RunControl(run_id="malformed", device_id="dev000", command="stop", reason="test over")
         probe.publish(topics.ctl("malformed", "dev000"), encode(stop))
@@ -201,10 +215,14 @@ def test_a_redelivered_task_gets_the_same_reply_without_training_again(
     # Prepare: one device; the test runs a round itself and listens to the device's task and result topics.
     from msfusion.coordinator.fleet.config import RoundConfig
     from msfusion.coordinator.fleet.link import CoordinatorLink
-    from msfusion.models.registry import model_spec
-    from msfusion.coordinator.fleet.rounds import RoundContext, run_round
-    from msfusion.coordinator.fleet.runner import initial_state, load_eval_data, wait_for_devices
     from msfusion.coordinator.fleet.registry import Fleet as FleetState
+    from msfusion.coordinator.fleet.rounds import RoundContext, run_round
+    from msfusion.coordinator.fleet.runner import (
+        initial_state,
+        load_eval_data,
+        wait_for_devices,
+    )
+    from msfusion.models.registry import model_spec
 
     run = "redeliver"
     fleet = Fleet(tmp_path, fleet_shards, run, mosquitto.url)
@@ -219,10 +237,17 @@ def test_a_redelivered_task_gets_the_same_reply_without_training_again(
     spec = model_spec(ENGINE.model)
     config = coordinator_config(tmp_path, run, mosquitto.url, fleet_shards)
     ctx = RoundContext(
-        run_id=run, backend="ort", engine=ENGINE, round=RoundConfig(deadline_s=60), spec=spec,
-        fleet=FleetState(spec, run, "ort", 30.0), link=link, artifacts=fleet_artifacts,
-        test=load_eval_data(fleet_shards.test), checkpoint_dir=tmp_path / "checkpoint",
-    )  # fmt: skip
+        run_id=run,
+        backend="ort",
+        engine=ENGINE,
+        round=RoundConfig(deadline_s=60),
+        spec=spec,
+        fleet=FleetState(spec, run, "ort", 30.0),
+        link=link,
+        artifacts=fleet_artifacts,
+        test=load_eval_data(fleet_shards.test),
+        checkpoint_dir=tmp_path / "checkpoint",
+    )
     fleet.start(0)
 
     def next_on(suffix: str) -> bytes:

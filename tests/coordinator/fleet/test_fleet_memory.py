@@ -29,23 +29,38 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+from fleet_harness import CoordinatorThread
+from memory_limits import MemoryCap, memory_cap, remove_stale_cgroups, start_capped
 
 from msfusion.coordinator.fleet.artifacts import ExportedArtifacts, export_profile_set
-from msfusion.coordinator.fleet.config import CoordinatorConfig, FleetConfig, RoundConfig
-from msfusion.coordinator.reference.engine import EngineConfig, LocalTrainConfig, LossConfig
-from msfusion.models.objective import ContrastiveVariant
-from msfusion.models.registry import ModelConfig, model_spec
+from msfusion.coordinator.fleet.config import (
+    CoordinatorConfig,
+    FleetConfig,
+    RoundConfig,
+)
+from msfusion.coordinator.fleet.local_fleet import (
+    PartitionConfig,
+    partition_fmnist,
+    stop_processes,
+)
+from msfusion.coordinator.fleet.memory_model import (
+    fit_memory_model,
+    samples_from_profile,
+)
+from msfusion.coordinator.fleet.registry import (
+    RUNTIME_BYTES,
+    ratio_for_memory,
+    ratio_from_profile,
+)
 from msfusion.coordinator.fleet.report import RunSummary, read_metrics
 from msfusion.coordinator.fleet.runner import run_sizing
-from msfusion.coordinator.fleet.registry import RUNTIME_BYTES, ratio_for_memory, ratio_from_profile
-from msfusion.coordinator.fleet.local_fleet import PartitionConfig, partition_fmnist, stop_processes
-from msfusion.coordinator.fleet.memory_model import fit_memory_model, samples_from_profile
 from msfusion.coordinator.fleet.sizing import model_sizes
 from msfusion.edge_runtime.config import DeviceConfig, to_toml
 from msfusion.edge_runtime.profiling import PROFILE_FILE, load_profile
+from msfusion.models.config import ContrastiveVariant, LossConfig, ModelConfig
+from msfusion.models.registry import model_spec
+from msfusion.recipe import EngineConfig, LocalTrainConfig
 from msfusion.wire.protocol import ProfileReport
-from fleet_harness import CoordinatorThread
-from memory_limits import MemoryCap, memory_cap, remove_stale_cgroups, start_capped
 
 pytestmark = [pytest.mark.e2e]
 
@@ -53,7 +68,7 @@ MIB = 1 << 20
 MODEL = ModelConfig(arch="cnn", channels=(32, 64, 128))
 ENGINE = EngineConfig(
     model=MODEL,
-    local=LocalTrainConfig(epochs=1, batch_size=128, lr=0.05, momentum=0.9, max_samples=256),
+    local=LocalTrainConfig(epochs=1, batch_size=128, lr=0.05, max_samples=256),
     loss=LossConfig(variant=ContrastiveVariant.MOON, mu=0.1, tau=0.5),
     rounds=3,
     seed=11,
@@ -103,7 +118,8 @@ def capped_run(mosquitto: Any, tmp_path_factory: pytest.TempPathFactory) -> Iter
     out = tmp_path_factory.mktemp("capped")
     cache = out / "artifact-cache"
     shards = partition_fmnist(
-        PartitionConfig(devices=len(DEVICES), scheme="iid", seed=5, samples_per_device=256, test_samples=500), out / "shards"
+        PartitionConfig(devices=len(DEVICES), scheme="iid", seed=5, samples_per_device=256, test_samples=500),
+        out / "shards",
     )
     run_id = "capped"
 
@@ -115,19 +131,38 @@ def capped_run(mosquitto: Any, tmp_path_factory: pytest.TempPathFactory) -> Iter
         folder = out / "devices" / device_id
         folder.mkdir(parents=True, exist_ok=True)
         config = DeviceConfig(
-            device_id=device_id, run_id=run_id, data_dir=shards.devices[index], state_dir=folder / "state",
-            memory_budget_bytes=budget, broker=mosquitto.url, backends=("ort",), heartbeat_s=1.0, keepalive_s=5,
-        )  # fmt: skip
+            device_id=device_id,
+            run_id=run_id,
+            data_dir=shards.devices[index],
+            state_dir=folder / "state",
+            memory_budget_bytes=budget,
+            broker=mosquitto.url,
+            backends=("ort",),
+            heartbeat_s=1.0,
+            keepalive_s=5,
+        )
         path = folder / "device.toml"
         path.write_text(to_toml(config), encoding="utf-8")
         return path
 
     probe = write_config("dev000", 0, 8 << 30)
     proc = subprocess.run(
-        [sys.executable, "-m", "msfusion.edge_runtime", "profile", "--config", str(probe), "--artifacts",
-         str(out / "profile-set"), "--widths", ",".join(map(str, WIDTHS))],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "msfusion.edge_runtime",
+            "profile",
+            "--config",
+            str(probe),
+            "--artifacts",
+            str(out / "profile-set"),
+            "--widths",
+            ",".join(map(str, WIDTHS)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     profile = load_profile(out / "devices/dev000/state" / PROFILE_FILE)
     assert profile is not None and len(profile.entries) == len(WIDTHS), proc.stdout
@@ -152,10 +187,16 @@ def capped_run(mosquitto: Any, tmp_path_factory: pytest.TempPathFactory) -> Iter
             env = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
             processes[device_id] = start_capped(caps[device_id], argv, out / "logs" / f"{device_id}.log", env)
         config = CoordinatorConfig(
-            engine=ENGINE, run_id=run_id, broker=mosquitto.url, out=out, eval_shard=shards.test, backend="ort",
-            artifact_cache=cache, round=RoundConfig(deadline_s=90.0, quorum=0.5, stall_s=2.0),
+            engine=ENGINE,
+            run_id=run_id,
+            broker=mosquitto.url,
+            out=out,
+            eval_shard=shards.test,
+            backend="ort",
+            artifact_cache=cache,
+            round=RoundConfig(deadline_s=90.0, quorum=0.5, stall_s=2.0),
             fleet=FleetConfig(min_devices=len(DEVICES), wait_s=120.0, heartbeat_timeout_s=15.0),
-        )  # fmt: skip
+        )
         coordinator = CoordinatorThread(config, ExportedArtifacts(ENGINE, "ort", cache_dir=cache))
         coordinator.start()
         summary = coordinator.result(timeout_s=400)
@@ -168,9 +209,17 @@ def capped_run(mosquitto: Any, tmp_path_factory: pytest.TempPathFactory) -> Iter
             cap.close()
     logs = {d: (out / "logs" / f"{d}.log").read_text(errors="replace") for d in DEVICES}
     yield CappedRun(
-        out=out, summary=summary, lines=read_metrics(out), profile=profile, budgets=budgets, caps=caps,
-        oom_kills=oom, exit_codes=dict(zip(processes, codes)), alive_before_stop=alive, logs=logs,
-    )  # fmt: skip
+        out=out,
+        summary=summary,
+        lines=read_metrics(out),
+        profile=profile,
+        budgets=budgets,
+        caps=caps,
+        oom_kills=oom,
+        exit_codes=dict(zip(processes, codes)),
+        alive_before_stop=alive,
+        logs=logs,
+    )
 
 
 def test_a_capped_fleet_trains_to_completion_without_an_oom_kill(capped_run: CappedRun) -> None:
@@ -204,8 +253,11 @@ def test_profiled_devices_get_the_widest_width_their_profile_says_fits(capped_ru
 
 def _story(run: CappedRun) -> str:
     """What happened, for assertion messages."""
-    rows = [f"r{l['round_idx']}a{l['attempt']} merged={l['merged']} ratios={l['width_ratios']} replies={l['replies']} "
-            f"peaks={ {d: p >> 20 for d, p in l['peak_rss_bytes'].items()} }" for l in run.lines]  # fmt: skip
+    rows = [
+        f"r{line['round_idx']}a{line['attempt']} merged={line['merged']} ratios={line['width_ratios']} replies={line['replies']} "
+        f"peaks={ {d: p >> 20 for d, p in line['peak_rss_bytes'].items()} }"
+        for line in run.lines
+    ]
     budgets = {d: b >> 20 for d, b in run.budgets.items()}
     return "\n".join([f"budgets MiB {budgets}", *rows, "dev002 log tail:", run.logs["dev002"][-3000:]])
 

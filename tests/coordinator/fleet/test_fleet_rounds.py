@@ -11,20 +11,29 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 import pytest
 
+from msfusion.algorithm.merging import SliceUpdate, merge_slices
+from msfusion.algorithm.slicing import slice_weights
 from msfusion.coordinator.fleet.checkpoint import RunState, load_checkpoint
 from msfusion.coordinator.fleet.config import RoundConfig
-from msfusion.data.datasets import ArrayDataset
-from msfusion.coordinator.reference.engine import EngineConfig, LocalTrainConfig
 from msfusion.coordinator.fleet.link import CoordinatorLink
-from msfusion.algorithm.merging import SliceUpdate, merge_slices
-from msfusion.models.registry import ModelConfig, build_model, model_spec, state_to_numpy
-from msfusion.coordinator.fleet.rounds import RoundContext, first_overlap, run_round
-from msfusion.coordinator.fleet.runner import wait_for_devices
 from msfusion.coordinator.fleet.registry import Fleet
-from msfusion.algorithm.slicing import slice_weights
+from msfusion.coordinator.fleet.rounds import RoundContext, run_round
+from msfusion.coordinator.fleet.runner import wait_for_devices
+from msfusion.data.datasets import ArrayDataset
+from msfusion.models.config import ModelConfig
+from msfusion.models.registry import build_model, model_spec, state_to_numpy
+from msfusion.recipe import EngineConfig, LocalTrainConfig
 from msfusion.wire import topics
 from msfusion.wire.bulk import BulkSender, make_manifest, receive
-from msfusion.wire.protocol import BulkRef, Capacity, Registration, SliceResult, TrainTask, decode, encode
+from msfusion.wire.protocol import (
+    BulkRef,
+    Capacity,
+    Registration,
+    SliceResult,
+    TrainTask,
+    decode,
+    encode,
+)
 from msfusion.wire.transport import MqttTransport, Received
 from msfusion.wire.weights import pack_weights, unpack_weights
 
@@ -82,9 +91,17 @@ class ScriptedDevice:
             manifest = make_manifest(f"s-{task.task_id}-{self.device_id}", "slice", data)
             BulkSender(self.transport, topics.up(RUN, self.device_id, manifest.transfer_id), manifest, data).send()
             result = SliceResult(
-                run_id=RUN, round_idx=task.round_idx, device_id=self.device_id, task_id=task.task_id,
-                weights=manifest, n_samples=64, loss_curve=[1.0], step_time_s=0.0, peak_rss_bytes=1, wall_s=0.0,
-            )  # fmt: skip
+                run_id=RUN,
+                round_idx=task.round_idx,
+                device_id=self.device_id,
+                task_id=task.task_id,
+                weights=manifest,
+                n_samples=64,
+                loss_curve=[1.0],
+                step_time_s=0.0,
+                peak_rss_bytes=1,
+                wall_s=0.0,
+            )
             if self.extra is not None:
                 self.extra(self, task, data, result)
             self.transport.publish(topics.result(RUN, self.device_id), encode(result))
@@ -110,8 +127,12 @@ def nan_slice(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def make_round(mosquitto: Any, tmp_path: Path) -> Iterator[Callable[..., tuple[RoundContext, list[ScriptedDevice]]]]:
     made: list[Any] = []
 
-    def make(behaviours: Mapping[str, Behaviour], quorum: float = 0.5, deadline_s: float = 10.0,
-             extra: Mapping[str, Any] | None = None) -> tuple[RoundContext, list[ScriptedDevice]]:  # fmt: skip
+    def make(
+        behaviours: Mapping[str, Behaviour],
+        quorum: float = 0.5,
+        deadline_s: float = 10.0,
+        extra: Mapping[str, Any] | None = None,
+    ) -> tuple[RoundContext, list[ScriptedDevice]]:
         spec = model_spec(MODEL)
         transport = MqttTransport(f"coord-{tmp_path.name}", mosquitto.host, mosquitto.port)
         transport.connect()
@@ -121,11 +142,17 @@ def make_round(mosquitto: Any, tmp_path: Path) -> Iterator[Callable[..., tuple[R
         rng = np.random.default_rng(0)
         test = ArrayDataset(rng.standard_normal((20, 1, 28, 28)).astype(np.float32), rng.integers(0, 10, 20))
         ctx = RoundContext(
-            run_id=RUN, backend="ort", engine=EngineConfig(model=MODEL, local=LocalTrainConfig()),
-            round=RoundConfig(deadline_s=deadline_s, quorum=quorum), spec=spec,
-            fleet=Fleet(spec, RUN, "ort", 30.0), link=link, artifacts=FakeArtifacts(), test=test,
+            run_id=RUN,
+            backend="ort",
+            engine=EngineConfig(model=MODEL, local=LocalTrainConfig()),
+            round=RoundConfig(deadline_s=deadline_s, quorum=quorum),
+            spec=spec,
+            fleet=Fleet(spec, RUN, "ort", 30.0),
+            link=link,
+            artifacts=FakeArtifacts(),
+            test=test,
             checkpoint_dir=tmp_path / "ckpt",
-        )  # fmt: skip
+        )
         devices = [ScriptedDevice(d, mosquitto.port, b, (extra or {}).get(d)) for d, b in behaviours.items()]
         for device in devices:
             device.start()
@@ -141,7 +168,7 @@ def make_round(mosquitto: Any, tmp_path: Path) -> Iterator[Callable[..., tuple[R
 def _state() -> tuple[dict[str, np.ndarray], RunState]:
     weights = state_to_numpy(build_model(MODEL, seed=0))
     engine = EngineConfig(model=MODEL)
-    return weights, RunState(RUN, "abcd1234", 0, first_overlap(engine), None, "ort")
+    return weights, RunState(RUN, "abcd1234", 0, engine.overlap.initial, None, "ort")
 
 
 def test_round_merges_good_slices_and_rejects_a_nan_slice(make_round: Any) -> None:
@@ -176,7 +203,9 @@ def test_redelivered_and_stale_results_are_merged_once(make_round: Any) -> None:
         device.transport.publish(topics.result(RUN, device.device_id), encode(result))
         stale = SliceResult(**{**{f: getattr(result, f) for f in result.__struct_fields__}, "task_id": "old-task"})
         device.transport.publish(topics.result(RUN, device.device_id), encode(stale))
-        BulkSender(device.transport, topics.up(RUN, device.device_id, result.weights.transfer_id), result.weights, data).send()
+        BulkSender(
+            device.transport, topics.up(RUN, device.device_id, result.weights.transfer_id), result.weights, data
+        ).send()
 
     ctx, _ = make_round({"dev000": shifted, "dev001": shifted}, extra={"dev000": twice})
     weights, state = _state()

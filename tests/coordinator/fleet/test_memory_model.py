@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from msfusion.models.registry import ModelConfig
 from msfusion.coordinator.fleet.memory_model import (
     RATIO_STEPS,
     MemoryModel,
@@ -15,8 +14,9 @@ from msfusion.coordinator.fleet.memory_model import (
     samples_from_profile,
 )
 from msfusion.coordinator.fleet.sizing import ModelSizes, model_sizes
-from msfusion.wire.protocol import ProfileEntry
 from msfusion.errors import ConfigError, MemoryBudgetExceeded
+from msfusion.models.config import ModelConfig
+from msfusion.wire.protocol import ProfileEntry
 
 MIB = 1 << 20
 TRUE = (350 * MIB, 20.0, 6.0)  # overhead, bytes per parameter, bytes per activation
@@ -30,14 +30,16 @@ def _true_peak(sizes: ModelSizes, ratio: float, batch: int) -> float:
 
 def _samples(sizes: ModelSizes, noise: float, seed: int = 0) -> list[MemorySample]:
     rng = np.random.default_rng(seed)
-    return [
-        MemorySample(r, b, int(_true_peak(sizes, r, b) * (1 + rng.uniform(-noise, noise)))) for r, b in PROFILED
-    ]
+    return [MemorySample(r, b, int(_true_peak(sizes, r, b) * (1 + rng.uniform(-noise, noise)))) for r, b in PROFILED]
 
 
 @pytest.fixture(scope="module", params=["cnn", "charlm"])
 def sizes(request: pytest.FixtureRequest) -> ModelSizes:
-    cfg = ModelConfig("cnn", channels=(64, 128, 256)) if request.param == "cnn" else ModelConfig("charlm", d_model=256, d_ff=1024)
+    cfg = (
+        ModelConfig("cnn", channels=(64, 128, 256))
+        if request.param == "cnn"
+        else ModelConfig("charlm", d_model=256, d_ff=1024)
+    )
     return model_sizes(cfg)
 
 
@@ -70,7 +72,11 @@ def test_coefficients_stay_nonnegative(sizes: ModelSizes) -> None:
 def test_fit_needs_enough_distinct_samples(sizes: ModelSizes) -> None:
     with pytest.raises(ConfigError, match=">= 3 samples"):
         fit_memory_model(_samples(sizes, 0.0)[:2], sizes)
-    same_batch_two_widths = [MemorySample(1.0, 32, 900 * MIB), MemorySample(0.5, 32, 500 * MIB), MemorySample(0.5, 32, 510 * MIB)]
+    same_batch_two_widths = [
+        MemorySample(1.0, 32, 900 * MIB),
+        MemorySample(0.5, 32, 500 * MIB),
+        MemorySample(0.5, 32, 510 * MIB),
+    ]
     with pytest.raises(ConfigError, match="cannot separate"):
         fit_memory_model(same_batch_two_widths, sizes)
 

@@ -7,7 +7,11 @@ import math
 import msgspec
 import pytest
 
-from msfusion.models.registry import ModelConfig, model_spec
+from msfusion.algorithm.spec import widths_for_ratio
+from msfusion.coordinator.fleet.memory_model import (
+    fit_memory_model,
+    samples_from_profile,
+)
 from msfusion.coordinator.fleet.registry import (
     BYTES_PER_PARAM,
     RUNTIME_BYTES,
@@ -16,17 +20,27 @@ from msfusion.coordinator.fleet.registry import (
     ratio_for_memory,
     ratio_from_profile,
 )
-from msfusion.algorithm.spec import widths_for_ratio
-from msfusion.coordinator.fleet.memory_model import fit_memory_model, samples_from_profile
 from msfusion.coordinator.fleet.sizing import model_sizes
-from msfusion.wire.protocol import Capacity, Heartbeat, ProfileEntry, ProfileReport, Registration
 from msfusion.errors import ConfigError, MemoryBudgetExceeded
+from msfusion.models.config import ModelConfig
+from msfusion.models.registry import model_spec
+from msfusion.wire.protocol import (
+    Capacity,
+    Heartbeat,
+    ProfileEntry,
+    ProfileReport,
+    Registration,
+)
 
 SPEC = model_spec(ModelConfig(arch="cnn", channels=(32, 64, 128)))
 
 
-def _registration(device: str, budget: int, backends: list[str] | None = None, cap: float | None = None) -> Registration:
-    capacity = Capacity(memory_budget_bytes=budget, cores=4, arch="aarch64", backends=backends or ["ort"], max_width_ratio=cap)
+def _registration(
+    device: str, budget: int, backends: list[str] | None = None, cap: float | None = None
+) -> Registration:
+    capacity = Capacity(
+        memory_budget_bytes=budget, cores=4, arch="aarch64", backends=backends or ["ort"], max_width_ratio=cap
+    )
     return Registration(run_id="r", device_id=device, capacity=capacity, runtime_version="0.1.0")
 
 
@@ -93,7 +107,9 @@ def _profile(key: str = "cnn-key", widths: tuple[float, ...] = (1.0, 0.5, 0.25, 
     overhead, per_param, per_activation = TRUE
 
     def peak(ratio: float) -> int:
-        return int(overhead + per_param * sizes.param_count(ratio) + per_activation * sizes.activation_elements(ratio) * 64)
+        return int(
+            overhead + per_param * sizes.param_count(ratio) + per_activation * sizes.activation_elements(ratio) * 64
+        )
 
     entries = [ProfileEntry(width_ratio=w, batch_size=64, peak_rss_bytes=peak(w), step_time_s=0.1) for w in widths]
     return ProfileReport(run_id="r", device_id="x", entries=entries, model_key=key)

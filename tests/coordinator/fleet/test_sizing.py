@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from msfusion.models.objective import LocalObjective
-from msfusion.models.registry import ModelConfig, build_model, model_spec
 from msfusion.algorithm.spec import widths_for_ratio
-from msfusion.coordinator.fleet.sizing import ACTIVATIONS, model_sizes
-from torch_block import BLOCK_TORCH
+from msfusion.coordinator.fleet.sizing import model_sizes
+from msfusion.models.config import ModelConfig
+from msfusion.models.objective import LocalObjective
+from msfusion.models.registry import activation_elements, build_model, model_spec
 
 CONFIGS = {
     "cnn": ModelConfig("cnn"),
@@ -53,7 +50,7 @@ def _saved_float32_units(cfg: ModelConfig, ratio: float) -> float:
 def test_activation_counts_match_autograd(arch: str, ratio: float) -> None:
     cfg = CONFIGS[arch]
     # Execute
-    ours = ACTIVATIONS[arch](cfg, widths_for_ratio(model_spec(cfg), ratio))
+    ours = activation_elements(cfg, widths_for_ratio(model_spec(cfg), ratio))
     saved = _saved_float32_units(cfg, ratio)
     # Assert
     assert ours == pytest.approx(saved, rel=0.01)

@@ -6,21 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from msfusion.data.datasets import ArrayDataset, load_fashion_mnist
-from msfusion.coordinator.reference.engine import (
-    EngineConfig,
-    LocalTrainConfig,
-    LossConfig,
-    ReferenceEngine,
-    device_cost,
-    evaluate,
-)
-from msfusion.models.objective import ContrastiveVariant
-from msfusion.models.registry import ModelConfig, build_model, load_numpy, model_spec, state_to_numpy
-from msfusion.algorithm.overlap import OverlapConfig, OverlapMode
-from msfusion.data.partition import iid
-from msfusion.algorithm.planning import PlanConfig, Strategy
 from msfusion.algorithm.batches import batch_indices
+from msfusion.algorithm.overlap import OverlapConfig, OverlapMode
+from msfusion.algorithm.planning import PlanConfig, Strategy
+from msfusion.coordinator.reference.engine import ReferenceEngine, choose_deployable, device_cost
+from msfusion.data.datasets import ArrayDataset, load_fashion_mnist
+from msfusion.data.partition import iid
+from msfusion.models.config import ContrastiveVariant, LossConfig, ModelConfig
+from msfusion.models.evaluate import evaluate
+from msfusion.models.registry import build_model, load_numpy, model_spec, state_to_numpy
+from msfusion.recipe import EngineConfig, LocalTrainConfig
 
 SMALL_CNN = ModelConfig(arch="cnn", channels=(8, 16, 32))
 
@@ -34,14 +29,17 @@ def test_fedavg_full_with_one_device_equals_centralized_training(fmnist: tuple[A
     # Prepare
     train, test = fmnist
     shard = train.subset(np.arange(256))
-    local = LocalTrainConfig(epochs=2, batch_size=32, lr=0.05, momentum=0.9, max_samples=0)
-    cfg = EngineConfig(model=SMALL_CNN, plan=PlanConfig(strategy=Strategy.FEDAVG), local=local, rounds=1, seed=3)
+    local = LocalTrainConfig(epochs=2, batch_size=32, lr=0.05, max_samples=0)
+    plain = LossConfig(ContrastiveVariant.OFF)
+    cfg = EngineConfig(
+        model=SMALL_CNN, plan=PlanConfig(strategy=Strategy.FEDAVG), local=local, loss=plain, rounds=1, seed=3
+    )
     engine = ReferenceEngine(cfg, [shard], test.subset(np.arange(200)), [1.0])
     start = {k: v.copy() for k, v in engine.weights.items()}
     # Execute
     engine.run()
     # Assert: a plain torch loop over the same batches gives the same weights.
-    from msfusion.coordinator.reference.engine import device_seed
+    from msfusion.recipe import device_seed
 
     model = build_model(SMALL_CNN)
     load_numpy(model, start)
@@ -94,3 +92,52 @@ def test_short_msfusion_run_on_real_data_improves_accuracy(fmnist: tuple[ArrayDa
     assert accs[-1] > before + 0.25, (before, accs)
     assert accs[-1] > accs[0]
     assert all(len(r.merged) == 4 for r in history)
+
+
+def test_the_deployable_model_is_the_better_full_model_on_validation_data() -> None:
+    assert choose_deployable({"merged": {"accuracy": 0.7}, "expected": {"accuracy": 0.8}}) == "expected"
+    assert choose_deployable({"merged": {"accuracy": 0.8}, "expected": {"accuracy": 0.7}}) == "merged"
+    assert choose_deployable({"merged": {"accuracy": 0.7}, "expected": {"accuracy": 0.7}}) == "merged"  # a tie
+    lm = {"merged": {"perplexity": 12.0, "accuracy": 0.5}, "expected": {"perplexity": 11.0, "accuracy": 0.4}}
+    assert choose_deployable(lm) == "expected"  # lower perplexity wins for a language model
+    # A window is a sub-model, never the deployed full model; without validation figures the merged model stays.
+    assert choose_deployable({"merged": {"accuracy": 0.1}, "window": {"accuracy": 0.9}}) == "merged"
+    assert choose_deployable({}) == "merged"
+
+
+def test_eval_every_skips_evaluations_not_training_and_the_run_chooses_on_validation(
+    fmnist: tuple[ArrayDataset, ArrayDataset],
+) -> None:
+    # Prepare: the same msfusion run evaluated every round and every other round
+    train, test = fmnist
+    shards = [train.subset(np.arange(i * 200, (i + 1) * 200)) for i in range(4)]
+    val, held = train.subset(np.arange(50_000, 50_300)), test.subset(np.arange(300))
+
+    def run(every: int) -> ReferenceEngine:
+        cfg = EngineConfig(
+            model=SMALL_CNN,
+            local=LocalTrainConfig(max_samples=64),
+            rounds=3,
+            seed=1,
+            eval_expected=True,
+            eval_window=True,
+            eval_every=every,
+        )
+        engine = ReferenceEngine(cfg, shards, held, [0.5] * 4, validation=val)
+        engine.run()
+        return engine
+
+    # Execute
+    each, sparse = run(1), run(2)
+    # Assert: the same weights; rounds 1 and 2 (the last) evaluated, round 0 not
+    for name, value in each.weights.items():
+        np.testing.assert_array_equal(sparse.weights[name], value)
+    assert [bool(r.variant_metrics) for r in sparse.history] == [False, True, True]
+    assert sparse.history[0].metrics == {} and sparse.history[2].metrics == each.history[2].metrics
+    last = each.history[-1]
+    assert set(last.variant_metrics) == set(last.validation_metrics) == {"merged", "expected", "window"}
+    assert last.deployable == choose_deployable(last.validation_metrics)
+    name, weights = each.deployable_weights()
+    assert name == last.deployable
+    figures = evaluate(SMALL_CNN, weights, held)
+    assert figures["accuracy"] == pytest.approx(last.variant_metrics[name]["accuracy"])

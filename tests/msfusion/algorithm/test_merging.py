@@ -94,14 +94,23 @@ def test_unheld_units_keep_their_values(tiny_spec: ModelSpec, tiny_weights: dict
     "mutate,reason",
     [
         (lambda u: SliceUpdate(u.device_id, 9, u.units, u.weights, u.n_samples), "round"),
-        (lambda u: SliceUpdate(u.device_id, 0, u.units, {**u.weights, "l1.bias": np.full(4, np.nan, np.float32)}, 5), "non-finite"),
+        (
+            lambda u: SliceUpdate(u.device_id, 0, u.units, {**u.weights, "l1.bias": np.full(4, np.nan, np.float32)}, 5),
+            "non-finite",
+        ),
         (lambda u: SliceUpdate(u.device_id, 0, u.units, {**u.weights, "l1.bias": np.zeros(3, np.float32)}, 5), "shape"),
-        (lambda u: SliceUpdate(u.device_id, 0, u.units, {k: v for k, v in u.weights.items() if k != "head.bias"}, 5), "missing"),
+        (
+            lambda u: SliceUpdate(u.device_id, 0, u.units, {k: v for k, v in u.weights.items() if k != "head.bias"}, 5),
+            "missing",
+        ),
         (lambda u: SliceUpdate(u.device_id, 0, u.units, u.weights, 0), "n_samples"),
     ],
 )
 def test_rejected_results_leave_the_model_untouched(
-    tiny_spec: ModelSpec, tiny_weights: dict[str, np.ndarray], mutate, reason: str  # type: ignore[no-untyped-def]
+    tiny_spec: ModelSpec,
+    tiny_weights: dict[str, np.ndarray],
+    mutate,
+    reason: str,  # type: ignore[no-untyped-def]
 ) -> None:
     units = {"a": np.array([0, 1, 2, 3]), "b": np.array([1, 2])}
     good = SliceUpdate("d", 0, units, {n: a * 3 for n, a in slice_weights(tiny_weights, tiny_spec, units).items()}, 5)

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from msfusion.algorithm.spec import ModelSpec, TensorAxis, WidthGroup, ratio_for_budget, widths_for_ratio
+from msfusion.algorithm.spec import (
+    ModelSpec,
+    TensorAxis,
+    WidthGroup,
+    ratio_for_budget,
+    widths_for_ratio,
+)
 from msfusion.errors import ConfigError
 
 

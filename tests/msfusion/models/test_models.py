@@ -7,20 +7,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from msfusion.models.registry import (
+from msfusion.algorithm.spec import ModelSpec, widths_for_ratio
+from msfusion.errors import ConfigError
+from msfusion.models.config import ModelConfig
+from msfusion.models.layers import (
     GroupNorm,
     LayerNorm,
-    ModelConfig,
+    scale_gradients,
+    scaled_parameters,
+)
+from msfusion.models.registry import (
     build_model,
     flops_per_sample,
     load_numpy,
     model_spec,
-    scale_gradients,
-    scaled_parameters,
     state_to_numpy,
 )
-from msfusion.algorithm.spec import ModelSpec, widths_for_ratio
-from msfusion.errors import ConfigError
 
 # Small enough to run in milliseconds; every group size is divisible by 4.
 SMALL = {
@@ -70,12 +72,21 @@ def test_state_dict_names_and_shapes_equal_the_spec(arch: str, ratio: float) -> 
 def test_group_names_per_arch() -> None:
     assert [g.name for g in model_spec(ModelConfig(arch="cnn")).groups] == ["conv0", "conv1", "conv2"]
     assert [g.name for g in model_spec(ModelConfig(arch="resnet")).groups] == [
-        "stage0", "stage1", "stage2", "stage0.block0", "stage1.block0", "stage2.block0",
-    ]  # fmt: skip
+        "stage0",
+        "stage1",
+        "stage2",
+        "stage0.block0",
+        "stage1.block0",
+        "stage2.block0",
+    ]
     lm = model_spec(ModelConfig(arch="charlm"))
     assert [(g.name, g.size) for g in lm.groups] == [
-        ("embed", 128), ("layer0.heads", 4), ("layer0.ffn", 512), ("layer1.heads", 4), ("layer1.ffn", 512),
-    ]  # fmt: skip
+        ("embed", 128),
+        ("layer0.heads", 4),
+        ("layer0.ffn", 512),
+        ("layer1.heads", 4),
+        ("layer1.ffn", 512),
+    ]
     assert {ax.unit_size for ax in lm.group("layer0.heads").axes} == {32}
 
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from msfusion.models.objective import ContrastiveVariant, LocalObjective, contrastive_term
 from msfusion.errors import ConfigError
+from msfusion.models.config import ContrastiveVariant
+from msfusion.models.objective import LocalObjective, contrastive_term
 
 
 def cos(a: list[float], b: list[float]) -> float:

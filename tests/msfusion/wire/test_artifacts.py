@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from msfusion.errors import ArtifactError, ConfigError
 from msfusion.wire.artifacts import (
     MANIFEST_NAME,
     ArtifactKind,
@@ -22,7 +23,6 @@ from msfusion.wire.artifacts import (
     unpack_artifact,
     write_manifest,
 )
-from msfusion.errors import ArtifactError, ConfigError
 
 
 def _artifact(directory: Path) -> ArtifactManifest:

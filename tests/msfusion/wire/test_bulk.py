@@ -11,6 +11,7 @@ import time
 import msgspec
 import pytest
 
+from msfusion.errors import ArtifactError, DeviceLost, ProtocolError
 from msfusion.wire import topics
 from msfusion.wire.bulk import (
     BulkReceiver,
@@ -21,9 +22,8 @@ from msfusion.wire.bulk import (
     make_manifest,
     receive,
 )
-from msfusion.wire.protocol import MAX_CHUNK_BYTES, Chunk, ChunkRequest, decode, encode
+from msfusion.wire.protocol import MAX_CHUNK_BYTES, ChunkRequest, decode, encode
 from msfusion.wire.transport import MqttTransport, Received
-from msfusion.errors import ArtifactError, DeviceLost, ProtocolError
 
 _ids = itertools.count()
 
@@ -39,8 +39,7 @@ def test_manifest_and_chunks_cover_the_payload() -> None:
     data = payload(10_000)
     manifest = make_manifest("t1", "artifact", data, chunk_bytes=4096)
     chunks = list(iter_chunks(manifest, data))
-    assert (manifest.total_bytes, manifest.n_chunks, manifest.sha256) == (
-        10_000, 3, hashlib.sha256(data).hexdigest())
+    assert (manifest.total_bytes, manifest.n_chunks, manifest.sha256) == (10_000, 3, hashlib.sha256(data).hexdigest())
     assert [len(c.data) for c in chunks] == [4096, 4096, 1808]
     assert b"".join(c.data for c in chunks) == data
     assert all(c.sha256 == hashlib.sha256(c.data).hexdigest() and c.n_chunks == 3 for c in chunks)
@@ -162,7 +161,9 @@ def pair(mosquitto: object):  # type: ignore[no-untyped-def]
         client.close()
 
 
-def serve_requests(sender: BulkSender, transport: MqttTransport, stop: threading.Event, served: list[list[int]]) -> None:
+def serve_requests(
+    sender: BulkSender, transport: MqttTransport, stop: threading.Event, served: list[list[int]]
+) -> None:
     """The sender's loop: answer ChunkRequests on its transport."""
     while not stop.is_set():
         event = transport.get(0.05)

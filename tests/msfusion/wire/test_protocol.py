@@ -7,16 +7,19 @@ from typing import Any
 import msgspec
 import pytest
 
+from msfusion.errors import (
+    ArtifactError,
+    DataError,
+    MemoryBudgetExceeded,
+    ProtocolError,
+)
 from msfusion.wire import protocol as p
-from msfusion.errors import ArtifactError, DataError, MemoryBudgetExceeded, ProtocolError
 
 SHA = "ab" * 32
 
 
 def _ref(kind: p.BulkKind = "weights", total: int = 3_000_000) -> p.BulkRef:
-    return p.BulkRef(
-        transfer_id=f"t-{kind}", kind=kind, total_bytes=total, sha256=SHA, n_chunks=3, chunk_bytes=1 << 20
-    )
+    return p.BulkRef(transfer_id=f"t-{kind}", kind=kind, total_bytes=total, sha256=SHA, n_chunks=3, chunk_bytes=1 << 20)
 
 
 def _profile() -> p.ProfileReport:
@@ -63,7 +66,10 @@ def every_message() -> list[p.Message]:
             run_id="run1",
             device_id="pi-4.a",
             capacity=p.Capacity(
-                memory_budget_bytes=512 << 20, cores=4, arch="aarch64", backends=["ort", "executorch"],
+                memory_budget_bytes=512 << 20,
+                cores=4,
+                arch="aarch64",
+                backends=["ort", "executorch"],
                 max_width_ratio=0.75,
             ),
             runtime_version="0.1.0",
@@ -72,17 +78,30 @@ def every_message() -> list[p.Message]:
         _profile(),
         p.Welcome(run_id="run1", device_id="pi-4.a", accepted=False, reason="run is full"),
         p.RunControl(run_id="run1", device_id="pi-4.a", command="stop"),
-        p.Heartbeat(run_id="run1", device_id="pi-4.a", state="training", task_id="r3-pi-4.a", progress=0.4,
-                    sent_at=1.7e9),
+        p.Heartbeat(
+            run_id="run1", device_id="pi-4.a", state="training", task_id="r3-pi-4.a", progress=0.4, sent_at=1.7e9
+        ),
         _task(),
         p.SliceResult(
-            run_id="run1", round_idx=3, device_id="pi-4.a", task_id="r3-pi-4.a", weights=_ref("slice"),
-            n_samples=600, loss_curve=[2.3, 1.9, float("nan")], step_time_s=0.2, peak_rss_bytes=300 << 20,
+            run_id="run1",
+            round_idx=3,
+            device_id="pi-4.a",
+            task_id="r3-pi-4.a",
+            weights=_ref("slice"),
+            n_samples=600,
+            loss_curve=[2.3, 1.9, float("nan")],
+            step_time_s=0.2,
+            peak_rss_bytes=300 << 20,
             wall_s=42.0,
         ),
         p.TaskFailed(
-            run_id="run1", round_idx=3, device_id="pi-4.a", task_id="r3-pi-4.a", code="memory_budget",
-            reason="peak 600 MiB over budget 512 MiB", details={"peak_bytes": 600 << 20, "ratio": 1.17, "at": "step 3"},
+            run_id="run1",
+            round_idx=3,
+            device_id="pi-4.a",
+            task_id="r3-pi-4.a",
+            code="memory_budget",
+            reason="peak 600 MiB over budget 512 MiB",
+            details={"peak_bytes": 600 << 20, "ratio": 1.17, "at": "step 3"},
         ),
         p.Chunk(transfer_id="t-weights", index=2, n_chunks=3, sha256=SHA, data=b"\x00\x01" * 100),
         p.ChunkRequest(run_id="run1", device_id="pi-4.a", transfer_id="t-weights", missing=[0, 2]),
@@ -118,8 +137,14 @@ def test_every_message_type_is_covered() -> None:
 
 @pytest.mark.parametrize(
     "data",
-    [b"", b"\xc1", b"\x93\x01\x02\x03", msgspec.msgpack.encode({"schema_version": 1}), b"not msgpack at all",
-     p.encode(_task())[:-7]],
+    [
+        b"",
+        b"\xc1",
+        b"\x93\x01\x02\x03",
+        msgspec.msgpack.encode({"schema_version": 1}),
+        b"not msgpack at all",
+        p.encode(_task())[:-7],
+    ],
     ids=["empty", "bad-opcode", "array", "no-type", "text", "truncated"],
 )
 def test_malformed_bytes(data: bytes) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from paho.mqtt.client import topic_matches_sub
 
-from msfusion.wire import topics
 from msfusion.errors import ProtocolError
+from msfusion.wire import topics
 
 RUN, DEV, OTHER = "run-7", "pi.4_a", "jetson-2"
 

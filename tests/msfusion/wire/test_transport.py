@@ -13,6 +13,7 @@ from typing import Iterator
 
 import pytest
 
+from msfusion.errors import ConfigError, ProtocolError
 from msfusion.wire import topics
 from msfusion.wire.transport import (
     BrokerUnavailable,
@@ -22,7 +23,6 @@ from msfusion.wire.transport import (
     Received,
     parse_broker_url,
 )
-from msfusion.errors import ConfigError, ProtocolError
 
 _ids = itertools.count()
 REPO = Path(__file__).resolve().parents[3]

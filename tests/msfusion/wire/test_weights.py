@@ -9,8 +9,14 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from msfusion.wire.weights import FORMAT, check_finite, nbytes, pack_weights, unpack_weights
 from msfusion.errors import ArtifactError, InvalidSlice
+from msfusion.wire.weights import (
+    FORMAT,
+    check_finite,
+    nbytes,
+    pack_weights,
+    unpack_weights,
+)
 
 
 def sample_weights() -> dict[str, np.ndarray]:
@@ -115,5 +121,8 @@ def test_packing_is_byte_identical_across_processes() -> None:
         "w = {f't{i}': np.arange(i + 1, dtype=np.float32) for i in range(12)}\n"
         "print(hashlib.sha256(pack_weights(w)).hexdigest())\n"
     )
-    digests = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout for _ in range(4)}
+    digests = {
+        subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+        for _ in range(4)
+    }
     assert len(digests) == 1
