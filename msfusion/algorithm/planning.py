@@ -48,6 +48,10 @@ class PlanConfig:
         round_shift: s as a fraction of the ring per round; None = 1 / min_g K_g.
         participant_shift: spread devices around the ring (phi_i); False = all at 0.
         seed: seed for random plans (feddropout).
+        capped_overlap: msfusion only, off by default. When memory caps keep the
+            widths below what the overlap target asks for, spend the surplus on
+            holders: spread the participant shifts over a span c < 1 of the
+            ring (see `holder_span`) that advances by c every round.
     """
 
     strategy: Strategy = Strategy.MSFUSION
@@ -55,6 +59,7 @@ class PlanConfig:
     round_shift: Fraction | None = None
     participant_shift: bool = True
     seed: int = 0
+    capped_overlap: bool = False
 
     def __post_init__(self) -> None:
         if self.round_shift is not None and not 0 <= self.round_shift < 1:
@@ -102,9 +107,7 @@ class SplitPlan:
 
     def units(self, device_id: str) -> dict[str, IndexArray]:
         """Unit indices per group for `device_id`, as int64 arrays."""
-        return {
-            g: np.asarray(w.units, dtype=np.int64) for g, w in self.windows[device_id].items()
-        }
+        return {g: np.asarray(w.units, dtype=np.int64) for g, w in self.windows[device_id].items()}
 
     def widths(self, device_id: str) -> dict[str, int]:
         """Units per group for `device_id`."""
@@ -126,9 +129,7 @@ def overlap_ratio_for(ratio: float, n_devices: int) -> float:
     return max(0.0, 1.0 - 1.0 / (ratio * n_devices))
 
 
-def effective_ratios(
-    devices: Sequence[DeviceSlot], overlap: float, strategy: Strategy
-) -> list[Fraction]:
+def effective_ratios(devices: Sequence[DeviceSlot], overlap: float, strategy: Strategy) -> list[Fraction]:
     """Each device's width ratio this round.
 
     msfusion derives the width from the overlap target, capped by what the
@@ -142,6 +143,23 @@ def effective_ratios(
         return caps
     target = Fraction(1) / (len(devices) * (1 - exact_ratio(overlap)))
     return [min(cap, target) for cap in caps]
+
+
+def holder_span(ratios: Sequence[Fraction], overlap: float) -> Fraction:
+    """The share c of the ring the participant shifts spread over (`capped_overlap`).
+
+    The capped widths give a natural overlap o_nat = max(0, 1 - 1/sum_i r_i).
+    A target o at or below it needs nothing more: c = 1, the whole ring. Above
+    it, c = clamp(sum_i r_i (1 - o), min_i r_i, 1): each unit of the span is then
+    held by about sum_i r_i / c devices, and the round covers about c plus one
+    window of every group.
+    """
+    total = sum(ratios, Fraction(0))
+    target = exact_ratio(overlap)
+    natural = max(Fraction(0), 1 - 1 / total)
+    if target <= natural:
+        return Fraction(1)
+    return min(Fraction(1), max(min(ratios), total * (1 - target)))
 
 
 def _window(group: str, size: int, start: int, width: int) -> GroupWindow:
@@ -185,11 +203,19 @@ def plan_round(
     total = sum(ratios, Fraction(0))
     min_size = min(g.size for g in spec.groups)
     shift = Fraction(1, min_size) if config.round_shift is None else config.round_shift
+    # Holder span c (1 unless capped_overlap applies) and where it starts this round.
+    span = Fraction(1)
+    if config.capped_overlap and config.strategy is Strategy.MSFUSION and config.participant_shift:
+        span = holder_span(ratios, overlap)
+    span_offset = (round_idx * span) % 1
     windows: dict[str, Mapping[str, GroupWindow]] = {}
     cumulative = Fraction(0)
     for index, (device, ratio) in enumerate(zip(devices, ratios)):
         # Participant shift: the cumulative share of the ring (i / N for equal widths).
         phi_i = cumulative / total if config.participant_shift else Fraction(0)
+        if span != 1:
+            # Capped overlap: squeeze the shifts into the span, which advances by c a round.
+            phi_i = (span_offset + span * phi_i) % 1
         cumulative += ratio
         per_group: dict[str, GroupWindow] = {}
         for group in spec.groups:

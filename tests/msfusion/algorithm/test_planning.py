@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from fractions import Fraction
 
 import numpy as np
@@ -11,13 +12,18 @@ from msfusion.algorithm.planning import (
     DeviceSlot,
     PlanConfig,
     ShiftMode,
+    SplitPlan,
     Strategy,
     coverage,
+    effective_ratios,
+    holder_span,
     overlap_ratio_for,
     plan_round,
 )
 from msfusion.algorithm.spec import ModelSpec, TensorAxis, WidthGroup
 from msfusion.errors import ConfigError
+from msfusion.models.registry import model_spec
+from msfusion.recipe import ModelConfig
 
 
 def ring_spec(*sizes: int) -> ModelSpec:
@@ -133,3 +139,119 @@ def test_plan_is_pure_and_validates() -> None:
         plan_round(spec, [DeviceSlot("a", 0.5), DeviceSlot("a", 0.5)], 0, 0.5, PlanConfig())
     with pytest.raises(ConfigError):
         DeviceSlot("a", 0.0)
+
+
+# Capped overlap (PlanConfig.capped_overlap): the overlap target under memory caps.
+
+
+def cnn_spec() -> ModelSpec:
+    return model_spec(ModelConfig(arch="cnn", channels=(32, 64, 128)))
+
+
+def holders_and_coverage(spec: ModelSpec, plan: SplitPlan) -> tuple[float, float]:
+    """Mean holders per covered unit and the covered share, over all units of all groups."""
+    counts = np.concatenate(list(coverage(spec, plan).values()))
+    return float(counts[counts > 0].mean()), float((counts > 0).mean())
+
+
+def test_holder_span_formula() -> None:
+    quarter = [Fraction(1, 4)] * 8  # total 2: natural overlap 1/2
+    assert holder_span(quarter, 0.3) == 1
+    assert holder_span(quarter, 0.5) == 1
+    assert holder_span(quarter, 0.6) == Fraction(4, 5)  # 2 * (1 - 0.6)
+    assert holder_span(quarter, 0.8) == Fraction(2, 5)
+    assert holder_span(quarter, 0.9) == Fraction(1, 4)  # clamped at min r_i
+    assert holder_span(quarter, 1.0) == Fraction(1, 4)
+    # Widths that fill less than the ring: natural overlap 0, any o > 0 squeezes.
+    assert holder_span([Fraction(1, 8)] * 4, 0.0) == 1
+    assert holder_span([Fraction(1, 8)] * 4, 0.5) == Fraction(1, 4)
+    assert holder_span([Fraction(1, 2), Fraction(1, 8)], 0.9) == Fraction(1, 8)
+
+
+def test_capped_overlap_spends_the_target_on_holders() -> None:
+    spec = cnn_spec()
+    slots = devices(8, 0.25)
+    on, off = PlanConfig(capped_overlap=True), PlanConfig()
+    for t in (0, 5):
+        # Off: under the caps the target changes nothing.
+        plans_off = [plan_round(spec, slots, t, o, off) for o in (0.6, 0.8, 0.9)]
+        assert all(p.windows == plans_off[0].windows for p in plans_off)
+        # On: the windows keep their widths, but more devices share fewer units.
+        figures = [holders_and_coverage(spec, plan_round(spec, slots, t, o, on)) for o in (0.5, 0.6, 0.7, 0.8, 0.9)]
+        holders = [h for h, _ in figures]
+        covered = [c for _, c in figures]
+        assert holders == sorted(holders) and holders[-1] > 2 * holders[0]
+        assert covered == sorted(covered, reverse=True) and covered[-1] < 0.6
+        plan = plan_round(spec, slots, t, 0.9, on)
+        assert plan.widths("d3") == {"conv0": 8, "conv1": 16, "conv2": 32}
+
+
+NATURAL_CASES = {
+    "equal": devices(8, 0.25),  # natural overlap 1 - 1/(8/4) = 1/2
+    "mixed": [DeviceSlot("h0", 0.5), DeviceSlot("h1", 0.5)] + [DeviceSlot(f"q{i}", 0.25) for i in range(4)],
+    "unequal": [DeviceSlot("big", 0.5), DeviceSlot("mid", 0.25), DeviceSlot("s1", 0.125), DeviceSlot("s2", 0.125)],
+}
+
+
+@pytest.mark.parametrize(
+    "case,o", [("equal", 0.0), ("equal", 0.3), ("equal", 0.5), ("mixed", 0.0), ("mixed", 0.3), ("unequal", 0.0)]
+)
+def test_capped_overlap_at_or_below_the_natural_overlap_is_todays_plan(case: str, o: float) -> None:
+    spec = cnn_spec()
+    slots = NATURAL_CASES[case]
+    ratios = effective_ratios(slots, o, Strategy.MSFUSION)
+    assert o <= max(0, 1 - 1 / sum(ratios))
+    assert holder_span(ratios, o) == 1
+    for shift_mode in ShiftMode:
+        for t in (0, 3, 17):
+            on = plan_round(spec, slots, t, o, PlanConfig(shift_mode=shift_mode, capped_overlap=True))
+            assert on == plan_round(spec, slots, t, o, PlanConfig(shift_mode=shift_mode))
+
+
+def test_capped_overlap_leaves_other_strategies_alone() -> None:
+    spec = cnn_spec()
+    slots = devices(8, 0.25)
+    # Baselines and unsplit plans ignore the flag at any target.
+    for strategy in (Strategy.FEDROLEX, Strategy.HETEROFL, Strategy.FEDDROPOUT, Strategy.FEDAVG):
+        on = plan_round(spec, slots, 4, 0.9, PlanConfig(strategy=strategy, capped_overlap=True))
+        assert on == plan_round(spec, slots, 4, 0.9, PlanConfig(strategy=strategy))
+    off_shift = PlanConfig(participant_shift=False)
+    assert plan_round(spec, slots, 4, 0.9, off_shift) == plan_round(
+        spec, slots, 4, 0.9, PlanConfig(participant_shift=False, capped_overlap=True)
+    )
+
+
+@pytest.mark.parametrize("o", [0.6, 0.7, 0.85, 0.9])
+@pytest.mark.parametrize("shift_mode", list(ShiftMode))
+@pytest.mark.parametrize("round_shift", [None, Fraction(0)])
+def test_capped_overlap_keeps_long_run_coverage_even(
+    o: float, shift_mode: ShiftMode, round_shift: Fraction | None
+) -> None:
+    spec = cnn_spec()
+    cfg = PlanConfig(shift_mode=shift_mode, round_shift=round_shift, capped_overlap=True)
+    mixed = [DeviceSlot(f"q{i}", 0.25) for i in range(5)] + [DeviceSlot("h", 0.5), DeviceSlot("e", 0.125)]
+    for slots in (devices(8, 0.25), mixed):
+        span = holder_span(effective_ratios(slots, o, Strategy.MSFUSION), o)
+        assert span < 1
+        totals = {g.name: np.zeros(g.size, dtype=np.int64) for g in spec.groups}
+        for t in range(128):
+            for name, counts in coverage(spec, plan_round(spec, slots, t, o, cfg)).items():
+                totals[name] += counts
+            if t + 1 == math.ceil(1 / span):
+                # The span has gone once around the ring: every unit came in turn.
+                assert all(held.min() >= 1 for held in totals.values()), (o, t)
+        for name, held in totals.items():
+            mean = held.mean()
+            assert held.min() >= 0.75 * mean and held.max() <= 1.25 * mean, (o, name, held.min(), held.max(), mean)
+
+
+def test_capped_overlap_plans_are_pure() -> None:
+    spec = cnn_spec()
+    cfg = PlanConfig(capped_overlap=True)
+    for t in (0, 7, 100):
+        a = plan_round(spec, devices(8, 0.25), t, 0.8, cfg)
+        b = plan_round(spec, devices(8, 0.25), t, 0.8, PlanConfig(capped_overlap=True))
+        assert a == b
+    # The span moves on every round.
+    p0, p1 = (plan_round(spec, devices(8, 0.25), t, 0.8, cfg) for t in (0, 1))
+    assert p0.windows["d0"]["conv0"].start != p1.windows["d0"]["conv0"].start
