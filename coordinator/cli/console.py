@@ -85,6 +85,17 @@ def print_summary(summary: RunSummary, console: Console | None = None) -> None:
     lines.append(f"strategy {summary.strategy}, {summary.rounds} rounds merged")
     if summary.final_metrics:
         lines.append("final: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.final_metrics.items()))
+    if summary.variant_metrics:
+        figures = []
+        for name, scored in summary.variant_metrics.items():
+            test = scored.get("test", {})
+            val = scored.get("validation", {})
+            metric = "perplexity" if "perplexity" in test else "accuracy"
+            text = f"{name} test {metric} {test.get(metric, float('nan')):.4f}"
+            if val:
+                text += f" (validation {val.get(metric, float('nan')):.4f})"
+            figures.append(text)
+        lines.append(f"model.safetensors is the {summary.deployable} model; " + "; ".join(figures))
     held = [d["params"] for d in summary.devices.values() if "params" in d]
     if summary.model_params and held:
         lines.append(

@@ -231,7 +231,9 @@ def simulate(
         caps = [c for c in (max_width_ratio, board_cap) if c is not None]
         cfg = SimulationConfig(
             engine=engine,
-            partition=PartitionConfig(devices=devices, seed=seed, samples_per_device=samples_per_device),
+            partition=PartitionConfig(
+                devices=devices, seed=seed, samples_per_device=samples_per_device, validation_samples=1000
+            ),
             out=out,
             broker=broker,
             backend=backend,

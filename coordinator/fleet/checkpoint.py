@@ -29,6 +29,7 @@ from msfusion.errors import ArtifactError, ConfigError
 from msfusion.wire.weights import pack_weights, unpack_weights
 
 WEIGHTS_PATTERN = "global-r{round:05d}.safetensors"
+COHOLD_PATTERN = "cohold-r{round:05d}.safetensors"
 STATE_FILE = "state.json"
 FORMAT = "msfusion-checkpoint-1"
 
@@ -65,28 +66,60 @@ def weights_digest(weights: Mapping[str, npt.NDArray[np.float32]]) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(folder: Path, weights: Mapping[str, npt.NDArray[np.float32]], state: RunState) -> None:
-    """Write weights then state, each atomically.
+def save_checkpoint(
+    folder: Path,
+    weights: Mapping[str, npt.NDArray[np.float32]],
+    state: RunState,
+    cohold: Mapping[str, npt.NDArray[np.float32]] | None = None,
+) -> None:
+    """Write weights (and the co-hold counts) then state, each atomically.
 
     Args:
         folder: the checkpoint folder (created if missing).
         weights: the global weights after the last merged round.
         state: the run state for the next round.
+        cohold: `CoHoldStats.state()`, so a resumed run's deployable model is the uninterrupted run's.
     """
     folder.mkdir(parents=True, exist_ok=True)
     data = pack_weights(weights)
     name = WEIGHTS_PATTERN.format(round=state.next_round)
     atomic_write(folder / name, data)
-    record = {
+    record: dict[str, object] = {
         "format": FORMAT,
         "weights_file": name,
         "weights_sha256": hashlib.sha256(data).hexdigest(),
         **asdict(state),
     }
+    keep = {name}
+    if cohold is not None:
+        counts = pack_weights(cohold)
+        cohold_name = COHOLD_PATTERN.format(round=state.next_round)
+        atomic_write(folder / cohold_name, counts)
+        record["cohold_file"], record["cohold_sha256"] = cohold_name, hashlib.sha256(counts).hexdigest()
+        keep.add(cohold_name)
     atomic_write(folder / STATE_FILE, json.dumps(record, indent=2).encode("utf-8"))
-    for old in folder.glob("global-r*.safetensors"):
-        if old.name != name:
+    for old in [*folder.glob("global-r*.safetensors"), *folder.glob("cohold-r*.safetensors")]:
+        if old.name not in keep:
             old.unlink(missing_ok=True)
+
+
+def load_cohold(folder: Path) -> Weights | None:
+    """The co-hold counts the last checkpoint saved (None: it saved none).
+
+    Raises:
+        ArtifactError: a counts file that does not match the state file.
+    """
+    record = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+    if "cohold_file" not in record:
+        return None
+    path = folder / Path(record["cohold_file"]).name
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ArtifactError(f"checkpoint co-hold counts {path} are unreadable: {exc}") from exc
+    if hashlib.sha256(data).hexdigest() != record["cohold_sha256"]:
+        raise ArtifactError(f"{path} does not match {folder / STATE_FILE}")
+    return unpack_weights(data)
 
 
 def load_checkpoint(folder: Path) -> tuple[Weights, RunState]:
@@ -104,6 +137,8 @@ def load_checkpoint(folder: Path) -> tuple[Weights, RunState]:
         if record.pop("format") != FORMAT:
             raise ArtifactError(f"{state_path}: not a {FORMAT} file")
         sha = record.pop("weights_sha256")
+        record.pop("cohold_file", None)
+        record.pop("cohold_sha256", None)
         weights_path = folder / Path(record.pop("weights_file")).name
         state = RunState(**record)
     except (ValueError, KeyError, TypeError) as exc:

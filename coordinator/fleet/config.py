@@ -7,6 +7,7 @@ A run file looks like this (every table and key is optional except `model`)::
     out = "runs/fmnist"
     backend = "ort"            # artifact kind the devices train: "ort" or "executorch"
     eval_shard = "runs/fmnist/shards/test"
+    validation_shard = "runs/fmnist/shards/validation"   # optional: chooses the deployable model
     # artifact_cache = "~/.cache/msfusion/artifacts"
 
     [engine]                   # the algorithm: exactly the reference engine's knobs
@@ -110,6 +111,8 @@ class CoordinatorConfig:
         username, password: the coordinator's broker credentials (None: anonymous).
         out: output folder (metrics, checkpoints, final model, plots).
         eval_shard: shard folder of held-out data to evaluate the global model on.
+        validation_shard: shard folder of data held out of training and of `eval_shard`; at the end
+            it chooses which full model the run writes (docs/algorithm.md, "The deployable model").
         backend: the artifact kind devices train ("ort" or "executorch").
         artifact_cache: folder of exported artifacts, reused across runs (None: the exporter's default).
         round: per-round knobs.
@@ -123,6 +126,7 @@ class CoordinatorConfig:
     password: str | None = None
     out: Path = Path("runs/run")
     eval_shard: Path | None = None
+    validation_shard: Path | None = None
     backend: str = "ort"
     artifact_cache: Path | None = None
     round: RoundConfig = field(default_factory=RoundConfig)
@@ -137,7 +141,7 @@ class CoordinatorConfig:
             raise ConfigError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         parse_broker_url(self.broker)
         object.__setattr__(self, "out", Path(self.out))
-        for name in ("eval_shard", "artifact_cache"):
+        for name in ("eval_shard", "validation_shard", "artifact_cache"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, Path(getattr(self, name)))
 

@@ -54,6 +54,8 @@ class PartitionConfig:
         seed: partition seed.
         samples_per_device: cap on each shard (0: everything it was dealt).
         test_samples: held-out samples kept (0: the whole test set).
+        validation_samples: training samples held out of every shard for choosing the deployable
+            model (0: none; written as `validation/`).
         data_root: the Fashion-MNIST folder.
     """
 
@@ -63,6 +65,7 @@ class PartitionConfig:
     seed: int = 0
     samples_per_device: int = 0
     test_samples: int = 2000
+    validation_samples: int = 0
     data_root: Path = Path(FASHION_MNIST_DIR)
 
     def __post_init__(self) -> None:
@@ -78,6 +81,7 @@ class ShardSet:
 
     devices: tuple[Path, ...]
     test: Path
+    validation: Path | None = None
 
 
 def partition_fmnist(config: PartitionConfig, out: Path) -> ShardSet:
@@ -95,6 +99,13 @@ def partition_fmnist(config: PartitionConfig, out: Path) -> ShardSet:
     """
     train, test = load_fashion_mnist(config.data_root)
     rng = np.random.default_rng(config.seed)
+    validation = None
+    if config.validation_samples:  # drawn before the partition, so no device ever trains on it
+        order = np.random.default_rng([config.seed, 1]).permutation(len(train))
+        held, kept = order[: config.validation_samples], np.sort(order[config.validation_samples :])
+        validation = out / "validation"
+        write_shard(validation, train.x[held], train.y[held], {"name": "fmnist-validation", "task": "classification"})
+        train = train.subset(kept)
     if config.scheme == "iid":
         parts = iid(len(train), config.devices, rng)
     else:
@@ -120,7 +131,7 @@ def partition_fmnist(config: PartitionConfig, out: Path) -> ShardSet:
     if config.test_samples:
         test = test.subset(np.arange(min(config.test_samples, len(test))))
     write_shard(out / "test", test.x, test.y, {"name": "fmnist-test", "task": "classification"})
-    return ShardSet(tuple(folders), out / "test")
+    return ShardSet(tuple(folders), out / "test", validation)
 
 
 def start_device(config_path: Path, log_path: Path, threads: int = 1) -> subprocess.Popen[bytes]:
@@ -238,6 +249,7 @@ def simulate(config: SimulationConfig, artifacts: ArtifactSource, progress: RunP
         broker=url,
         out=out,
         eval_shard=shards.test,
+        validation_shard=shards.validation,
         backend=config.backend,
         round=config.round,
         fleet=FleetConfig(min_devices=config.partition.devices, wait_s=120.0),

@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 MODEL_FILE = "model.safetensors"
+MERGED_MODEL_FILE = "model-merged.safetensors"  # the merged weights, when the deployable model is another variant
 PLOT_FILE = "accuracy.png"
 
 
@@ -34,6 +35,8 @@ class RunSummary:
         failures: "device: reason" for every failed or missing reply.
         paths: name -> path of each output (model, metrics, summary, plot, logs, checkpoint).
         model_params: parameters of the global model.
+        deployable: the variant written as model.safetensors ("merged" or "expected").
+        variant_metrics: per variant, its "test" (and "validation") figures at the end.
     """
 
     ok: bool
@@ -46,6 +49,8 @@ class RunSummary:
     failures: Sequence[str] = ()
     paths: Mapping[str, str] = field(default_factory=dict)
     model_params: int = 0
+    deployable: str = "merged"
+    variant_metrics: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 def append_metrics(out: Path, outcome: RoundOutcome, wall_s: float) -> None:

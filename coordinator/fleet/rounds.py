@@ -15,6 +15,7 @@ from typing import Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
+from msfusion.algorithm.inference import CoHoldStats
 from msfusion.algorithm.merging import MergeAccumulator, SliceUpdate
 from msfusion.algorithm.overlap import next_overlap
 from msfusion.algorithm.planning import effective_ratios, plan_round
@@ -36,6 +37,7 @@ from msfusion.coordinator.fleet.registry import Fleet
 from msfusion.data.datasets import ArrayDataset
 from msfusion.errors import ArtifactError, InvalidSlice
 from msfusion.models.evaluate import evaluate
+from msfusion.models.registry import input_scales
 from msfusion.recipe import EngineConfig, device_seed
 from msfusion.wire.bulk import make_manifest, transfer_id
 from msfusion.wire.protocol import (
@@ -76,6 +78,7 @@ class RoundContext:
         artifacts: training artifacts by sub-model shape.
         test: held-out data.
         checkpoint_dir: where each merged round is checkpointed.
+        cohold: how merged slices held every scaled weight (the co-hold weighted model's counts; None: not kept).
         on_tick: called about twice a second while collecting (progress displays).
     """
 
@@ -89,6 +92,7 @@ class RoundContext:
     artifacts: ArtifactSource
     test: ArrayDataset
     checkpoint_dir: Path
+    cohold: CoHoldStats | None = None
     on_tick: Callable[[int, Mapping[str, str]], None] | None = None
 
 
@@ -290,6 +294,9 @@ def run_round(
         return outcome, weights, state
     clock = time.perf_counter()
     new_weights, report = accumulator.result()
+    if ctx.cohold is not None:  # what the merged slices held, for the co-hold weighted model
+        for device_id in merged:
+            ctx.cohold.add(sent[device_id].units, input_scales(ctx.engine.model, plan.widths(device_id)))
     lap("merge_s")
     timings["merge_s"] += merge_s
 
@@ -301,7 +308,7 @@ def run_round(
     next_state = replace(state, next_round=round_idx + 1, overlap=overlap, disagreement=report.disagreement)
 
     # Checkpoint: weights and state, so --resume continues bit for bit.
-    save_checkpoint(ctx.checkpoint_dir, new_weights, next_state)
+    save_checkpoint(ctx.checkpoint_dir, new_weights, next_state, ctx.cohold.state() if ctx.cohold else None)
     lap("checkpoint_s")
 
     outcome.merged = True

@@ -11,12 +11,13 @@ import logging
 import secrets
 import time
 from pathlib import Path
-from typing import Mapping, Protocol
+from typing import Any, Mapping, Protocol
 
+from msfusion.algorithm.inference import CoHoldStats, choose_deployable
 from msfusion.algorithm.slicing import Weights
 from msfusion.algorithm.spec import widths_for_ratio
 from msfusion.coordinator.fleet import report
-from msfusion.coordinator.fleet.checkpoint import RunState, load_checkpoint
+from msfusion.coordinator.fleet.checkpoint import RunState, load_checkpoint, load_cohold
 from msfusion.coordinator.fleet.config import CoordinatorConfig
 from msfusion.coordinator.fleet.link import CoordinatorLink, Inbound
 from msfusion.coordinator.fleet.registry import Fleet, Sizing
@@ -30,7 +31,8 @@ from msfusion.coordinator.fleet.rounds import (
 from msfusion.data.datasets import ArrayDataset
 from msfusion.data.shards import read_shard
 from msfusion.errors import ConfigError, DeviceLost, MsfusionError
-from msfusion.models.registry import build_model, model_spec, state_to_numpy
+from msfusion.models.evaluate import evaluate
+from msfusion.models.registry import build_model, input_scales, model_spec, state_to_numpy
 from msfusion.wire.protocol import RunControl
 from msfusion.wire.transport import MqttTransport, parse_broker_url
 from msfusion.wire.weights import pack_weights
@@ -68,6 +70,24 @@ def load_eval_data(shard: Path | None) -> ArrayDataset:
         raise ConfigError("no eval_shard configured (write one with `msfusion partition`)")
     x, y, _ = read_shard(shard)
     return ArrayDataset(x, y)
+
+
+def choose_model(
+    config: CoordinatorConfig, variants: Mapping[str, Weights], test: ArrayDataset | None
+) -> tuple[str, dict[str, dict[str, Any]]]:
+    """The deployable variant (on the validation shard; merged without one) and every variant's figures."""
+    model, batch = config.engine.model, config.engine.eval_batch_size
+    scored: dict[str, dict[str, Any]] = {name: {} for name in variants}
+    if test is not None:
+        for name, w in variants.items():
+            scored[name]["test"] = evaluate(model, w, test, batch)
+    if config.validation_shard is None:
+        return "merged", scored
+    validation = load_eval_data(config.validation_shard)
+    checked = {name: evaluate(model, w, validation, batch) for name, w in variants.items()}
+    for name, figures in checked.items():
+        scored[name]["validation"] = figures
+    return choose_deployable(checked), scored
 
 
 def initial_state(config: CoordinatorConfig, resume: bool) -> tuple[Weights, RunState]:
@@ -169,6 +189,9 @@ def run_coordinator(
             snapshot = {d: s for d, s, _ in fleet.snapshot(time.monotonic())}
             progress.tick(round_idx, snapshot, replies)
 
+    cohold = CoHoldStats(spec, list(input_scales(config.engine.model, None)))
+    if resume and (saved := load_cohold(out / CHECKPOINT_DIR)) is not None:
+        cohold.load_state(saved)
     ctx = RoundContext(
         run_id=config.run_id,
         backend=config.backend,
@@ -180,6 +203,7 @@ def run_coordinator(
         artifacts=artifacts,
         test=test,
         checkpoint_dir=out / CHECKPOINT_DIR,
+        cohold=cohold,
         on_tick=tick,
     )
     ok, reason = True, ""
@@ -214,14 +238,32 @@ def run_coordinator(
                 except MsfusionError as exc:
                     log.warning("could not tell %s to stop: %s", device_id, exc)
         transport.close()
-    return finish(config, weights, ok, reason)
+    return finish(config, weights, ok, reason, cohold, test)
 
 
-def finish(config: CoordinatorConfig, weights: Weights, ok: bool, reason: str) -> report.RunSummary:
-    """Write the final model, plot and summary.json; return the summary."""
+def finish(
+    config: CoordinatorConfig,
+    weights: Weights,
+    ok: bool,
+    reason: str,
+    cohold: CoHoldStats | None = None,
+    test: ArrayDataset | None = None,
+) -> report.RunSummary:
+    """Write the deployable model, plot and summary.json; return the summary.
+
+    The model written is the deployable variant (merged or co-hold weighted),
+    chosen on `validation_shard` when the run has one; the merged weights are
+    also kept as `model-merged.safetensors` when they are not the one chosen.
+    """
     out = config.out
     spec = model_spec(config.engine.model)
-    (out / report.MODEL_FILE).write_bytes(pack_weights(weights))
+    variants = {"merged": weights}
+    if cohold is not None:
+        variants["expected"] = cohold.expected_weights(weights)
+    deployable, scored = choose_model(config, variants, test)
+    (out / report.MODEL_FILE).write_bytes(pack_weights(variants[deployable]))
+    if deployable != "merged":
+        (out / report.MERGED_MODEL_FILE).write_bytes(pack_weights(weights))
     lines = report.read_metrics(out)
     plot = report.plot_accuracy(out, lines)
     merged = [line for line in lines if line["merged"]]
@@ -246,6 +288,8 @@ def finish(config: CoordinatorConfig, weights: Weights, ok: bool, reason: str) -
         failures=report.failures(lines),
         paths=paths,
         model_params=spec.param_count(),
+        deployable=deployable,
+        variant_metrics=scored,
     )
     report.write_summary(out, summary)
     return summary

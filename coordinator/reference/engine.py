@@ -19,7 +19,7 @@ import torch
 
 from msfusion.algorithm.batches import batch_indices, samples_per_epoch
 from msfusion.algorithm.indexing import TensorIndex, reslice_previous
-from msfusion.algorithm.inference import CoHoldStats
+from msfusion.algorithm.inference import CoHoldStats, choose_deployable
 from msfusion.algorithm.merging import MergeReport, SliceUpdate, merge_slices
 from msfusion.algorithm.overlap import next_overlap
 from msfusion.algorithm.planning import DeviceSlot, SplitPlan, plan_round
@@ -33,6 +33,7 @@ from msfusion.models.objective import build_objective, train_objective
 from msfusion.models.registry import (
     build_model,
     flops_per_sample,
+    input_scales,
     model_spec,
     state_to_numpy,
 )
@@ -164,18 +165,11 @@ class ReferenceEngine:
         self.overlap = config.overlap.initial
         self.disagreement: float | None = None
         self.history: list[RoundRecord] = []
-        full = build_model(config.model)
-        self._scaled = [f"{name}.weight" for name in full.input_scales()]
-        self._scales: dict[tuple[tuple[str, int], ...], dict[str, float]] = {}
-        self.cohold = CoHoldStats(self.spec, self._scaled)
+        self.cohold = CoHoldStats(self.spec, list(input_scales(config.model, None)))
 
     def scales(self, widths: Mapping[str, int]) -> dict[str, float]:
         """The scaler of every scaled layer of the sub-model at `widths`, by weight name."""
-        key = tuple(sorted(widths.items()))
-        if key not in self._scales:
-            model = build_model(self.config.model, widths)
-            self._scales[key] = {f"{n}.weight": s for n, s in model.input_scales().items()}
-        return self._scales[key]
+        return input_scales(self.config.model, widths)
 
     def plan(self, round_idx: int) -> SplitPlan:
         """Round `round_idx`'s plan (also adapts the overlap target)."""
@@ -291,24 +285,6 @@ class ReferenceEngine:
             if on_round is not None:
                 on_round(record)
         return self.history
-
-
-def choose_deployable(validation: Mapping[str, Mapping[str, float]]) -> str:
-    """The deployable full model: of the merged and the co-hold weighted model, the better on validation data.
-
-    Perplexity (lower) for a language model, else accuracy (higher); a tie,
-    or no validation figures, keeps the merged model (docs/algorithm.md,
-    "The deployable model"). A window is a sub-model, never deployed as the full model.
-    """
-    candidates = {k: v for k, v in validation.items() if k in ("merged", "expected")}
-    if "merged" not in candidates:
-        return "merged"
-
-    def score(metrics: Mapping[str, float]) -> float:
-        return -metrics["perplexity"] if "perplexity" in metrics else metrics["accuracy"]
-
-    best = max(candidates, key=lambda k: (score(candidates[k]), k == "merged"))
-    return best
 
 
 @dataclass(frozen=True)

@@ -79,3 +79,36 @@ class CoHoldStats:
             factor[held] = (total / np.where(held, count, 1.0).reshape(shape))[held]
             out[name] = (out[name] * factor).astype(np.float32)
         return out
+
+    def state(self) -> Weights:
+        """The counts as named float32 arrays (checkpointed beside the weights, so a resumed run keeps them)."""
+        out: Weights = {}
+        for name in self._scale_sum:
+            out[f"scale_sum/{name}"] = self._scale_sum[name].astype(np.float32)
+            out[f"row_count/{name}"] = self._row_count[name].astype(np.float32)
+        return out
+
+    def load_state(self, arrays: Mapping[str, npt.NDArray[np.float32]]) -> None:
+        """Restore counts saved by `state` (shapes checked)."""
+        for name in self._scale_sum:
+            for key, target in ((f"scale_sum/{name}", self._scale_sum), (f"row_count/{name}", self._row_count)):
+                if key not in arrays or arrays[key].shape != target[name].shape:
+                    raise ConfigError(f"co-hold counts lack {key!r} or have the wrong shape")
+                target[name] = np.asarray(arrays[key], np.float64)
+
+
+def choose_deployable(validation: Mapping[str, Mapping[str, float]]) -> str:
+    """The deployable full model: of the merged and the co-hold weighted model, the better on validation data.
+
+    Perplexity (lower) for a language model, else accuracy (higher); a tie,
+    or no validation figures, keeps the merged model (docs/algorithm.md,
+    "The deployable model"). A window is a sub-model, never deployed as the full model.
+    """
+    candidates = {k: v for k, v in validation.items() if k in ("merged", "expected")}
+    if "merged" not in candidates:
+        return "merged"
+
+    def score(metrics: Mapping[str, float]) -> float:
+        return -metrics["perplexity"] if "perplexity" in metrics else metrics["accuracy"]
+
+    return max(candidates, key=lambda k: (score(candidates[k]), k == "merged"))

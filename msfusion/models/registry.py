@@ -8,6 +8,7 @@ The tests check that each spec and module agree.
 
 from __future__ import annotations
 
+import functools
 from types import ModuleType
 from typing import Mapping
 
@@ -117,6 +118,18 @@ def flops_per_sample(cfg: ModelConfig, widths: Widths | None = None) -> int:
         The multiply-accumulate count.
     """
     return _REGISTRY[cfg.arch].flops(cfg, resolve_widths(model_spec(cfg), widths))
+
+
+def input_scales(cfg: ModelConfig, widths: Widths | None) -> dict[str, float]:
+    """The scaler K/k of every scaled layer's weight at `widths`, by weight name (all of them, 1.0 at full width)."""
+    key = tuple(sorted(resolve_widths(model_spec(cfg), widths).items()))
+    return dict(_input_scales(cfg, key))
+
+
+@functools.lru_cache(maxsize=256)
+def _input_scales(cfg: ModelConfig, widths: tuple[tuple[str, int], ...]) -> tuple[tuple[str, float], ...]:
+    model = build_model(cfg, dict(widths))
+    return tuple((f"{name}.weight", scale) for name, scale in model.input_scales().items())
 
 
 def activation_elements(cfg: ModelConfig, widths: Widths | None = None) -> int:

@@ -52,7 +52,10 @@ N_DEVICES = 4
 def make_shards(root: Path) -> ShardSet:
     """Four small IID Fashion-MNIST shards and a 500-sample test set."""
     return partition_fmnist(
-        PartitionConfig(devices=N_DEVICES, scheme="iid", seed=3, samples_per_device=256, test_samples=500), root
+        PartitionConfig(
+            devices=N_DEVICES, scheme="iid", seed=3, samples_per_device=256, test_samples=500, validation_samples=300
+        ),
+        root,
     )
 
 
@@ -156,15 +159,21 @@ def merged_rounds(out: Path) -> list[dict[str, Any]]:
     return [line for line in read_metrics(out) if line["merged"]]
 
 
-def reference_weights(shards: ShardSet, rounds: int = ENGINE.rounds) -> tuple[Weights, list[float]]:
-    """The in-process reference engine on the same shards, seeds and device ratios."""
+def reference_engine(shards: ShardSet, rounds: int = ENGINE.rounds) -> ReferenceEngine:
+    """The in-process reference engine on the same shards, seeds and device ratios, after its run."""
     data, test = load_shard_set(shards)
     ratio = ratio_for_memory(model_spec(MODEL), BUDGET_BYTES, MAX_RATIO)
     from dataclasses import replace
 
     engine = ReferenceEngine(replace(ENGINE, rounds=rounds), data, test, [ratio] * N_DEVICES)
-    history = engine.run()
-    return engine.weights, [r.metrics["accuracy"] for r in history]
+    engine.run()
+    return engine
+
+
+def reference_weights(shards: ShardSet, rounds: int = ENGINE.rounds) -> tuple[Weights, list[float]]:
+    """The reference engine's final global weights and its test accuracy per round."""
+    engine = reference_engine(shards, rounds)
+    return engine.weights, [r.metrics["accuracy"] for r in engine.history]
 
 
 def max_abs_diff(a: Weights, b: Weights) -> float:

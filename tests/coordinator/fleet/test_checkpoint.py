@@ -10,6 +10,7 @@ import pytest
 from msfusion.coordinator.fleet.checkpoint import (
     RunState,
     load_checkpoint,
+    load_cohold,
     save_checkpoint,
     weights_digest,
 )
@@ -49,3 +50,40 @@ def test_a_newer_checkpoint_replaces_the_older_and_a_corrupt_one_is_refused(tmp_
         load_checkpoint(tmp_path)
     with pytest.raises(ConfigError, match="nothing to resume"):
         load_checkpoint(tmp_path / "missing")
+
+
+def test_co_hold_counts_are_checkpointed_with_the_weights_and_checked(tmp_path: Path) -> None:
+    # Prepare: counts from a few real slices of a tiny CNN
+    from msfusion.algorithm.inference import CoHoldStats
+    from msfusion.algorithm.spec import widths_for_ratio
+    from msfusion.models.config import ModelConfig
+    from msfusion.models.registry import input_scales, model_spec
+
+    cfg = ModelConfig(arch="cnn", channels=(4, 8))
+    spec = model_spec(cfg)
+    stats = CoHoldStats(spec, list(input_scales(cfg, None)))
+    widths = widths_for_ratio(spec, 0.5)
+    stats.add({g: np.arange(k) for g, k in widths.items()}, input_scales(cfg, widths))
+    weights = {n: np.ones(s, np.float32) for n, s in spec.shapes.items()}
+    state = RunState("run", "s", 1, 0.9, None, "ort")
+    assert load_cohold_or_none(tmp_path, weights, state) is None  # a checkpoint without counts
+    # Execute
+    save_checkpoint(tmp_path, weights, state, stats.state())
+    restored = CoHoldStats(spec, list(input_scales(cfg, None)))
+    restored.load_state(load_cohold(tmp_path))
+    # Assert: the co-hold weighted model of the restored counts is the original's, bit for bit
+    a, b = stats.expected_weights(weights), restored.expected_weights(weights)
+    assert all(a[n].tobytes() == b[n].tobytes() for n in a)
+    assert any(not np.array_equal(a[n], weights[n]) for n in a)
+    # A tampered counts file is refused
+    (path,) = tmp_path.glob("cohold-r*.safetensors")
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="does not match"):
+        load_cohold(tmp_path)
+
+
+def load_cohold_or_none(folder: Path, weights: dict[str, np.ndarray], state: RunState) -> object:
+    save_checkpoint(folder, weights, state)
+    return load_cohold(folder)

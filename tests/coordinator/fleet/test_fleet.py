@@ -10,12 +10,14 @@ weights by 1e-2 or more).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
-from fleet_harness import N_DEVICES, Fleet, coordinator_config, max_abs_diff
+from fleet_harness import N_DEVICES, Fleet, coordinator_config, max_abs_diff, reference_engine
 
+from msfusion.algorithm.inference import choose_deployable
 from msfusion.coordinator.fleet.report import read_metrics
 from msfusion.coordinator.fleet.runner import run_coordinator
 from msfusion.wire.weights import unpack_weights
@@ -35,7 +37,8 @@ def test_four_devices_three_rounds_equal_the_reference_engine(
     fleet.start_all()
     # Execute
     try:
-        summary = run_coordinator(coordinator_config(tmp_path, "e2e", mosquitto.url, shards), artifacts)
+        config = replace(coordinator_config(tmp_path, "e2e", mosquitto.url, shards), validation_shard=shards.validation)
+        summary = run_coordinator(config, artifacts)
     finally:
         codes = fleet.stop()
     # Assert: every round merged all four slices, once.
@@ -46,11 +49,20 @@ def test_four_devices_three_rounds_equal_the_reference_engine(
         assert line["replies"] == {d: "merged" for d in DEVICES}, line["replies"]
     accuracy = [line["metrics"]["accuracy"] for line in lines]
     assert accuracy[-1] > accuracy[0], accuracy
-    # The fleet's model is the reference engine's, within float noise.
-    final = unpack_weights((tmp_path / "model.safetensors").read_bytes())
+    # The fleet's merged model is the reference engine's, within float noise.
+    merged_file = tmp_path / ("model-merged.safetensors" if summary.deployable != "merged" else "model.safetensors")
+    final = unpack_weights(merged_file.read_bytes())
     expected, expected_accuracy = reference
     assert max_abs_diff(final, expected) < ATOL
     assert accuracy == pytest.approx(expected_accuracy, abs=0.01)
+    # model.safetensors is the variant chosen on the validation shard, and equals the engine's same variant.
+    checked = {name: figures["validation"] for name, figures in summary.variant_metrics.items()}
+    assert set(checked) == {"merged", "expected"} and summary.deployable == choose_deployable(checked)
+    engine = reference_engine(shards)
+    variants = {"merged": engine.weights, "expected": engine.cohold.expected_weights(engine.weights)}
+    deployed = unpack_weights((tmp_path / "model.safetensors").read_bytes())
+    assert max_abs_diff(deployed, variants[summary.deployable]) < ATOL
+    assert max_abs_diff(variants["expected"], variants["merged"]) > 10 * ATOL  # the variants really differ
     # The devices stopped when told, cleanly; the outputs exist.
     assert codes == [0] * N_DEVICES
     for name in ("summary.json", "metrics.jsonl", "model.safetensors", "accuracy.png"):

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from msfusion.algorithm.batches import batch_indices
+from msfusion.algorithm.inference import choose_deployable
 from msfusion.algorithm.overlap import OverlapConfig, OverlapMode
 from msfusion.algorithm.planning import PlanConfig, Strategy
-from msfusion.coordinator.reference.engine import ReferenceEngine, choose_deployable, device_cost
+from msfusion.coordinator.reference.engine import ReferenceEngine, device_cost
 from msfusion.data.datasets import ArrayDataset, load_fashion_mnist
 from msfusion.data.partition import iid
 from msfusion.models.config import ContrastiveVariant, LossConfig, ModelConfig
