@@ -249,6 +249,37 @@ def simulate(
 
 
 @app.command()
+def plan(
+    devices: int = typer.Option(..., "--devices", help="devices in the fleet"),
+    budget: str = typer.Option(..., "--budget", help="share of the full model's parameters one device affords"),
+    model: str = typer.Option("cnn", help="cnn, resnet or charlm"),
+    channels: Optional[str] = typer.Option(None, help="conv widths, e.g. 32,64,128"),
+    measured: Optional[Path] = typer.Option(None, help="figures to advise from (default: the shipped ones)"),
+) -> None:
+    """Recommend a strategy for a fleet, from the scaling benchmark's measured figures, and say why."""
+    from msfusion.algorithm.spec import ratio_for_budget, widths_for_ratio
+    from msfusion.coordinator.fleet.advice import advise, load_measured
+    from msfusion.models.config import ModelConfig
+    from msfusion.models.registry import model_spec
+
+    with _cli_errors():
+        share = float(Fraction(budget))
+        dims: dict[str, Any] = {"channels": tuple(int(c) for c in channels.split(","))} if channels else {}
+        spec = model_spec(ModelConfig(arch=model, **dims))
+        ratio = ratio_for_budget(spec, share)
+        held = spec.param_count(widths_for_ratio(spec, ratio))
+        advice = advise(devices, share, ratio, load_measured(measured))
+    console.print(
+        Text(
+            f"{devices} devices, each affording {share:.4g} of a {spec.param_count():,}-parameter {model}: "
+            f"width {ratio:.3f} of every group, {held:,} parameters per device"
+        )
+    )
+    console.print(Text.assemble(("recommended: ", "bold"), advice.strategy))
+    console.print(Text(f"why: {advice.reason}"))
+
+
+@app.command()
 def partition(
     devices: int = typer.Option(8),
     out: Path = typer.Option(..., help="folder for dev000/ ... and test/"),

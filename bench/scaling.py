@@ -1,0 +1,262 @@
+"""Fleet-size scaling: does splitting beat the best small model as the fleet grows?
+
+Per-device cost is fixed by the budget (a share of the full model's
+parameters); fleets of N devices each train the same samples per round; every
+strategy runs the same rounds, seeds and learning-rate grid, and the best
+learning rate (by the final validation figure, never the test set) is reported.
+
+    .venv/bin/python bench/scaling.py --out bench/results/scaling.json \
+        [--devices 8,32,128] [--budgets 1/4,1/16] [--seeds 0,1,2] [--lrs 0.02,0.05,0.1] \
+        [--rounds 30] [--samples 64] [--strategies ...] [--case fmnist-cnn] [--device cpu|cuda]
+    .venv/bin/python bench/scaling.py --from-json bench/results/scaling.json   # re-print a saved run
+
+Rows: msfusion's deployable model (the variant chosen on validation data,
+docs/algorithm.md "The deployable model") and each of its variants (merged,
+co-hold weighted), msfusion with the capped-overlap extension, fedavg-small,
+HeteroFL (merged full model and its prefix sub-model), FedRolex, fedavg-full.
+The verdict per case and budget: deployable msfusion minus the best small
+model (fedavg-small or HeteroFL's prefix), against N, with the seeds' spread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import replace
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from msfusion.algorithm.overlap import OverlapConfig, OverlapMode
+from msfusion.algorithm.planning import PlanConfig, Strategy, overlap_ratio_for
+from msfusion.algorithm.spec import ratio_for_budget
+from msfusion.coordinator.reference.engine import ReferenceEngine
+from msfusion.data.datasets import ArrayDataset, load_fashion_mnist
+from msfusion.data.partition import dirichlet
+from msfusion.models.config import ContrastiveVariant, LossConfig, ModelConfig
+from msfusion.models.registry import model_spec, shrunk_config
+from msfusion.recipe import EngineConfig, LocalTrainConfig
+
+STRATEGIES = ("msfusion", "msfusion-capped", "fedavg-small", "heterofl", "fedrolex", "fedavg-full")
+SMALL = ("fedavg-small", "heterofl-prefix")
+MODEL = ModelConfig(arch="cnn", channels=(32, 64, 128))
+
+
+def load_data(
+    n_devices: int, seed: int, validation: int, test: int
+) -> tuple[list[ArrayDataset], ArrayDataset, ArrayDataset]:
+    """Dirichlet(0.5) shards of Fashion-MNIST's training set less a held-out validation set, and the test set."""
+    train, test_set = load_fashion_mnist()
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(train))
+    val = train.subset(order[:validation])
+    rest = train.subset(order[validation:])
+    parts = dirichlet(rest.y, n_devices, 0.5, rng)
+    return [rest.subset(p) for p in parts], val, test_set.subset(np.arange(min(test, len(test_set))))
+
+
+def strategy_config(name: str, base: EngineConfig, ratio: float, n_devices: int) -> tuple[EngineConfig, float]:
+    """The engine config and per-device width ratio of one strategy (the full method for msfusion)."""
+    natural = overlap_ratio_for(ratio, n_devices)
+    adaptive = OverlapConfig(
+        mode=OverlapMode.ADAPTIVE, initial=min(0.95, max(0.5, natural)), minimum=min(0.5, natural), maximum=0.95
+    )
+    moon = LossConfig(variant=ContrastiveVariant.MOON, mu=0.1)
+    off = LossConfig(variant=ContrastiveVariant.OFF)
+    if name == "msfusion":
+        return replace(base, plan=PlanConfig(), overlap=adaptive, loss=moon), ratio
+    if name == "msfusion-capped":
+        if "capped_overlap" not in PlanConfig.__dataclass_fields__:
+            raise SystemExit("msfusion-capped needs PlanConfig.capped_overlap")
+        plan = PlanConfig(capped_overlap=True)  # type: ignore[call-arg]
+        return replace(base, plan=plan, overlap=replace(adaptive, maximum=0.95), loss=moon), ratio
+    if name in ("fedrolex", "heterofl"):
+        return replace(base, plan=PlanConfig(strategy=Strategy(name)), loss=off), ratio
+    if name == "fedavg-small":
+        small = shrunk_config(base.model, ratio)
+        return replace(base, model=small, plan=PlanConfig(strategy=Strategy.FEDAVG), loss=off), 1.0
+    if name == "fedavg-full":
+        return replace(base, plan=PlanConfig(strategy=Strategy.FEDAVG), loss=off), 1.0
+    raise SystemExit(f"unknown strategy {name!r}")
+
+
+def run_one(args: argparse.Namespace, n: int, budget: str, strategy: str, seed: int, lr: float) -> dict[str, Any]:
+    """Train one point of the grid; figures on validation (for choosing) and test (for reporting)."""
+    shards, val, test = load_data(n, seed, args.validation, args.test)
+    ratio = ratio_for_budget(model_spec(MODEL), float(Fraction(budget)))
+    local = LocalTrainConfig(epochs=1, batch_size=32, lr=lr, max_samples=args.samples)
+    base = EngineConfig(
+        model=MODEL,
+        local=local,
+        rounds=args.rounds,
+        seed=seed,
+        eval_window=True,
+        eval_expected=True,
+        eval_every=args.eval_every,
+    )
+    cfg, device_ratio = strategy_config(strategy, base, ratio, n)
+    engine = ReferenceEngine(cfg, shards, test, [device_ratio] * n, validation=val, device=args.device)
+    t0 = time.perf_counter()
+    history = engine.run()
+    wall = time.perf_counter() - t0
+    last = history[-1]
+    out: dict[str, Any] = {
+        "devices": n,
+        "budget": budget,
+        "strategy": strategy,
+        "seed": seed,
+        "lr": lr,
+        "rounds": len(history),
+        "width_ratio": device_ratio,
+        "wall_s": wall,
+        "deployable": last.deployable,
+        "test": dict(last.variant_metrics),
+        "validation": dict(last.validation_metrics),
+        "curve": [r.metrics.get("accuracy") for r in history if r.metrics],
+    }
+    return out
+
+
+def figures(row: dict[str, Any]) -> dict[str, tuple[float, float]]:
+    """The rows a run contributes to the table: label -> (validation, test) accuracy."""
+    val, test = row["validation"], row["test"]
+    s = row["strategy"]
+    if s in ("msfusion", "msfusion-capped"):
+        out = {f"{s} ({v})": (val[v]["accuracy"], test[v]["accuracy"]) for v in test}
+        d = row["deployable"]
+        out[f"{s} deployable"] = (val[d]["accuracy"], test[d]["accuracy"])
+        return out
+    if s == "heterofl":
+        return {
+            "heterofl (merged)": (val["merged"]["accuracy"], test["merged"]["accuracy"]),
+            "heterofl-prefix": (val["window"]["accuracy"], test["window"]["accuracy"]),
+        }
+    return {s: (val["merged"]["accuracy"], test["merged"]["accuracy"])}
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[tuple[int, str], dict[str, dict[str, Any]]]:
+    """Per (N, budget) and row label: the best lr by mean validation accuracy over seeds; test mean and spread."""
+    grouped: dict[tuple[int, str, str, float], list[tuple[float, float]]] = {}
+    for row in rows:
+        for label, (v, t) in figures(row).items():
+            grouped.setdefault((row["devices"], row["budget"], label, row["lr"]), []).append((v, t))
+    table: dict[tuple[int, str], dict[str, dict[str, Any]]] = {}
+    for (n, budget, label, lr), pts in grouped.items():
+        val_mean = statistics.mean(p[0] for p in pts)
+        cell = table.setdefault((n, budget), {})
+        if label not in cell or val_mean > cell[label]["val"]:
+            tests = [p[1] for p in pts]
+            spread = statistics.stdev(tests) if len(tests) > 1 else 0.0
+            cell[label] = {"val": val_mean, "test": statistics.mean(tests), "sd": spread, "lr": lr, "seeds": len(pts)}
+    return table
+
+
+def print_report(rows: list[dict[str, Any]]) -> None:
+    """The table per (N, budget) and the verdict line per budget against N."""
+    table = summarize(rows)
+    for (n, budget), cell in sorted(table.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        print(f"\n== N = {n}, budget {budget} (test accuracy, mean +- sd over seeds, best lr by validation)")
+        for label, c in sorted(cell.items(), key=lambda kv: -kv[1]["test"]):
+            print(f"  {label:34s} {c['test']:.4f} +- {c['sd']:.4f}  (lr {c['lr']}, {c['seeds']} seeds)")
+    print("\nverdict: deployable msfusion minus the best small model (test accuracy points), by N")
+    for budget in sorted({b for _, b in table}):
+        parts = []
+        for n in sorted(n for n, b in table if b == budget):
+            cell = table[(n, budget)]
+            small = [cell[s] for s in SMALL if s in cell]
+            if "msfusion deployable" not in cell or not small:
+                continue
+            best_small = max(small, key=lambda c: c["test"])
+            gap = cell["msfusion deployable"]["test"] - best_small["test"]
+            full = cell.get("fedavg-full")
+            closed = ""
+            if full is not None and full["test"] > best_small["test"]:
+                closed = f", closes {gap / (full['test'] - best_small['test']):+.2f} of the gap to fedavg-full"
+            spread = max(cell["msfusion deployable"]["sd"], best_small["sd"])
+            parts.append(f"N={n}: {100 * gap:+.1f} (spread {100 * spread:.1f}{closed})")
+        print(f"  budget {budget}: " + "; ".join(parts))
+
+
+def export_measured(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    """The points `msfusion plan` advises from (coordinator/fleet/measured.json)."""
+    from msfusion.coordinator.fleet.advice import Measured, to_json
+
+    points = []
+    for (n, budget), cell in sorted(summarize(rows).items()):
+        small = [(s, cell[s]) for s in SMALL if s in cell]
+        if "msfusion deployable" not in cell or not small:
+            continue
+        name, best = max(small, key=lambda kv: kv[1]["test"])
+        ours = cell["msfusion deployable"]
+        full = cell.get("fedavg-full")
+        points.append(
+            Measured(
+                case="fmnist-cnn-32-64-128", budget=float(Fraction(budget)), devices=n, msfusion=ours["test"],
+                msfusion_sd=ours["sd"], small=name, small_accuracy=best["test"], small_sd=best["sd"],
+                full=full["test"] if full else None, seeds=min(ours["seeds"], best["seeds"]), rounds=meta["rounds"],
+            )
+        )  # fmt: skip
+    return to_json(points, {"source": "bench/scaling.py", "samples_per_device_per_round": meta["samples"]})
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("bench/results/scaling.json"))
+    p.add_argument("--from-json", type=Path, default=None)
+    p.add_argument(
+        "--export-measured", type=Path, default=None, help="write the figures `msfusion plan` reads (with --from-json)"
+    )
+    p.add_argument("--devices", default="8,32,128")
+    p.add_argument("--budgets", default="1/4,1/16")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--lrs", default="0.02,0.05,0.1")
+    p.add_argument("--strategies", default=",".join(STRATEGIES))
+    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--samples", type=int, default=64, help="samples per device per round (the same at every N)")
+    p.add_argument("--eval-every", type=int, default=5)
+    p.add_argument("--validation", type=int, default=2000, help="training images held out for choosing")
+    p.add_argument("--test", type=int, default=2000)
+    p.add_argument("--device", default="cpu", help="torch device for local training (cuda when lent one)")
+    args = p.parse_args(argv)
+    if args.from_json is not None:
+        saved = json.loads(args.from_json.read_text())
+        print_report(saved["runs"])
+        if args.export_measured is not None:
+            args.export_measured.write_text(export_measured(saved["runs"], saved["meta"]))
+            print(f"wrote {args.export_measured}")
+        return 0
+    rows: list[dict[str, Any]] = []
+    if args.out.exists():  # resume: a long run keeps what it finished
+        rows = json.loads(args.out.read_text())["runs"]
+    done = {(r["devices"], r["budget"], r["strategy"], r["seed"], r["lr"]) for r in rows}
+    grid = [
+        (n, b, s, seed, lr)
+        for n in (int(x) for x in args.devices.split(","))
+        for b in args.budgets.split(",")
+        for seed in (int(x) for x in args.seeds.split(","))
+        for s in args.strategies.split(",")
+        for lr in (float(x) for x in args.lrs.split(","))
+    ]
+    for key in grid:
+        if key in done:
+            continue
+        row = run_one(args, *key)
+        rows.append(row)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        meta = {k: v for k, v in vars(args).items() if k not in ("out", "from_json")}
+        args.out.write_text(json.dumps({"meta": meta, "runs": rows}, indent=1))
+        print(
+            f"{key}: {row['deployable']} test {row['test'][row['deployable']]['accuracy']:.4f} ({row['wall_s']:.0f} s)",
+            flush=True,
+        )
+    print_report(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
