@@ -170,6 +170,7 @@ def _engine(
         loss=LossConfig(variant=variant),
         rounds=rounds,
         seed=seed,
+        eval_expected=True,  # the co-hold weighted model is a candidate for the deployable one
     )
 
 
@@ -316,7 +317,8 @@ def train(
     channels: Optional[str] = typer.Option(None),
     strategy: str = typer.Option("msfusion", help="msfusion, fedrolex, heterofl, feddropout or fedavg"),
     contrastive: str = typer.Option("auto", help="off, positive, moon (auto: moon for msfusion)"),
-    ratio: float = typer.Option(0.25, help="every device's width ratio"),
+    ratio: Optional[float] = typer.Option(None, help="every device's width ratio (default: from --board-share)"),
+    board_share: str = typer.Option("1/16", "--board-share", help="as in `simulate`: each device's parameter share"),
     samples_per_device: int = typer.Option(0),
     local_samples: int = typer.Option(1000),
     seed: int = typer.Option(0),
@@ -328,15 +330,22 @@ def train(
         partition_fmnist,
     )
     from msfusion.coordinator.reference.engine import ReferenceEngine
+    from msfusion.data.datasets import ArrayDataset
+    from msfusion.data.shards import read_shard
     from msfusion.wire.weights import pack_weights
 
     with _cli_errors():
         engine_cfg = _engine(model, channels, strategy, contrastive, rounds, seed, local_samples)
         shards = partition_fmnist(
-            PartitionConfig(devices=devices, seed=seed, samples_per_device=samples_per_device), out / "shards"
+            PartitionConfig(devices=devices, seed=seed, samples_per_device=samples_per_device, validation_samples=1000),
+            out / "shards",
         )
         data, test = load_shard_set(shards)
-        engine = ReferenceEngine(engine_cfg, data, test, [ratio] * devices)
+        assert shards.validation is not None
+        x, y, _ = read_shard(shards.validation)
+        if ratio is None:
+            ratio = board_ratio(engine_cfg.model, float(Fraction(board_share))) or 1.0
+        engine = ReferenceEngine(engine_cfg, data, test, [ratio] * devices, validation=ArrayDataset(x, y))
         with open(out / "metrics.jsonl", "w", encoding="utf-8") as handle:
             for record in engine.run():
                 handle.write(
@@ -351,8 +360,9 @@ def train(
                     + "\n"
                 )
                 console.print(f"round {record.round_idx + 1}: {dict(record.metrics)}")
-        (out / "model.safetensors").write_bytes(pack_weights(engine.weights))
-    console.print(f"model: {out / 'model.safetensors'}")
+        deployable, weights = engine.deployable_weights()
+        (out / "model.safetensors").write_bytes(pack_weights(weights))
+    console.print(f"model ({deployable}, chosen on the validation shard): {out / 'model.safetensors'}")
 
 
 @devices_app.command("list")
