@@ -43,8 +43,12 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class LocalResult:
-    """What one device's local training returns."""
+class TrainedSlice:
+    """What the reference engine's local run of one device returns.
+
+    The board's `edge_runtime.trainer.LocalResult` carries the same three
+    figures plus its timing and memory measurements, which a reference run has no use for.
+    """
 
     weights: Weights
     n_samples: int
@@ -81,7 +85,7 @@ def local_train(
     loss_cfg: LossConfig,
     seed: int,
     device: torch.device | None = None,
-) -> LocalResult:
+) -> TrainedSlice:
     """Train one sub-model locally, as a device would (the PyTorch reference).
 
     Args:
@@ -110,7 +114,7 @@ def local_train(
     batches = ((x_all[index], y_all[index]) for index in (torch.from_numpy(i).to(x_all.device) for i in order))
     losses = train_objective(objective, batches, train_cfg.optimizer, train_cfg.lr)
     n_samples = samples_per_epoch(len(data), train_cfg.batch_size, train_cfg.max_samples)
-    return LocalResult(state_to_numpy(objective.model), n_samples, tuple(losses))
+    return TrainedSlice(state_to_numpy(objective.model), n_samples, tuple(losses))
 
 
 @dataclass

@@ -142,3 +142,37 @@ def test_eval_every_skips_evaluations_not_training_and_the_run_chooses_on_valida
     assert name == last.deployable
     figures = evaluate(SMALL_CNN, weights, held)
     assert figures["accuracy"] == pytest.approx(last.variant_metrics[name]["accuracy"])
+
+
+def test_native_norms_train_the_same_model_as_the_traced_norms_the_artifacts_run(
+    fmnist: tuple[ArrayDataset, ArrayDataset],
+) -> None:
+    # Prepare: the engine runs eager torch's native GroupNorm; exporters trace the elementwise form
+    from msfusion.models import layers
+
+    train, test = fmnist
+    shards = [train.subset(np.arange(i * 128, (i + 1) * 128)) for i in range(4)]
+    cfg = EngineConfig(model=SMALL_CNN, local=LocalTrainConfig(max_samples=64), rounds=2, seed=2)
+
+    def run() -> dict[str, np.ndarray]:
+        engine = ReferenceEngine(cfg, shards, test.subset(np.arange(100)), [0.5] * 4)
+        engine.run()
+        return engine.weights
+
+    # Execute
+    native = run()
+    with layers.traceable_norms():
+        traced = run()
+    # Assert: the same global model within float tolerance
+    for name, value in native.items():
+        np.testing.assert_allclose(traced[name], value, atol=1e-4)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where torch sees no CUDA device")
+def test_cuda_is_refused_clearly_where_torch_sees_none(fmnist: tuple[ArrayDataset, ArrayDataset]) -> None:
+    from msfusion.errors import ConfigError
+
+    train, test = fmnist
+    cfg = EngineConfig(model=SMALL_CNN, rounds=1)
+    with pytest.raises(ConfigError, match="no CUDA device"):
+        ReferenceEngine(cfg, [train.subset(np.arange(32))], test.subset(np.arange(32)), [1.0], device="cuda")
