@@ -1,11 +1,6 @@
 """The causal Transformer char-LM: embedding, attention heads (units of head_dim) and FFN groups.
 
-One file per architecture: its spec (tensors and width groups by exact `state_dict`
-name, msfusion.md section 1), the module at any widths, its FLOP count, the
-shrunk standalone config, and the activation elements one sample keeps for the
-backward pass (counted tensor by tensor as autograd keeps them; the memory
-model's sizing reads them; int64 tensors count twice: the unit is a float32
-element). `registry.py` finds it by `ModelConfig.arch`.
+The architecture's file (see `registry.py`): `spec`, `Module`, `flops`, `shrunk`, `activations`.
 """
 
 from __future__ import annotations

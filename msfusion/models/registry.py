@@ -1,9 +1,14 @@
 """The registry of architectures: one place that finds an architecture's file by `ModelConfig.arch`.
 
 Every architecture is one file (`cnn.py`, `resnet.py`, `charlm.py`) exposing
-`spec`, `Module`, `flops`, `shrunk` and `activations`; the functions here are
-the public API over them (build, spec, FLOPs, activation counts, numpy I/O).
-The tests check that each spec and module agree.
+`spec` (its tensors and width groups by exact `state_dict` name, msfusion.md
+section 1), `Module` (the model at any widths), `flops` (forward MACs per
+sample), `shrunk` (the standalone small model of fedavg-small) and
+`activations` (the elements one sample keeps for the backward pass, counted
+tensor by tensor as autograd keeps them, int64 tensors twice: the unit is a
+float32 element; the memory model's sizing reads them). The functions here
+are the public API over them (build, spec, FLOPs, activation counts, numpy
+I/O); the tests check that each spec and module agree.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Activation counts match what torch's autograd keeps; the devices package imports without torch."""
+"""Activation counts match what torch's autograd keeps for the exported (traced) form of each model."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import torch
 
 from msfusion.algorithm.spec import widths_for_ratio
 from msfusion.coordinator.fleet.sizing import model_sizes
+from msfusion.models import layers
 from msfusion.models.config import ModelConfig
 from msfusion.models.objective import LocalObjective
 from msfusion.models.registry import activation_elements, build_model, model_spec
@@ -40,7 +41,8 @@ def _saved_float32_units(cfg: ModelConfig, ratio: float) -> float:
             storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    # The counts model what a board's artifact keeps: the norms in the exporters' traced (elementwise) form.
+    with layers.traceable_norms(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         objective(x, y)
     return sum(storages.values()) / 4 / BATCH
 
