@@ -1,6 +1,6 @@
 """Reference-engine speed: device-samples trained per second, per engine option, side by side in one run.
 
-    .venv/bin/python bench/engine_speed.py [--devices 8] [--rounds 4] [--samples 64] [--device cpu|cuda]
+    .venv/bin/python bench/engine_speed.py [--devices 8] [--rounds 4] [--samples 64] [--threads 1]
 
 Options compared (the same seeds, data and plan; only the engine changes):
 - `eval every round, traced norms`: the engine as it was (elementwise GroupNorm in eager torch,

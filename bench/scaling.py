@@ -188,7 +188,7 @@ def print_report(rows: list[dict[str, Any]]) -> None:
 
 def export_measured(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     """The points `msfusion plan` advises from (coordinator/fleet/measured.json)."""
-    from msfusion.coordinator.fleet.advice import Measured, to_json
+    from msfusion.coordinator.fleet.advice import Measured, case_of, to_json
 
     points = []
     for (n, budget), cell in sorted(summarize(rows).items()):
@@ -200,7 +200,7 @@ def export_measured(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         full = cell.get("fedavg-full")
         points.append(
             Measured(
-                case="fmnist-cnn-32-64-128", budget=float(Fraction(budget)), devices=n, msfusion=ours["test"],
+                case=case_of(MODEL), budget=float(Fraction(budget)), devices=n, msfusion=ours["test"],
                 msfusion_sd=ours["sd"], small=name, small_accuracy=best["test"], small_sd=best["sd"],
                 full=full["test"] if full else None, seeds=min(ours["seeds"], best["seeds"]), rounds=meta["rounds"],
             )
@@ -235,8 +235,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {args.export_measured}")
         return 0
     rows: list[dict[str, Any]] = []
-    if args.out.exists():  # resume: a long run keeps what it finished
-        rows = json.loads(args.out.read_text())["runs"]
+    meta = {k: v for k, v in vars(args).items() if k not in ("out", "from_json", "export_measured")}
+    fixed = ("rounds", "samples", "eval_every", "validation", "test")  # what every row of one file shares
+    if args.out.exists():  # resume: a long run keeps what it finished, under the same settings only
+        saved = json.loads(args.out.read_text())
+        clash = {k: (saved["meta"].get(k), meta[k]) for k in fixed if saved["meta"].get(k) != meta[k]}
+        if clash:
+            raise SystemExit(f"{args.out} holds runs made with other settings {clash}; pick another --out")
+        rows = saved["runs"]
     done = {(r["devices"], r["budget"], r["strategy"], r["seed"], r["lr"]) for r in rows}
     grid = [
         (n, b, s, seed, lr)
@@ -252,7 +258,6 @@ def main(argv: list[str] | None = None) -> int:
         row = run_one(args, *key)
         rows.append(row)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        meta = {k: v for k, v in vars(args).items() if k not in ("out", "from_json")}
         args.out.write_text(json.dumps({"meta": meta, "runs": rows}, indent=1))
         print(
             f"{key}: {row['deployable']} test {row['test'][row['deployable']]['accuracy']:.4f} ({row['wall_s']:.0f} s)",

@@ -13,10 +13,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from msfusion.algorithm.overlap import OverlapConfig
-from msfusion.algorithm.planning import PlanConfig
+from msfusion.algorithm.planning import PlanConfig, Strategy
 from msfusion.errors import ConfigError
-from msfusion.models.config import LossConfig, ModelConfig
+from msfusion.models.config import ContrastiveVariant, LossConfig, ModelConfig
 from msfusion.wire.artifacts import OptimizerConfig
+
+# The default objective of a run (an identity, so a run that never set `loss` can be told apart):
+# MSfusion's full method, the MOON term at mu 0.1 (msfusion.md, section 5).
+_METHOD_LOSS = LossConfig()
 
 __all__ = ["EngineConfig", "LocalTrainConfig", "LossConfig", "OptimizerConfig", "device_id", "device_seed"]
 
@@ -56,7 +60,8 @@ class EngineConfig:
         plan: strategy and shift knobs.
         overlap: overlap target knobs (msfusion).
         local: local training knobs.
-        loss: contrastive term knobs.
+        loss: contrastive term knobs; left at its default, MOON at mu 0.1 for msfusion (the
+            full method) and plain cross-entropy for the baselines.
         rounds: number of rounds.
         seed: seeds the global model's initialization and every local run.
         eval_batch_size: batch size for evaluation.
@@ -70,7 +75,7 @@ class EngineConfig:
     plan: PlanConfig = field(default_factory=PlanConfig)
     overlap: OverlapConfig = field(default_factory=OverlapConfig)
     local: LocalTrainConfig = field(default_factory=LocalTrainConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
+    loss: LossConfig = field(default_factory=lambda: _METHOD_LOSS)
     rounds: int = 10
     seed: int = 0
     eval_batch_size: int = 500
@@ -81,6 +86,10 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.rounds < 0 or self.eval_every < 1:
             raise ConfigError(f"rounds must be >= 0 and eval_every >= 1, got {self.rounds}, {self.eval_every}")
+        if self.loss is _METHOD_LOSS and self.plan.strategy is not Strategy.MSFUSION:
+            # Left at its default, the objective is the strategy's own: MSfusion's contrastive term is
+            # part of MSfusion, and a baseline trains as its paper does, on cross-entropy.
+            object.__setattr__(self, "loss", LossConfig(ContrastiveVariant.OFF))
 
 
 def device_seed(run_seed: int, round_idx: int, device_index: int) -> int:

@@ -82,8 +82,8 @@ def _exit_for(exc: BaseException) -> ExitCode:
         return ExitCode.DATA_ERROR
     if isinstance(exc, ConfigError):
         return ExitCode.CONFIG_ERROR
-    if isinstance(exc, (ValueError, OSError)):
-        return ExitCode.CONFIG_ERROR  # a malformed flag value, an unreadable file
+    if isinstance(exc, (ValueError, ArithmeticError, OSError)):
+        return ExitCode.CONFIG_ERROR  # a malformed flag value (also "1/0"), an unreadable file
     return ExitCode.RUN_FAILED  # DeviceLost and the rest
 
 
@@ -94,7 +94,7 @@ def _cli_errors() -> Iterator[None]:
         yield
     except KeyboardInterrupt:
         raise typer.Exit(ExitCode.INTERRUPTED) from None
-    except (MsfusionError, ValueError, OSError) as exc:
+    except (MsfusionError, ValueError, ArithmeticError, OSError) as exc:
         # Text, not markup: an error naming a path or a `[table]` must print as it is.
         console.print(Text.assemble(("error: ", "red"), str(exc)))
         raise typer.Exit(_exit_for(exc)) from None
@@ -259,17 +259,18 @@ def plan(
 ) -> None:
     """Recommend a strategy for a fleet, from the scaling benchmark's measured figures, and say why."""
     from msfusion.algorithm.spec import ratio_for_budget, widths_for_ratio
-    from msfusion.coordinator.fleet.advice import advise, load_measured
+    from msfusion.coordinator.fleet.advice import advise, case_of, load_measured
     from msfusion.models.config import ModelConfig
     from msfusion.models.registry import model_spec
 
     with _cli_errors():
         share = float(Fraction(budget))
         dims: dict[str, Any] = {"channels": tuple(int(c) for c in channels.split(","))} if channels else {}
-        spec = model_spec(ModelConfig(arch=model, **dims))
+        model_cfg = ModelConfig(arch=model, **dims)
+        spec = model_spec(model_cfg)
         ratio = ratio_for_budget(spec, share)
         held = spec.param_count(widths_for_ratio(spec, ratio))
-        advice = advise(devices, share, ratio, load_measured(measured))
+        advice = advise(devices, share, ratio, load_measured(measured), case_of(model_cfg))
     console.print(
         Text(
             f"{devices} devices, each affording {share:.4g} of a {spec.param_count():,}-parameter {model}: "

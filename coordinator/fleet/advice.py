@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from msfusion.errors import ConfigError
+from msfusion.models.config import ModelConfig
 
 MEASURED_FILE = "measured.json"
 
@@ -49,6 +50,13 @@ class Advice:
     basis: Measured | None
 
 
+def case_of(model: ModelConfig) -> str:
+    """The benchmark case a model belongs to: figures of one case say nothing about another."""
+    if model.task == "lm":
+        return f"shakespeare-charlm-d{model.d_model}-l{model.n_layers}"
+    return f"fmnist-{model.arch}-" + "-".join(str(c) for c in model.channels)
+
+
 def load_measured(path: Path | None = None) -> list[Measured]:
     """The shipped figures (or those at `path`)."""
     text = path.read_text() if path is not None else resources.files(__package__).joinpath(MEASURED_FILE).read_text()
@@ -58,7 +66,9 @@ def load_measured(path: Path | None = None) -> list[Measured]:
         raise ConfigError(f"malformed measured figures: {exc}") from exc
 
 
-def advise(devices: int, budget: float, width_ratio: float, measured: Sequence[Measured]) -> Advice:
+def advise(
+    devices: int, budget: float, width_ratio: float, measured: Sequence[Measured], case: str | None = None
+) -> Advice:
     """The strategy the nearest measured point (budget first, then fleet size, both on a log scale) favours.
 
     Args:
@@ -66,6 +76,7 @@ def advise(devices: int, budget: float, width_ratio: float, measured: Sequence[M
         budget: the share of the full model's parameters one device affords.
         width_ratio: the width that budget gives (share of every group's units).
         measured: the benchmark's points.
+        case: only points of this case count (`case_of`); None: every point.
     """
     if devices < 1 or not 0 < budget <= 1 or not 0 < width_ratio <= 1:
         raise ConfigError(f"need devices >= 1, budget and width in (0, 1], got {devices}, {budget}, {width_ratio}")
@@ -76,8 +87,11 @@ def advise(devices: int, budget: float, width_ratio: float, measured: Sequence[M
             "trains the whole model each round; train a small model",
             None,
         )
+    if case is not None:
+        measured = [m for m in measured if m.case == case]
     if not measured:
-        return Advice("fedavg-small", "no measured figures: the small model is the safe default", None)
+        what = f" for {case}" if case else ""
+        return Advice("fedavg-small", f"no measured figures{what}: the small model is the safe default", None)
 
     def distance(m: Measured) -> tuple[float, float]:
         return (abs(math.log(m.budget / budget)), abs(math.log(m.devices / devices)))

@@ -1,8 +1,9 @@
 """Checkpoints: the global weights (safetensors) plus the run's JSON state, resumable bit for bit.
 
 A checkpoint holds everything the next round depends on and nothing drawn
-from an RNG: the global weights, the next round's index, the overlap target
-the next round plans with, the last disagreement, and the run's session id
+from an RNG: the global weights, the next round's index, the last merged
+round's overlap target and disagreement (the next round adapts from them), the
+co-hold counts of the merged slices (float64, for the deployable model), and the run's session id
 (task ids are derived from it, so a resumed coordinator asks the same
 questions and devices answer redelivered tasks from their records).
 
@@ -22,6 +23,7 @@ from typing import Mapping
 
 import numpy as np
 import numpy.typing as npt
+import safetensors.numpy
 
 from msfusion.algorithm.slicing import Weights
 from msfusion.atomic import atomic_write
@@ -31,7 +33,7 @@ from msfusion.wire.weights import pack_weights, unpack_weights
 WEIGHTS_PATTERN = "global-r{round:05d}.safetensors"
 COHOLD_PATTERN = "cohold-r{round:05d}.safetensors"
 STATE_FILE = "state.json"
-FORMAT = "msfusion-checkpoint-1"
+FORMAT = "msfusion-checkpoint-2"  # 2: overlap is the last merged target; co-hold counts
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,7 @@ def save_checkpoint(
     folder: Path,
     weights: Mapping[str, npt.NDArray[np.float32]],
     state: RunState,
-    cohold: Mapping[str, npt.NDArray[np.float32]] | None = None,
+    cohold: Mapping[str, npt.NDArray[np.float64]] | None = None,
 ) -> None:
     """Write weights (and the co-hold counts) then state, each atomically.
 
@@ -92,7 +94,7 @@ def save_checkpoint(
     }
     keep = {name}
     if cohold is not None:
-        counts = pack_weights(cohold)
+        counts = safetensors.numpy.save({k: np.ascontiguousarray(v, np.float64) for k, v in sorted(cohold.items())})
         cohold_name = COHOLD_PATTERN.format(round=state.next_round)
         atomic_write(folder / cohold_name, counts)
         record["cohold_file"], record["cohold_sha256"] = cohold_name, hashlib.sha256(counts).hexdigest()
@@ -103,7 +105,7 @@ def save_checkpoint(
             old.unlink(missing_ok=True)
 
 
-def load_cohold(folder: Path) -> Weights | None:
+def load_cohold(folder: Path) -> dict[str, npt.NDArray[np.float64]] | None:
     """The co-hold counts the last checkpoint saved (None: it saved none).
 
     Raises:
@@ -119,7 +121,7 @@ def load_cohold(folder: Path) -> Weights | None:
         raise ArtifactError(f"checkpoint co-hold counts {path} are unreadable: {exc}") from exc
     if hashlib.sha256(data).hexdigest() != record["cohold_sha256"]:
         raise ArtifactError(f"{path} does not match {folder / STATE_FILE}")
-    return unpack_weights(data)
+    return dict(safetensors.numpy.load(data))
 
 
 def load_checkpoint(folder: Path) -> tuple[Weights, RunState]:

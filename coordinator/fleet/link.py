@@ -146,6 +146,12 @@ class CoordinatorLink:
         )
         self.bytes_down[device_id] += data_bytes + sent * len(encode(empty, validate=False))
 
+    def take_ready(self) -> list[SliceArrived]:
+        """The slices complete but not yet emitted by `poll` (the round loop takes them before it closes)."""
+        ready = list(self._ready)
+        self._ready.clear()
+        return ready
+
     def forget_slices(self) -> None:
         """Drop every half-received slice (the round closed)."""
         for transfer_id in list(self._pending):

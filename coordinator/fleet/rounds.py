@@ -349,12 +349,7 @@ def _collect(
             case Malformed(device_id=device_id):
                 ctx.fleet.seen(device_id, time.monotonic())
             case SliceArrived() as arrived if arrived.device_id in sent and arrived.device_id not in replies:
-                started = time.perf_counter()
-                replies[arrived.device_id] = _merge_slice(accumulator, sent[arrived.device_id], arrived)
-                merge_s += time.perf_counter() - started
-                peak_rss[arrived.device_id] = arrived.result.peak_rss_bytes
-                if replies[arrived.device_id] != "merged":
-                    ctx.fleet.note_failure(arrived.device_id, replies[arrived.device_id])
+                merge_s += _take_slice(ctx, sent, accumulator, replies, peak_rss, arrived)
             case SliceArrived():
                 pass  # a slice already answered for
             case Inbound(message=SliceResult() | TaskFailed()) as inbound:
@@ -365,11 +360,31 @@ def _collect(
                 handle_fleet_message(ctx, inbound, time.monotonic())
                 if came_back and inbound.device_id in sent and inbound.device_id not in replies:
                     _resend(ctx, sent, [inbound.device_id])  # it restarted: whatever it held of this task is gone
+    for arrived in ctx.link.take_ready():  # complete as the deadline passed: as good as any other
+        if arrived.device_id in sent and arrived.device_id not in replies:
+            merge_s += _take_slice(ctx, sent, accumulator, replies, peak_rss, arrived)
     ctx.link.forget_slices()
     for device_id in sent:
         if device_id not in replies:
             ctx.fleet.note_failure(device_id, "no reply before the round's deadline")
     return {d: replies.get(d, "no reply") for d in sent}, peak_rss, merge_s
+
+
+def _take_slice(
+    ctx: RoundContext,
+    sent: Mapping[str, _Sent],
+    accumulator: MergeAccumulator,
+    replies: dict[str, str],
+    peak_rss: dict[str, int],
+    arrived: SliceArrived,
+) -> float:
+    """Merge one arrived slice (or reject it with the reason); returns the seconds spent merging."""
+    started = time.perf_counter()
+    replies[arrived.device_id] = _merge_slice(accumulator, sent[arrived.device_id], arrived)
+    peak_rss[arrived.device_id] = arrived.result.peak_rss_bytes
+    if replies[arrived.device_id] != "merged":
+        ctx.fleet.note_failure(arrived.device_id, replies[arrived.device_id])
+    return time.perf_counter() - started
 
 
 def _resend(ctx: RoundContext, sent: Mapping[str, _Sent], device_ids: Sequence[str]) -> None:

@@ -16,6 +16,7 @@ from typing import Any, Mapping, Protocol
 from msfusion.algorithm.inference import CoHoldStats, choose_deployable
 from msfusion.algorithm.slicing import Weights
 from msfusion.algorithm.spec import widths_for_ratio
+from msfusion.atomic import atomic_write
 from msfusion.coordinator.fleet import report
 from msfusion.coordinator.fleet.checkpoint import RunState, load_checkpoint, load_cohold
 from msfusion.coordinator.fleet.config import CoordinatorConfig
@@ -261,9 +262,11 @@ def finish(
     if cohold is not None:
         variants["expected"] = cohold.expected_weights(weights)
     deployable, scored = choose_model(config, variants, test)
-    (out / report.MODEL_FILE).write_bytes(pack_weights(variants[deployable]))
+    atomic_write(out / report.MODEL_FILE, pack_weights(variants[deployable]))
     if deployable != "merged":
-        (out / report.MERGED_MODEL_FILE).write_bytes(pack_weights(weights))
+        atomic_write(out / report.MERGED_MODEL_FILE, pack_weights(weights))
+    else:
+        (out / report.MERGED_MODEL_FILE).unlink(missing_ok=True)  # an older run's, in the same folder
     lines = report.read_metrics(out)
     plot = report.plot_accuracy(out, lines)
     merged = [line for line in lines if line["merged"]]

@@ -205,9 +205,11 @@ class ReferenceEngine:
             )
             memory.weights, memory.index = result.weights, index_now
             updates.append(SliceUpdate(device.device_id, round_idx, units, result.weights, result.n_samples))
-            self.cohold.add(units, self.scales(plan.widths(device.device_id)))
             local_losses.extend(result.loss_curve)
         self.weights, report = merge_slices(self.weights, self.spec, updates, round_idx)
+        for update in updates:  # what the merged slices held (the fleet counts the same)
+            if update.device_id in report.merged:
+                self.cohold.add(update.units, self.scales(plan.widths(update.device_id)))
         self.disagreement = report.disagreement
         evaluated = (round_idx + 1) % self.config.eval_every == 0 or round_idx + 1 >= self.config.rounds
         variants = self.variants(plan) if evaluated else {}
@@ -232,7 +234,7 @@ class ReferenceEngine:
     def variants(self, plan: SplitPlan) -> dict[str, tuple[Weights, dict[str, int] | None]]:
         """The models a round can be scored as: merged full model, co-hold weighted full model, one window."""
         out: dict[str, tuple[Weights, dict[str, int] | None]] = {"merged": (self.weights, None)}
-        if self.config.eval_expected:
+        if self.config.eval_expected or self.validation is not None:  # a candidate for the deployable model
             out["expected"] = (self.cohold.expected_weights(self.weights), None)
         if self.config.eval_window:
             first = self.devices[0].device_id

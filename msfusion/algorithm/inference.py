@@ -80,15 +80,15 @@ class CoHoldStats:
             out[name] = (out[name] * factor).astype(np.float32)
         return out
 
-    def state(self) -> Weights:
-        """The counts as named float32 arrays (checkpointed beside the weights, so a resumed run keeps them)."""
-        out: Weights = {}
+    def state(self) -> dict[str, npt.NDArray[np.float64]]:
+        """The counts as named float64 arrays, exactly (checkpointed, so a resumed run deploys the same model)."""
+        out: dict[str, npt.NDArray[np.float64]] = {}
         for name in self._scale_sum:
-            out[f"scale_sum/{name}"] = self._scale_sum[name].astype(np.float32)
-            out[f"row_count/{name}"] = self._row_count[name].astype(np.float32)
+            out[f"scale_sum/{name}"] = self._scale_sum[name].copy()
+            out[f"row_count/{name}"] = self._row_count[name].copy()
         return out
 
-    def load_state(self, arrays: Mapping[str, npt.NDArray[np.float32]]) -> None:
+    def load_state(self, arrays: Mapping[str, npt.NDArray[np.floating]]) -> None:
         """Restore counts saved by `state` (shapes checked)."""
         for name in self._scale_sum:
             for key, target in ((f"scale_sum/{name}", self._scale_sum), (f"row_count/{name}", self._row_count)):

@@ -8,12 +8,15 @@ import pytest
 from typer.testing import CliRunner
 
 from msfusion.coordinator.cli.main import app
-from msfusion.coordinator.fleet.advice import Measured, advise, load_measured, to_json
+from msfusion.coordinator.fleet.advice import Measured, advise, case_of, load_measured, to_json
 from msfusion.errors import ConfigError
+from msfusion.models.config import ModelConfig
+
+CNN = case_of(ModelConfig("cnn"))  # the plan command's default model
 
 
 def _point(devices: int, budget: float, ours: float, small: float, sd: float = 0.01) -> Measured:
-    return Measured("case", budget, devices, ours, sd, "heterofl-prefix", small, sd, 0.9, 3, 30)
+    return Measured(CNN, budget, devices, ours, sd, "heterofl-prefix", small, sd, 0.9, 3, 30)
 
 
 POINTS = [_point(8, 1 / 16, 0.60, 0.70), _point(128, 1 / 16, 0.80, 0.70), _point(32, 1 / 4, 0.705, 0.70)]
@@ -27,6 +30,13 @@ def test_msfusion_is_advised_only_where_it_won_beyond_the_spread() -> None:
     # A lead inside the seeds' spread is no win.
     tie = advise(32, 1 / 4, 0.5, POINTS)
     assert tie.strategy == "heterofl-prefix" and "did not beat" in tie.reason
+
+
+def test_another_models_figures_are_not_advice() -> None:
+    lm = case_of(ModelConfig("charlm"))
+    advice = advise(128, 1 / 16, 0.25, POINTS, lm)
+    assert advice.strategy == "fedavg-small" and advice.basis is None and lm in advice.reason
+    assert advise(128, 1 / 16, 0.25, POINTS, CNN).strategy == "msfusion"
 
 
 def test_a_fleet_too_small_to_cover_a_group_gets_the_small_model() -> None:
@@ -53,5 +63,6 @@ def test_the_plan_command_prints_the_cost_and_the_advice(tmp_path: Path) -> None
     result = CliRunner().invoke(app, ["plan", "--devices", "128", "--budget", "1/16", "--measured", str(path)])
     assert result.exit_code == 0, result.output
     assert "recommended: msfusion" in result.output and "parameters per device" in result.output
-    bad = CliRunner().invoke(app, ["plan", "--devices", "8", "--budget", "x"])
-    assert bad.exit_code == 2 and "error" in bad.output
+    for budget in ("x", "1/0"):
+        bad = CliRunner().invoke(app, ["plan", "--devices", "8", "--budget", budget])
+        assert bad.exit_code == 2 and "error" in bad.output and "Traceback" not in bad.output

@@ -62,8 +62,11 @@ def test_co_hold_counts_are_checkpointed_with_the_weights_and_checked(tmp_path: 
     cfg = ModelConfig(arch="cnn", channels=(4, 8))
     spec = model_spec(cfg)
     stats = CoHoldStats(spec, list(input_scales(cfg, None)))
-    widths = widths_for_ratio(spec, 0.5)
-    stats.add({g: np.arange(k) for g, k in widths.items()}, input_scales(cfg, widths))
+    widths = widths_for_ratio(spec, 0.3)  # scalers like 8/3, which float32 cannot hold exactly
+    for shift in range(3):
+        units = {g: (np.arange(k) + shift) % spec.group(g).size for g, k in widths.items()}
+        stats.add(units, input_scales(cfg, widths))
+    assert any(float(np.float32(s)) != s for s in input_scales(cfg, widths).values())
     weights = {n: np.ones(s, np.float32) for n, s in spec.shapes.items()}
     state = RunState("run", "s", 1, 0.9, None, "ort")
     assert load_cohold_or_none(tmp_path, weights, state) is None  # a checkpoint without counts
