@@ -15,7 +15,10 @@ docs/algorithm.md "The deployable model") and each of its variants (merged,
 co-hold weighted), msfusion with the capped-overlap extension, fedavg-small,
 HeteroFL (merged full model and its prefix sub-model), FedRolex, fedavg-full.
 The verdict per case and budget: deployable msfusion minus the best small
-model (fedavg-small or HeteroFL's prefix), against N, with the seeds' spread.
+model (fedavg-small or HeteroFL's prefix), against N, paired by seed (a seed
+fixes the partition and the initialization for every strategy) with the sd of
+the per-seed differences; a budget whose fedavg-full does not beat the best
+small model beyond that spread has no capacity gap and is left out.
 """
 
 from __future__ import annotations
@@ -141,10 +144,10 @@ def figures(row: dict[str, Any]) -> dict[str, tuple[float, float]]:
 
 def summarize(rows: list[dict[str, Any]]) -> dict[tuple[int, str], dict[str, dict[str, Any]]]:
     """Per (N, budget) and row label: the best lr by mean validation accuracy over seeds; test mean and spread."""
-    grouped: dict[tuple[int, str, str, float], list[tuple[float, float]]] = {}
+    grouped: dict[tuple[int, str, str, float], list[tuple[float, float, int]]] = {}
     for row in rows:
         for label, (v, t) in figures(row).items():
-            grouped.setdefault((row["devices"], row["budget"], label, row["lr"]), []).append((v, t))
+            grouped.setdefault((row["devices"], row["budget"], label, row["lr"]), []).append((v, t, row["seed"]))
     table: dict[tuple[int, str], dict[str, dict[str, Any]]] = {}
     for (n, budget, label, lr), pts in grouped.items():
         val_mean = statistics.mean(p[0] for p in pts)
@@ -152,8 +155,19 @@ def summarize(rows: list[dict[str, Any]]) -> dict[tuple[int, str], dict[str, dic
         if label not in cell or val_mean > cell[label]["val"]:
             tests = [p[1] for p in pts]
             spread = statistics.stdev(tests) if len(tests) > 1 else 0.0
-            cell[label] = {"val": val_mean, "test": statistics.mean(tests), "sd": spread, "lr": lr, "seeds": len(pts)}
+            cell[label] = {
+                "val": val_mean, "test": statistics.mean(tests), "sd": spread, "lr": lr, "seeds": len(pts),
+                "by_seed": {p[2]: p[1] for p in pts},
+            }  # fmt: skip
     return table
+
+
+def paired(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, float, int]:
+    """Mean and sd over the seeds both ran of a - b (one seed: one partition, one init, for both)."""
+    diffs = [a["by_seed"][s] - b["by_seed"][s] for s in sorted(set(a["by_seed"]) & set(b["by_seed"]))]
+    if not diffs:
+        return float("nan"), float("nan"), 0
+    return statistics.mean(diffs), statistics.stdev(diffs) if len(diffs) > 1 else float("inf"), len(diffs)
 
 
 def print_report(rows: list[dict[str, Any]]) -> None:
@@ -172,17 +186,18 @@ def print_report(rows: list[dict[str, Any]]) -> None:
             if "msfusion deployable" not in cell or not small:
                 continue
             best_small = max(small, key=lambda c: c["test"])
-            gap = cell["msfusion deployable"]["test"] - best_small["test"]
+            gap, spread, seeds = paired(cell["msfusion deployable"], best_small)
             full = cell.get("fedavg-full")
-            spread = max(cell["msfusion deployable"]["sd"], best_small["sd"])
             if full is None:
                 note = "no fedavg-full run: capacity gap unknown"
-            elif full["test"] - best_small["test"] <= max(full["sd"], best_small["sd"]):
-                note = (f"no capacity gap beyond the seeds' spread (fedavg-full {full['test']:.3f} vs "
-                        f"{best_small['test']:.3f}): left out of the verdict")  # fmt: skip
             else:
-                note = f"closes {gap / (full['test'] - best_small['test']):+.2f} of the gap to fedavg-full"
-            parts.append(f"N={n}: {100 * gap:+.1f} (spread {100 * spread:.1f}; {note})")
+                capacity, capacity_sd, _ = paired(full, best_small)
+                if capacity <= capacity_sd:
+                    note = (f"capacity gap {100 * capacity:+.1f} +- {100 * capacity_sd:.1f} is within the seeds' "
+                            "spread: left out of the verdict")  # fmt: skip
+                else:
+                    note = f"capacity gap {100 * capacity:+.1f} +- {100 * capacity_sd:.1f}, {gap / capacity:+.2f} of it closed"
+            parts.append(f"N={n}: {100 * gap:+.1f} +- {100 * spread:.1f} over {seeds} paired seeds ({note})")
         print(f"  budget {budget}: " + "; ".join(parts))
 
 
@@ -198,11 +213,12 @@ def export_measured(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         name, best = max(small, key=lambda kv: kv[1]["test"])
         ours = cell["msfusion deployable"]
         full = cell.get("fedavg-full")
+        _, gap_sd, seeds = paired(ours, best)
         points.append(
             Measured(
                 case=case_of(MODEL), budget=float(Fraction(budget)), devices=n, msfusion=ours["test"],
                 msfusion_sd=ours["sd"], small=name, small_accuracy=best["test"], small_sd=best["sd"],
-                full=full["test"] if full else None, seeds=min(ours["seeds"], best["seeds"]), rounds=meta["rounds"],
+                full=full["test"] if full else None, seeds=seeds, rounds=meta["rounds"], gap_sd=gap_sd,
             )
         )  # fmt: skip
     return to_json(points, {"source": "bench/scaling.py", "samples_per_device_per_round": meta["samples"]})

@@ -39,6 +39,7 @@ class Measured:
     full: float | None
     seeds: int
     rounds: int
+    gap_sd: float | None = None  # sd over seeds of the paired difference msfusion - small (None: unpaired)
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ def advise(
 
     basis = min(measured, key=distance)
     gap = basis.msfusion - basis.small_accuracy
-    spread = max(basis.msfusion_sd, basis.small_sd)
+    spread = basis.gap_sd if basis.gap_sd is not None else max(basis.msfusion_sd, basis.small_sd)
     where = (f"measured at {basis.devices} devices, budget {basis.budget:.4g} ({basis.case}, {basis.rounds} rounds, "
              f"{basis.seeds} seeds)")  # fmt: skip
     if gap > spread:
