@@ -201,6 +201,35 @@ def print_report(rows: list[dict[str, Any]]) -> None:
         print(f"  budget {budget}: " + "; ".join(parts))
 
 
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Test accuracy against fleet size per row label (mean +- sd over seeds), one panel per budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = summarize(rows)
+    budgets = sorted({b for _, b in table})
+    fig, axes = plt.subplots(1, len(budgets), figsize=(6 * len(budgets), 4), squeeze=False)
+    labels = ("msfusion deployable", "msfusion (merged)", "msfusion-capped deployable", "fedavg-small",
+              "heterofl-prefix", "heterofl (merged)", "fedrolex", "fedavg-full")  # fmt: skip
+    for ax, budget in zip(axes[0], budgets):
+        for label in labels:
+            pts = sorted((n, c[label]) for (n, b), c in table.items() if b == budget and label in c)
+            if pts:
+                ax.errorbar([n for n, _ in pts], [c["test"] for _, c in pts], yerr=[c["sd"] for _, c in pts],
+                            marker="o", capsize=3, label=label)  # fmt: skip
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("devices N (same samples per device per round)")
+        ax.set_ylabel("test accuracy")
+        ax.set_title(f"Fashion-MNIST CNN 32-64-128, budget {budget} per device", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def export_measured(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     """The points `msfusion plan` advises from (coordinator/fleet/measured.json)."""
     from msfusion.coordinator.fleet.advice import Measured, case_of, to_json
@@ -228,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("bench/results/scaling.json"))
     p.add_argument("--from-json", type=Path, default=None)
+    p.add_argument("--plot", type=Path, default=None, help="write a PNG of accuracy against N")
     p.add_argument(
         "--export-measured", type=Path, default=None, help="write the figures `msfusion plan` reads (with --from-json)"
     )
@@ -249,9 +279,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.export_measured is not None:
             args.export_measured.write_text(export_measured(saved["runs"], saved["meta"]))
             print(f"wrote {args.export_measured}")
+        if args.plot is not None:
+            plot(saved["runs"], args.plot)
+            print(f"wrote {args.plot}")
         return 0
     rows: list[dict[str, Any]] = []
-    meta = {k: v for k, v in vars(args).items() if k not in ("out", "from_json", "export_measured")}
+    meta = {k: v for k, v in vars(args).items() if k not in ("out", "from_json", "export_measured", "plot")}
     fixed = ("rounds", "samples", "eval_every", "validation", "test")  # what every row of one file shares
     if args.out.exists():  # resume: a long run keeps what it finished, under the same settings only
         saved = json.loads(args.out.read_text())
