@@ -1,0 +1,163 @@
+"""`msfusion devices ...`: board profiles, profiling artifacts, flashing and installing the device runtime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from msfusion.coordinator.cli.common import cli_errors, console, setup_logging
+from msfusion.errors import ConfigError
+
+devices_app = typer.Typer(
+    no_args_is_help=True, help="Board profiles, profiling artifacts, flashing the device runtime."
+)
+
+
+@devices_app.command("list")
+def devices_list(
+    profiles: Optional[Path] = typer.Option(None, "--profiles", help="a TOML file of your own board profiles"),
+) -> None:
+    """The board profiles: architecture, RAM, backend, the runtime's budget and the unit's hard cap."""
+    from rich.table import Table
+
+    from msfusion.devices.profiles import load_profiles
+
+    with cli_errors():
+        known = load_profiles(profiles)
+    table = Table("profile", "arch", "RAM", "cores", "OS", "Python", "backend", "budget", "MemoryMax")
+    for p in sorted(known.values(), key=lambda p: p.name):
+        table.add_row(
+            p.name,
+            p.arch,
+            f"{p.ram_bytes / 2**30:.0f} GiB",
+            str(p.cores),
+            p.os,
+            p.python_version,
+            p.backend,
+            f"{p.default_memory_budget_bytes >> 20} MiB",
+            f"{p.memory_max_bytes >> 20} MiB",
+        )
+    console.print(table)
+
+
+def _install(bundle: Path, rootfs: Optional[Path], ssh: Optional[str], ssh_port: int, identity: Optional[Path]) -> str:
+    """Install a built bundle into a mounted rootfs or over SSH; returns what was done, for the summary."""
+    from msfusion.devices.flash import install_bundle, install_over_ssh
+
+    if rootfs is not None:
+        install_bundle(bundle, rootfs)
+        return f"installed into {rootfs}; the first boot builds /opt/msfusion/venv and starts msfusion-device.service"
+    if ssh is not None:
+        user, _, host = ssh.rpartition("@")
+        install_over_ssh(bundle, host, user or "root", port=ssh_port, identity_file=identity)
+        return f"installed on {host}; msfusion-device.service is running"
+    return "built only (install it with `msfusion devices install`)"
+
+
+@devices_app.command("flash")
+def devices_flash(
+    profile: str = typer.Option(..., "--profile", help="board profile (see `msfusion devices list`)"),
+    device_id: str = typer.Option(..., "--device-id"),
+    run_id: str = typer.Option(..., "--run-id"),
+    broker: str = typer.Option(..., "--broker", help="mqtt://host:port as the board reaches it"),
+    out: Path = typer.Option(..., "--out", help="the bundle folder to create"),
+    username: Optional[str] = typer.Option(None, "--username", help="the device's broker user"),
+    password_file: Optional[Path] = typer.Option(None, "--password-file", help="a file holding its broker password"),
+    memory_budget: Optional[str] = typer.Option(
+        None, "--memory-budget", help="e.g. '1.5 GiB' (default: the profile's)"
+    ),
+    max_width_ratio: Optional[float] = typer.Option(None, "--max-width-ratio"),
+    shard: Optional[Path] = typer.Option(
+        None, "--shard", help="a data shard folder to ship (from `msfusion partition`)"
+    ),
+    no_backend: bool = typer.Option(False, "--no-backend", help="core runtime only (no training backend)"),
+    python_version: Optional[str] = typer.Option(None, "--python", help="the board's Python, if not the profile's"),
+    board_python: str = typer.Option("python3", "--board-python", help="the interpreter install.sh runs on the board"),
+    extra_index_url: list[str] = typer.Option(
+        [], "--extra-index-url", help="e.g. https://download.pytorch.org/whl/cpu"
+    ),
+    find_links: list[str] = typer.Option([], "--find-links", help="a local folder of wheels"),
+    profiles: Optional[Path] = typer.Option(None, "--profiles", help="a TOML file of your own board profiles"),
+    rootfs: Optional[Path] = typer.Option(None, "--rootfs", help="also install into this mounted root filesystem"),
+    ssh: Optional[str] = typer.Option(None, "--ssh", help="also install over SSH on [user@]host"),
+    ssh_port: int = typer.Option(22, "--ssh-port"),
+    identity: Optional[Path] = typer.Option(None, "--identity", help="SSH private key"),
+    log_level: str = typer.Option("WARNING", "--log-level"),
+) -> None:
+    """Build a board's install bundle (wheelhouse, device.toml, systemd units, install.sh); optionally install it."""
+    from msfusion.devices.flash import BundleOptions, DeviceSettings, build_bundle
+    from msfusion.devices.profiles import get_profile, parse_bytes
+    from msfusion.devices.wheelhouse import WheelSources
+
+    setup_logging(log_level, None)
+    with cli_errors():
+        if rootfs is not None and ssh is not None:
+            raise ConfigError("give --rootfs or --ssh, not both")
+        board = get_profile(profile, profiles)
+        password = password_file.read_text(encoding="utf-8").strip() if password_file is not None else None
+        settings = DeviceSettings(
+            device_id=device_id,
+            run_id=run_id,
+            broker_url=broker,
+            username=username,
+            password=password,
+            memory_budget_bytes=parse_bytes(memory_budget, "--memory-budget") if memory_budget else None,
+            max_width_ratio=max_width_ratio,
+        )
+        options = BundleOptions(
+            sources=WheelSources(extra_index_urls=tuple(extra_index_url), find_links=tuple(find_links)),
+            include_backend=not no_backend,
+            python_version=python_version,
+            board_python=board_python,
+            shard_dir=shard,
+        )
+        manifest = build_bundle(board, settings, out, options)
+        done = _install(out, rootfs, ssh, ssh_port, identity)
+    size = sum(w.size_bytes for w in manifest.wheels)
+    console.print(
+        f"bundle {out}: {manifest.device_id} on {manifest.profile} ({manifest.arch}, Python "
+        f"{manifest.python_version}, backend {manifest.backend if manifest.backend_included else 'none'}), "
+        f"{len(manifest.wheels)} wheels, {size / 2**20:.0f} MiB; {done}"
+    )
+
+
+@devices_app.command("install")
+def devices_install(
+    bundle: Path = typer.Option(..., "--bundle", help="a bundle built by `msfusion devices flash`"),
+    rootfs: Optional[Path] = typer.Option(None, "--rootfs", help="a mounted root filesystem"),
+    ssh: Optional[str] = typer.Option(None, "--ssh", help="[user@]host of a running board"),
+    ssh_port: int = typer.Option(22, "--ssh-port"),
+    identity: Optional[Path] = typer.Option(None, "--identity", help="SSH private key"),
+) -> None:
+    """Install a built bundle into a mounted root filesystem or over SSH."""
+    with cli_errors():
+        if (rootfs is None) == (ssh is None):
+            raise ConfigError("give exactly one of --rootfs and --ssh")
+        done = _install(bundle, rootfs, ssh, ssh_port, identity)
+    console.print(done)
+
+
+@devices_app.command("profile-set")
+def devices_profile_set(
+    config: Path = typer.Option(..., "--config", help="the run file (TOML) the devices will train"),
+    out: Path = typer.Option(..., "--out", help="the folder to write (copy it to the boards)"),
+    widths: str = typer.Option("1,0.5,0.25,0.125", help="width ratios"),
+    batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="default: the run's batch size"),
+) -> None:
+    """Export the artifacts a board profiles (`msfusion-device profile --artifacts DIR`)."""
+    from msfusion.coordinator.fleet.artifacts import export_profile_set
+    from msfusion.coordinator.fleet.config import load_config
+
+    with cli_errors():
+        cfg = load_config(config)
+        ratios = [float(w) for w in widths.split(",") if w.strip()]
+        batches = (
+            [int(b) for b in batch_sizes.split(",") if b.strip()] if batch_sizes else [cfg.engine.local.batch_size]
+        )
+        profile_set = export_profile_set(cfg.engine, cfg.backend, ratios, batches, out, cache_dir=cfg.artifact_cache)
+    console.print(
+        f"profile set {out}: {len(profile_set.points)} {profile_set.kind} artifacts of model "
+        f"{profile_set.model_key[:12]}"
+    )
