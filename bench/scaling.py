@@ -156,9 +156,13 @@ def summarize(rows: list[dict[str, Any]]) -> dict[tuple[int, str], dict[str, dic
             tests = [p[1] for p in pts]
             spread = statistics.stdev(tests) if len(tests) > 1 else 0.0
             cell[label] = {
-                "val": val_mean, "test": statistics.mean(tests), "sd": spread, "lr": lr, "seeds": len(pts),
+                "val": val_mean,
+                "test": statistics.mean(tests),
+                "sd": spread,
+                "lr": lr,
+                "seeds": len(pts),
                 "by_seed": {p[2]: p[1] for p in pts},
-            }  # fmt: skip
+            }
     return table
 
 
@@ -193,8 +197,10 @@ def print_report(rows: list[dict[str, Any]]) -> None:
             else:
                 capacity, capacity_sd, _ = paired(full, best_small)
                 if capacity <= capacity_sd:
-                    note = (f"capacity gap {100 * capacity:+.1f} +- {100 * capacity_sd:.1f} is within the seeds' "
-                            "spread: left out of the verdict")  # fmt: skip
+                    note = (
+                        f"capacity gap {100 * capacity:+.1f} +- {100 * capacity_sd:.1f} is within the seeds' "
+                        "spread: left out of the verdict"
+                    )
                 else:
                     note = f"capacity gap {100 * capacity:+.1f} +- {100 * capacity_sd:.1f}, {gap / capacity:+.2f} of it closed"
             parts.append(f"N={n}: {100 * gap:+.1f} +- {100 * spread:.1f} over {seeds} paired seeds ({note})")
@@ -211,14 +217,28 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     table = summarize(rows)
     budgets = sorted({b for _, b in table})
     fig, axes = plt.subplots(1, len(budgets), figsize=(6 * len(budgets), 4), squeeze=False)
-    labels = ("msfusion deployable", "msfusion (merged)", "msfusion-capped deployable", "fedavg-small",
-              "heterofl-prefix", "heterofl (merged)", "fedrolex", "fedavg-full")  # fmt: skip
+    labels = (
+        "msfusion deployable",
+        "msfusion (merged)",
+        "msfusion-capped deployable",
+        "fedavg-small",
+        "heterofl-prefix",
+        "heterofl (merged)",
+        "fedrolex",
+        "fedavg-full",
+    )
     for ax, budget in zip(axes[0], budgets):
         for label in labels:
             pts = sorted((n, c[label]) for (n, b), c in table.items() if b == budget and label in c)
             if pts:
-                ax.errorbar([n for n, _ in pts], [c["test"] for _, c in pts], yerr=[c["sd"] for _, c in pts],
-                            marker="o", capsize=3, label=label)  # fmt: skip
+                ax.errorbar(
+                    [n for n, _ in pts],
+                    [c["test"] for _, c in pts],
+                    yerr=[c["sd"] for _, c in pts],
+                    marker="o",
+                    capsize=3,
+                    label=label,
+                )
         ax.set_xscale("log", base=2)
         ax.set_xlabel("devices N (same samples per device per round)")
         ax.set_ylabel("test accuracy")
@@ -245,11 +265,20 @@ def export_measured(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         _, gap_sd, seeds = paired(ours, best)
         points.append(
             Measured(
-                case=case_of(MODEL), budget=float(Fraction(budget)), devices=n, msfusion=ours["test"],
-                msfusion_sd=ours["sd"], small=name, small_accuracy=best["test"], small_sd=best["sd"],
-                full=full["test"] if full else None, seeds=seeds, rounds=meta["rounds"], gap_sd=gap_sd,
+                case=case_of(MODEL),
+                budget=float(Fraction(budget)),
+                devices=n,
+                msfusion=ours["test"],
+                msfusion_sd=ours["sd"],
+                small=name,
+                small_accuracy=best["test"],
+                small_sd=best["sd"],
+                full=full["test"] if full else None,
+                seeds=seeds,
+                rounds=meta["rounds"],
+                gap_sd=gap_sd,
             )
-        )  # fmt: skip
+        )
     return to_json(points, {"source": "bench/scaling.py", "samples_per_device_per_round": meta["samples"]})
 
 

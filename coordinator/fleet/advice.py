@@ -100,16 +100,22 @@ def advise(
     basis = min(measured, key=distance)
     gap = basis.msfusion - basis.small_accuracy
     spread = basis.gap_sd if basis.gap_sd is not None else max(basis.msfusion_sd, basis.small_sd)
-    where = (f"measured at {basis.devices} devices, budget {basis.budget:.4g} ({basis.case}, {basis.rounds} rounds, "
-             f"{basis.seeds} seeds)")  # fmt: skip
+    where = (
+        f"measured at {basis.devices} devices, budget {basis.budget:.4g} ({basis.case}, {basis.rounds} rounds, "
+        f"{basis.seeds} seeds)"
+    )
     if gap > spread:
-        reason = (f"msfusion's deployable model {basis.msfusion:.3f} beat the best small model ({basis.small}) "
-                  f"{basis.small_accuracy:.3f} by {100 * gap:.1f} points, beyond the seeds' spread "
-                  f"{100 * spread:.1f}; {where}")  # fmt: skip
+        reason = (
+            f"msfusion's deployable model {basis.msfusion:.3f} beat the best small model ({basis.small}) "
+            f"{basis.small_accuracy:.3f} by {100 * gap:.1f} points, beyond the seeds' spread "
+            f"{100 * spread:.1f}; {where}"
+        )
         return Advice("msfusion", reason, basis)
     verdict = "lost to" if gap < -spread else "did not beat"
-    reason = (f"msfusion's deployable model {basis.msfusion:.3f} {verdict} the best small model ({basis.small}) "
-              f"{basis.small_accuracy:.3f} ({100 * gap:+.1f} points, spread {100 * spread:.1f}); {where}")  # fmt: skip
+    reason = (
+        f"msfusion's deployable model {basis.msfusion:.3f} {verdict} the best small model ({basis.small}) "
+        f"{basis.small_accuracy:.3f} ({100 * gap:+.1f} points, spread {100 * spread:.1f}); {where}"
+    )
     return Advice(basis.small, reason, basis)
 
 
