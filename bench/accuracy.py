@@ -44,13 +44,10 @@ from msfusion.algorithm.planning import (
 )
 from msfusion.algorithm.spec import ratio_for_budget
 from msfusion.coordinator.reference.engine import ReferenceEngine, device_cost
-from msfusion.data.datasets import (
-    ArrayDataset,
-    default_data_dir,
-    load_fashion_mnist,
-    load_shakespeare,
-)
+from msfusion.data.datasets import ArrayDataset, default_data_dir
+from msfusion.data.idx import load_fashion_mnist
 from msfusion.data.partition import dirichlet, natural
+from msfusion.data.shakespeare import load_shakespeare
 from msfusion.models.config import ContrastiveVariant, LossConfig, ModelConfig
 from msfusion.models.registry import model_spec, shrunk_config
 from msfusion.recipe import EngineConfig, LocalTrainConfig, OptimizerConfig

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from msfusion.coordinator.reference.engine import ReferenceEngine
-from msfusion.data.datasets import load_fashion_mnist
+from msfusion.data.idx import load_fashion_mnist
 from msfusion.data.partition import dirichlet
 from msfusion.models import layers
 from msfusion.models.config import ModelConfig

@@ -39,7 +39,8 @@ from msfusion.algorithm.overlap import OverlapConfig, OverlapMode
 from msfusion.algorithm.planning import PlanConfig, Strategy, overlap_ratio_for
 from msfusion.algorithm.spec import ratio_for_budget
 from msfusion.coordinator.reference.engine import ReferenceEngine
-from msfusion.data.datasets import ArrayDataset, load_fashion_mnist
+from msfusion.data.datasets import ArrayDataset
+from msfusion.data.idx import load_fashion_mnist
 from msfusion.data.partition import dirichlet
 from msfusion.models.config import ContrastiveVariant, LossConfig, ModelConfig
 from msfusion.models.registry import model_spec, shrunk_config

@@ -33,7 +33,8 @@ from msfusion.coordinator.fleet.config import (
 from msfusion.coordinator.fleet.report import RunSummary
 from msfusion.coordinator.fleet.rounds import ArtifactSource
 from msfusion.coordinator.fleet.runner import RunProgress, run_coordinator
-from msfusion.data.datasets import FASHION_MNIST_DIR, ArrayDataset, load_fashion_mnist
+from msfusion.data.datasets import ArrayDataset
+from msfusion.data.idx import FASHION_MNIST_DIR, load_fashion_mnist
 from msfusion.data.partition import dirichlet, iid
 from msfusion.data.shards import write_shard
 from msfusion.edge_runtime.config import DeviceConfig, to_toml

