@@ -111,10 +111,11 @@ def advise(
             f"{100 * spread:.1f}; {where}"
         )
         return Advice("msfusion", reason, basis)
+    spread_text = f"spread {100 * spread:.1f}" if math.isfinite(spread) else "one seed: no spread measured"
     verdict = "lost to" if gap < -spread else "did not beat"
     reason = (
         f"msfusion's deployable model {basis.msfusion:.3f} {verdict} the best small model ({basis.small}) "
-        f"{basis.small_accuracy:.3f} ({100 * gap:+.1f} points, spread {100 * spread:.1f}); {where}"
+        f"{basis.small_accuracy:.3f} ({100 * gap:+.1f} points, {spread_text}); {where}"
     )
     return Advice(basis.small, reason, basis)
 
