@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -20,7 +20,7 @@ import torch
 from msfusion.algorithm.batches import batch_indices, samples_per_epoch
 from msfusion.algorithm.indexing import TensorIndex, reslice_previous
 from msfusion.algorithm.inference import CoHoldStats, choose_deployable
-from msfusion.algorithm.merging import MergeReport, SliceUpdate, merge_slices
+from msfusion.algorithm.merging import SliceUpdate, merge_slices
 from msfusion.algorithm.overlap import next_overlap
 from msfusion.algorithm.planning import DeviceSlot, SplitPlan, plan_round
 from msfusion.algorithm.slicing import Weights, slice_weights, tensor_indices
@@ -61,9 +61,6 @@ class RoundRecord:
 
     round_idx: int
     overlap: float
-    metrics: Mapping[str, float]
-    window_metrics: Mapping[str, float]
-    expected_metrics: Mapping[str, float]
     disagreement: float
     coverage: float
     merged: tuple[str, ...]
@@ -73,6 +70,21 @@ class RoundRecord:
     variant_metrics: Mapping[str, Mapping[str, float]] = field(default_factory=dict)  # test figures per variant
     validation_metrics: Mapping[str, Mapping[str, float]] = field(default_factory=dict)  # ... on validation data
     deployable: str = "merged"  # the variant the run would output now (docs/algorithm.md, "The deployable model")
+
+    @property
+    def metrics(self) -> Mapping[str, float]:
+        """Test figures of the merged full model ({} in a round not evaluated)."""
+        return self.variant_metrics.get("merged", {})
+
+    @property
+    def window_metrics(self) -> Mapping[str, float]:
+        """Test figures of the first device's window as a standalone sub-model (msfusion.md, section 6)."""
+        return self.variant_metrics.get("window", {})
+
+    @property
+    def expected_metrics(self) -> Mapping[str, float]:
+        """Test figures of the co-hold weighted full model."""
+        return self.variant_metrics.get("expected", {})
 
 
 def local_train(
@@ -171,10 +183,6 @@ class ReferenceEngine:
         self.history: list[RoundRecord] = []
         self.cohold = CoHoldStats(self.spec, list(input_scales(config.model, None)))
 
-    def scales(self, widths: Mapping[str, int]) -> dict[str, float]:
-        """The scaler of every scaled layer of the sub-model at `widths`, by weight name."""
-        return input_scales(self.config.model, widths)
-
     def plan(self, round_idx: int) -> SplitPlan:
         """Round `round_idx`'s plan (also adapts the overlap target)."""
         self.overlap = next_overlap(self.config.overlap, round_idx, self.overlap, self.disagreement)
@@ -209,7 +217,7 @@ class ReferenceEngine:
         self.weights, report = merge_slices(self.weights, self.spec, updates, round_idx)
         for update in updates:  # what the merged slices held (the fleet counts the same)
             if update.device_id in report.merged:
-                self.cohold.add(update.units, self.scales(plan.widths(update.device_id)))
+                self.cohold.add(update.units, input_scales(self.config.model, plan.widths(update.device_id)))
         self.disagreement = report.disagreement
         evaluated = (round_idx + 1) % self.config.eval_every == 0 or round_idx + 1 >= self.config.rounds
         variants = self.variants(plan) if evaluated else {}
@@ -217,18 +225,23 @@ class ReferenceEngine:
         checked = {}
         if self.validation is not None:
             checked = {name: self._evaluate(w, self.validation, widths) for name, (w, widths) in variants.items()}
-        metrics = scored.get("merged", {})
-        window = scored.get("window", {})
-        expected = scored.get("expected", {})
-        record = self._record(
-            round_idx, plan, report, metrics, window, expected, local_losses, time.perf_counter() - t0
+        record = RoundRecord(
+            round_idx=round_idx,
+            overlap=plan.overlap,
+            disagreement=report.disagreement,
+            coverage=report.coverage,
+            merged=report.merged,
+            rejected=dict(report.rejected),
+            mean_local_loss=float(np.mean(local_losses)) if local_losses else float("nan"),
+            wall_s=time.perf_counter() - t0,
+            variant_metrics=scored,
+            validation_metrics=checked,
+            deployable=choose_deployable(checked),
         )
-        if evaluated:
-            record = replace(
-                record, variant_metrics=scored, validation_metrics=checked, deployable=choose_deployable(checked)
-            )
         self.history.append(record)
-        log.info("round %d: %s overlap %.3f disagreement %.3f", round_idx, metrics, plan.overlap, report.disagreement)
+        log.info(
+            "round %d: %s overlap %.3f disagreement %.3f", round_idx, record.metrics, plan.overlap, report.disagreement
+        )
         return record
 
     def variants(self, plan: SplitPlan) -> dict[str, tuple[Weights, dict[str, int] | None]]:
@@ -243,46 +256,13 @@ class ReferenceEngine:
 
     def deployable_weights(self) -> tuple[str, Weights]:
         """The full model the run outputs: the variant chosen on validation data at the last evaluated round."""
-        chosen = next((r.deployable for r in reversed(self.history) if r.variant_metrics), "merged")
+        chosen = next((r.deployable for r in reversed(self.history) if r.validation_metrics), "merged")
         if chosen == "expected":
             return chosen, self.cohold.expected_weights(self.weights)
         return "merged", self.weights
 
     def _evaluate(self, weights: Weights, data: ArrayDataset, widths: Mapping[str, int] | None) -> dict[str, float]:
         return evaluate(self.config.model, weights, data, self.config.eval_batch_size, widths, device=self.device)
-
-    def evaluate_window(self, plan: SplitPlan) -> dict[str, float]:
-        """The second figure (msfusion.md, section 6): the first device's window of the
-        merged model, as a standalone sub-model with its scaler."""
-        first = self.devices[0].device_id
-        units = plan.units(first)
-        sub = slice_weights(self.weights, self.spec, units)
-        return evaluate(self.config.model, sub, self.test, self.config.eval_batch_size, plan.widths(first))
-
-    def _record(
-        self,
-        round_idx: int,
-        plan: SplitPlan,
-        report: MergeReport,
-        metrics: Mapping[str, float],
-        window_metrics: Mapping[str, float],
-        expected_metrics: Mapping[str, float],
-        local_losses: Sequence[float],
-        wall_s: float,
-    ) -> RoundRecord:
-        return RoundRecord(
-            round_idx=round_idx,
-            overlap=plan.overlap,
-            metrics=dict(metrics),
-            window_metrics=dict(window_metrics),
-            expected_metrics=dict(expected_metrics),
-            disagreement=report.disagreement,
-            coverage=report.coverage,
-            merged=report.merged,
-            rejected=dict(report.rejected),
-            mean_local_loss=float(np.mean(local_losses)) if local_losses else float("nan"),
-            wall_s=wall_s,
-        )
 
     def run(self, on_round: Callable[[RoundRecord], None] | None = None) -> list[RoundRecord]:
         """All rounds; `on_round` is called after each."""
