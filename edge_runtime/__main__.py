@@ -89,7 +89,7 @@ def profile_main(argv: list[str]) -> int:
     log = logging.getLogger("msfusion.device")
     try:
         config = load_device_config(args.config)
-        data_dir = config.data_dir if (config.data_dir / DATA_FILE).exists() else None
+        data_dir = config.data_dir if config.data_dir is not None and (config.data_dir / DATA_FILE).exists() else None
         options = ProfileOptions(
             steps=args.steps, warmup=args.warmup, threads=config.threads, backends=config.backends, data_dir=data_dir
         )

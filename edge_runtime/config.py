@@ -7,7 +7,7 @@ Example `device.toml`::
     broker = "mqtt://192.168.1.10:1883"
     username = "dev003"           # optional; the broker's ACL confines it to its subtree
     password = "..."
-    data_dir = "/var/lib/msfusion/shard"     # written by `msfusion partition`
+    data_dir = "/var/lib/msfusion/shard"     # a shard written by `msfusion partition` (or a [data] table)
     state_dir = "/var/lib/msfusion/state"    # previous slice, handled tasks, artifact cache
     memory_budget_bytes = 536870912
     backends = ["ort"]            # artifact kinds this board trains: "ort", "executorch"
@@ -18,6 +18,12 @@ Example `device.toml`::
     # threads = 1                 # intra-op threads for training
     ca_cert = ""                  # reserved (TLS to the broker, a later release): unused for now
     task_signing_public_key = ""  # reserved (signed tasks, a later release): unused for now
+
+    [data]                        # the board's own data, instead of data_dir (msfusion/data/sources.py)
+    path = "/srv/photos"          # class subfolders of images, IDX, CIFAR-10 batches, .npz, text
+    format = "auto"               # or images, idx, cifar10, npz, shard, text
+    channels = 3                  # images: 1 grayscale, 3 RGB
+    image_size = 32               # images: resized to this side
 
 `msfusion-device profile` saves the device's measured profile in
 `state_dir/profile.json`; the daemon sends it when it registers.
@@ -32,7 +38,8 @@ from typing import Any
 
 import tomllib
 
-from msfusion.errors import ConfigError
+from msfusion.data.sources import DataSpec
+from msfusion.errors import ConfigError, DataError
 from msfusion.wire.protocol import ID_PATTERN
 from msfusion.wire.transport import parse_broker_url
 
@@ -43,9 +50,10 @@ class DeviceConfig:
 
     device_id: str
     run_id: str
-    data_dir: Path
     state_dir: Path
     memory_budget_bytes: int
+    data_dir: Path | None = None  # a shard folder; `data` names any other source
+    data: DataSpec | None = None
     broker: str = "mqtt://127.0.0.1:1883"
     username: str | None = None
     password: str | None = None
@@ -63,7 +71,12 @@ class DeviceConfig:
             value = getattr(self, name)
             if not isinstance(value, str) or not re.match(ID_PATTERN, value):
                 raise ConfigError(f"{name} {value!r} is not a safe id ({ID_PATTERN})")
-        object.__setattr__(self, "data_dir", Path(self.data_dir))
+        if self.data is None and self.data_dir is None:
+            raise ConfigError("a device needs its data: data_dir (a shard folder) or a [data] table")
+        if self.data is not None and self.data_dir is not None:
+            raise ConfigError("give data_dir or a [data] table, not both")
+        if self.data_dir is not None:
+            object.__setattr__(self, "data_dir", Path(self.data_dir))
         object.__setattr__(self, "state_dir", Path(self.state_dir))
         object.__setattr__(self, "backends", tuple(self.backends))
         parse_broker_url(self.broker)
@@ -79,6 +92,14 @@ class DeviceConfig:
             raise ConfigError("ca_cert and task_signing_public_key must be strings")
 
 
+def data_spec(config: DeviceConfig) -> DataSpec:
+    """The device's data source: its [data] table, or its shard folder."""
+    if config.data is not None:
+        return config.data
+    assert config.data_dir is not None  # __post_init__ checked one is set
+    return DataSpec(config.data_dir, format="shard")
+
+
 def load_device_config(path: str | Path, **overrides: Any) -> DeviceConfig:
     """Read a device TOML file; keyword overrides (not None) win over the file.
 
@@ -90,6 +111,11 @@ def load_device_config(path: str | Path, **overrides: Any) -> DeviceConfig:
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read device config {path}: {exc}") from exc
     table.update({k: v for k, v in overrides.items() if v is not None})
+    if isinstance(table.get("data"), dict):
+        try:
+            table["data"] = DataSpec.from_table(table["data"], f"{path} [data]")
+        except DataError as exc:
+            raise ConfigError(str(exc)) from exc
     known = {f.name for f in fields(DeviceConfig)}
     unknown = sorted(set(table) - known)
     if unknown:
@@ -102,10 +128,14 @@ def load_device_config(path: str | Path, **overrides: Any) -> DeviceConfig:
 
 def to_toml(config: DeviceConfig) -> str:
     """The config as TOML text (what `msfusion simulate` writes for each device)."""
-    lines = []
+    lines, tables = [], []
     for f in fields(DeviceConfig):
         value = getattr(config, f.name)
         if value is None:
+            continue
+        if isinstance(value, DataSpec):
+            tables.append("\n[data]")
+            tables += [f"{k} = {repr_toml(v)}" for k, v in value.to_table().items()]
             continue
         if isinstance(value, Path):
             value = str(value)
@@ -113,7 +143,7 @@ def to_toml(config: DeviceConfig) -> str:
             lines.append(f"{f.name} = [{', '.join(repr_toml(v) for v in value)}]")
         else:
             lines.append(f"{f.name} = {repr_toml(value)}")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + tables) + "\n"
 
 
 def repr_toml(value: Any) -> str:

@@ -24,12 +24,13 @@ import msgspec
 import psutil
 
 from msfusion import __version__
-from msfusion.edge_runtime.config import DeviceConfig
+from msfusion.data.sources import Source, open_source
+from msfusion.edge_runtime.config import DeviceConfig, data_spec
 from msfusion.edge_runtime.ledger import Ledger, StoredReply
 from msfusion.edge_runtime.memory import release_memory
 from msfusion.edge_runtime.profiling import PROFILE_FILE, load_profile
 from msfusion.edge_runtime.trainer import TaskOutcome, train_task, warm_up
-from msfusion.errors import ArtifactError, ConfigError, MsfusionError, ProtocolError
+from msfusion.errors import ArtifactError, ConfigError, DataError, MsfusionError, ProtocolError
 from msfusion.wire import topics
 from msfusion.wire.bulk import BulkSender, receive
 from msfusion.wire.protocol import (
@@ -38,6 +39,7 @@ from msfusion.wire.protocol import (
     Capacity,
     Chunk,
     ChunkRequest,
+    DataReport,
     DeviceState,
     FailureCode,
     Heartbeat,
@@ -187,7 +189,27 @@ class Daemon:
         self._early: OrderedDict[str, list[Received]] = OrderedDict()  # transfer id -> chunks before their task
         self._early_bytes = 0
         self._profile = self._load_profile()
+        self.source: Source | None = None
+        self._data_report: DataReport | None = None
         self.exit_code: ExitCode = ExitCode.STOPPED
+
+    def _open_data(self) -> DataReport:
+        """Open the device's data and compute what registration reports of it (a problem is reported, not raised)."""
+        spec = data_spec(self.config)
+        try:
+            self.source = open_source(spec)
+            report = self.source.report()
+        except DataError as exc:
+            log.error("cannot use the data in %s: %s", spec.path, exc)
+            self.source = None
+            return DataReport(format=spec.format, task="classification", n_samples=0, sample_shape=[], fatal=str(exc))
+        for problem in report.problems:
+            log.warning("data: %s", problem)
+        if report.fatal:
+            log.error("data: %s", report.fatal)
+        else:
+            log.info("data: %d samples of %s (%s)", report.n_samples, report.task, report.format)
+        return report
 
     def _load_profile(self) -> ProfileReport | None:
         """The profile `msfusion-device profile` saved in the state folder (None: none, or unreadable)."""
@@ -211,6 +233,7 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             if threading.current_thread() is threading.main_thread():
                 signal.signal(sig, lambda *_: self._stop.set())
+        self._data_report = self._open_data()
         try:
             warm_up(self.config.backends)
             self._connect()
@@ -273,6 +296,7 @@ class Daemon:
             capacity=capacity,
             runtime_version=__version__,
             profile=self._profile,
+            data=self._data_report,
         )
         self._last_register = time.monotonic()
         try:
@@ -374,7 +398,9 @@ class Daemon:
             return
         log.info("round %d: task %s", task.round_idx, task.task_id)
         self.beat.set("training", task.task_id)
-        outcome: TaskOutcome = train_task(task, self, self.ledger.previous_slice(), self.config, self.beat.progress)
+        outcome: TaskOutcome = train_task(
+            task, self, self.ledger.previous_slice(), self.config, self.beat.progress, self.source
+        )
         if isinstance(outcome.reply, TaskFailed) and outcome.reply.code == "memory_budget":
             # The task's runtime is closed; hand its memory back before anything else runs.
             log.info("memory after the stopped task: %d MiB", release_memory() >> 20)

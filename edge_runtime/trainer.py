@@ -23,7 +23,7 @@ import numpy.typing as npt
 from msfusion.algorithm.batches import batch_indices, samples_per_epoch
 from msfusion.algorithm.indexing import TensorIndex, reslice_previous
 from msfusion.algorithm.slicing import Weights
-from msfusion.data.shards import read_shard
+from msfusion.data.sources import Source, open_source
 from msfusion.edge_runtime.backends.base import TrainingBackend, make_backend
 from msfusion.edge_runtime.ledger import slice_index
 from msfusion.edge_runtime.memory import MemoryReport, MemorySampler, current_rss_bytes
@@ -50,7 +50,7 @@ from msfusion.wire.protocol import (
 from msfusion.wire.weights import pack_weights, unpack_weights
 
 if TYPE_CHECKING:
-    from msfusion.edge_runtime.config import DeviceConfig
+    from msfusion.edge_runtime.config import DeviceConfig, data_spec
 
 log = logging.getLogger(__name__)
 
@@ -260,6 +260,7 @@ def train_task(
     previous: tuple[Weights, Mapping[str, TensorIndex]] | None,
     config: DeviceConfig,
     on_progress: Callable[[float], None] | None = None,
+    source: Source | None = None,
 ) -> TaskOutcome:
     """Run one fleet task: artifact, weights, the re-sliced negative, local training, the packed slice.
 
@@ -269,6 +270,7 @@ def train_task(
         previous: the last trained local slice and its element indices (None before the first).
         config: the device's config (data, state folder, budget, backends, threads).
         on_progress: called with the share of steps done.
+        source: the device's data, opened (None: open `config`'s data now).
 
     Returns:
         The reply to send: a SliceResult with its packed slice, or a TaskFailed
@@ -292,7 +294,8 @@ def train_task(
         index_now = slice_index(task.units, task.tensor_axes)
         prev_weights, prev_index = previous if previous is not None else (None, None)
         negative = reslice_previous(start, index_now, prev_weights, prev_index)
-        x, y, _ = read_shard(config.data_dir)
+        # The device's own data, turned into the model's inputs by the run's preprocessing (lazily for images).
+        x, y = (source or open_source(data_spec(config))).arrays(task.preprocessing)
         backend = make_backend(task.backend, num_threads=config.threads)
         try:
             backend.load(artifact_dir, manifest)

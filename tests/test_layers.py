@@ -32,7 +32,8 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "msfusion.atomic": ("msfusion.atomic",),
     "msfusion.algorithm": ("msfusion.errors", "msfusion.algorithm"),
     "msfusion.wire": ("msfusion.errors", "msfusion.atomic", "msfusion.algorithm", "msfusion.wire"),
-    "msfusion.data": ("msfusion.errors", "msfusion.atomic", "msfusion.data"),
+    # A data source reports its statistics in the wire schema's terms (DataReport, Preprocessing).
+    "msfusion.data": ("msfusion.errors", "msfusion.atomic", "msfusion.data", "msfusion.wire.protocol"),
     "msfusion.models": (*CORE, "msfusion.models"),
     "msfusion.recipe": (*CORE, "msfusion.models.config"),
     "msfusion.export": (

@@ -30,6 +30,7 @@ from msfusion.errors import (
 __all__ = ["ExitCode", "app", "main"]
 
 if TYPE_CHECKING:
+    from msfusion.coordinator.fleet.local_fleet import PartitionConfig
     from msfusion.models.config import ModelConfig
     from msfusion.recipe import EngineConfig
 
@@ -86,9 +87,17 @@ def coordinator_run(
 
 
 def _engine(
-    model: str, channels: str | None, strategy: str, contrastive: str, rounds: int, seed: int, local_samples: int
+    model: str,
+    channels: str | None,
+    strategy: str,
+    contrastive: str,
+    rounds: int,
+    seed: int,
+    local_samples: int,
+    geometry: dict[str, Any] | None = None,
+    lr: float | None = None,
 ) -> "EngineConfig":
-    """The algorithm's knobs from the flags `simulate` and `train` share."""
+    """The algorithm's knobs from the flags `simulate` and `train` share (`geometry`: the data's, see `fit_model`)."""
     from msfusion.algorithm.planning import PlanConfig, Strategy
     from msfusion.models.config import ContrastiveVariant, LossConfig, ModelConfig
     from msfusion.recipe import EngineConfig, LocalTrainConfig
@@ -105,10 +114,15 @@ def _engine(
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     dims: dict[str, Any] = {"channels": tuple(int(c) for c in channels.split(","))} if channels else {}
+    local = LocalTrainConfig(max_samples=local_samples)
+    if lr is not None:
+        from dataclasses import replace
+
+        local = replace(local, lr=lr)
     return EngineConfig(
-        model=ModelConfig(arch=model, **dims),
+        model=ModelConfig(arch=model, **dims, **(geometry or {})),
         plan=plan,
-        local=LocalTrainConfig(max_samples=local_samples),
+        local=local,
         loss=LossConfig(variant=variant),
         rounds=rounds,
         seed=seed,
@@ -136,14 +150,64 @@ def board_ratio(model: "ModelConfig", share: float) -> float | None:
     return ratio_for_memory(spec, RUNTIME_BYTES + int(share * BYTES_PER_PARAM * spec.param_count()))
 
 
+def fit_model(model: str, shards: Any) -> dict[str, Any]:
+    """The model's input geometry from the partitioned data (each device's report), or a clear error.
+
+    Images give the channels, side and number of classes; text the vocabulary
+    size (its distinct characters and one out-of-vocabulary id, at most 128).
+    """
+    from msfusion.data.sources import open_source
+
+    reports = [open_source(shards.device_data(i)).report() for i in range(len(shards.devices))]
+    task = "lm" if model == "charlm" else "classification"
+    found = {r.task for r in reports}
+    if found != {task}:
+        kind = "text" if "lm" in found else "images"
+        raise ConfigError(
+            f"the data set {shards.name!r} is {kind}, and --model {model} trains "
+            f"{'text (the char-LM)' if task == 'lm' else 'images'}: "
+            f"{'use --model cnn or resnet' if kind == 'images' else 'use --model charlm'}"
+        )
+    if task == "lm":
+        chars = {ch for r in reports for ch in r.char_counts}
+        return {"vocab_size": min(len(chars) + 1, 128)} if chars else {}
+    names = {n for r in reports for n in r.class_counts}
+    classes = max(int(n) for n in names) + 1 if all(n.isdigit() for n in names) else len(names)
+    c, h, _ = reports[0].sample_shape
+    return {"in_channels": c, "image_size": h, "num_classes": max(classes, 2)}
+
+
+def _partition(
+    devices: int, seed: int, samples_per_device: int, partition: str, data: Path | None, validation: int
+) -> "PartitionConfig":
+    from msfusion.coordinator.fleet.local_fleet import PartitionConfig, parse_partition
+    from msfusion.data.sources import DataSpec
+
+    scheme, alpha, per_device = parse_partition(partition)
+    return PartitionConfig(
+        devices=devices,
+        scheme=scheme,
+        alpha=alpha,
+        shards_per_device=per_device,
+        seed=seed,
+        samples_per_device=samples_per_device,
+        validation_samples=validation,
+        data=DataSpec(data) if data is not None else None,
+    )
+
+
 @app.command()
 def simulate(
     devices: int = typer.Option(8, help="number of device processes"),
     rounds: int = typer.Option(10),
     out: Path = typer.Option(Path("runs/simulate"), help="output folder"),
     broker: Optional[str] = typer.Option(None, help="use this broker (mqtt://host:port) instead of a private one"),
-    model: str = typer.Option("cnn", help="cnn or resnet (Fashion-MNIST)"),
+    model: str = typer.Option("cnn", help="cnn or resnet (images), charlm (text)"),
     channels: Optional[str] = typer.Option(None, help="conv widths, e.g. 8,16,32"),
+    data: Optional[Path] = typer.Option(
+        None, "--data", help="the data set to share out (any format msfusion reads; default Fashion-MNIST)"
+    ),
+    partition: str = typer.Option("dirichlet:0.5", "--partition", help="iid, dirichlet:ALPHA, shards:K or natural"),
     strategy: str = typer.Option("msfusion", help="msfusion, fedrolex, heterofl, feddropout or fedavg"),
     contrastive: str = typer.Option("auto", help="off, positive, moon (auto: moon for msfusion)"),
     backend: str = typer.Option("ort", help="ort or executorch"),
@@ -161,22 +225,24 @@ def simulate(
     seed: int = typer.Option(0),
     log_level: str = typer.Option("INFO", "--log-level"),
 ) -> None:
-    """Partition Fashion-MNIST, start N device daemons and a coordinator, train end to end."""
+    """Share out a data set (Fashion-MNIST by default), start N device daemons and a coordinator, train end to end."""
     from msfusion.coordinator.cli.console import RichProgress, print_summary
     from msfusion.coordinator.fleet.artifacts import ExportedArtifacts
     from msfusion.coordinator.fleet.config import RoundConfig
-    from msfusion.coordinator.fleet.local_fleet import PartitionConfig, SimulationConfig
+    from msfusion.coordinator.fleet.local_fleet import SimulationConfig, partition_data
     from msfusion.coordinator.fleet.local_fleet import simulate as run_simulation
 
     with cli_errors():
-        engine = _engine(model, channels, strategy, contrastive, rounds, seed, local_samples)
+        shares = _partition(devices, seed, samples_per_device, partition, data, 1000)
+        shards = partition_data(shares, out / "shards")
+        geometry = fit_model(model, shards)
+        engine = _engine(model, channels, strategy, contrastive, rounds, seed, local_samples, geometry)
         board_cap = board_ratio(engine.model, float(Fraction(board_share)))
         caps = [c for c in (max_width_ratio, board_cap) if c is not None]
         cfg = SimulationConfig(
             engine=engine,
-            partition=PartitionConfig(
-                devices=devices, seed=seed, samples_per_device=samples_per_device, validation_samples=1000
-            ),
+            partition=shares,
+            shards=shards,
             out=out,
             broker=broker,
             backend=backend,
@@ -227,68 +293,111 @@ def plan(
 def partition(
     devices: int = typer.Option(8),
     out: Path = typer.Option(..., help="folder for dev000/ ... and test/"),
-    scheme: str = typer.Option("dirichlet", help="dirichlet or iid"),
-    alpha: float = typer.Option(0.5),
+    data: Optional[Path] = typer.Option(
+        None, "--data", help="the data set (any format msfusion reads; default Fashion-MNIST)"
+    ),
+    partition: str = typer.Option("dirichlet:0.5", "--partition", help="iid, dirichlet:ALPHA, shards:K or natural"),
     seed: int = typer.Option(0),
     samples_per_device: int = typer.Option(0),
     test_samples: int = typer.Option(2000),
+    validation_samples: int = typer.Option(0, help="training samples held out of every device (validation/)"),
 ) -> None:
-    """Write Fashion-MNIST device shards (the format msfusion/data/shards.py reads) and a test shard."""
-    from msfusion.coordinator.fleet.local_fleet import PartitionConfig, partition_fmnist
+    """Share a data set out as device shards (raw pixels, or text files) with a test set: what `[data]` reads."""
+    from dataclasses import replace
+
+    from msfusion.coordinator.fleet.local_fleet import partition_data
 
     with cli_errors():
-        shards = partition_fmnist(
-            PartitionConfig(
-                devices=devices,
-                scheme=scheme,
-                alpha=alpha,
-                seed=seed,
-                samples_per_device=samples_per_device,
-                test_samples=test_samples,
-            ),
-            out,
+        config = replace(
+            _partition(devices, seed, samples_per_device, partition, data, validation_samples),
+            test_samples=test_samples,
         )
-    console.print(f"wrote {len(shards.devices)} device shards and {shards.test}")
+        shards = partition_data(config, out)
+    console.print(
+        Text(f"wrote {len(shards.devices)} device folders ({shards.format}) of {shards.name} and {shards.test}")
+    )
 
 
 @app.command()
 def train(
-    devices: int = typer.Option(8),
+    devices: int = typer.Option(8, help="devices in the simulated fleet"),
     rounds: int = typer.Option(10),
     out: Path = typer.Option(Path("runs/reference")),
-    model: str = typer.Option("cnn"),
-    channels: Optional[str] = typer.Option(None),
-    strategy: str = typer.Option("msfusion", help="msfusion, fedrolex, heterofl, feddropout or fedavg"),
+    model: str = typer.Option("cnn", help="cnn or resnet (images), charlm (text)"),
+    channels: Optional[str] = typer.Option(None, help="conv widths, e.g. 32,64,128"),
+    data: Optional[Path] = typer.Option(
+        None, "--data", help="the data set (any format msfusion reads; default Fashion-MNIST)"
+    ),
+    partition: str = typer.Option("dirichlet:0.5", "--partition", help="iid, dirichlet:ALPHA, shards:K or natural"),
+    strategy: str = typer.Option(
+        "msfusion", help="msfusion, fedrolex, heterofl, feddropout, fedavg (the full model) or fedavg-small"
+    ),
     contrastive: str = typer.Option("auto", help="off, positive, moon (auto: moon for msfusion)"),
-    ratio: Optional[float] = typer.Option(None, help="every device's width ratio (default: from --board-share)"),
-    board_share: str = typer.Option("1/16", "--board-share", help="as in `simulate`: each device's parameter share"),
+    ratio: Optional[float] = typer.Option(None, help="every device's width ratio (instead of --budget)"),
+    budget: str = typer.Option(
+        "1/16", "--budget", "--board-share", help="share of the model's parameters each device affords"
+    ),
+    lr: Optional[float] = typer.Option(None, help="local learning rate (default: the engine's)"),
+    threads: int = typer.Option(1, help="torch threads for training"),
     samples_per_device: int = typer.Option(0),
     local_samples: int = typer.Option(1000),
     seed: int = typer.Option(0),
 ) -> None:
-    """The in-process reference engine (no MQTT) on the same partition `simulate` uses."""
-    from msfusion.coordinator.fleet.local_fleet import (
-        PartitionConfig,
-        load_shard_set,
-        partition_fmnist,
-    )
+    """The in-process reference engine (no MQTT) on the partition `simulate` would use."""
+    from dataclasses import replace
+
+    import torch
+
+    from msfusion.algorithm.planning import Strategy
+    from msfusion.algorithm.spec import widths_for_ratio
+    from msfusion.coordinator.fleet.local_fleet import load_shard_set, partition_data
     from msfusion.coordinator.reference.engine import ReferenceEngine
-    from msfusion.data.datasets import ArrayDataset
-    from msfusion.data.shards import read_shard
+    from msfusion.models.registry import model_spec, shrunk_config
     from msfusion.wire.weights import pack_weights
 
     with cli_errors():
-        engine_cfg = _engine(model, channels, strategy, contrastive, rounds, seed, local_samples)
-        shards = partition_fmnist(
-            PartitionConfig(devices=devices, seed=seed, samples_per_device=samples_per_device, validation_samples=1000),
-            out / "shards",
+        if threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+        small = strategy == "fedavg-small"
+        shares = _partition(devices, seed, samples_per_device, partition, data, 1000)
+        shards = partition_data(shares, out / "shards")
+        geometry = fit_model(model, shards)
+        engine_cfg = _engine(
+            model, channels, "fedavg" if small else strategy, contrastive, rounds, seed, local_samples, geometry, lr
         )
-        data, test = load_shard_set(shards)
-        assert shards.validation is not None
-        x, y, _ = read_shard(shards.validation)
+        spec = model_spec(engine_cfg.model)
         if ratio is None:
-            ratio = board_ratio(engine_cfg.model, float(Fraction(board_share))) or 1.0
-        engine = ReferenceEngine(engine_cfg, data, test, [ratio] * devices, validation=ArrayDataset(x, y))
+            ratio = board_ratio(engine_cfg.model, float(Fraction(budget))) or 1.0
+        if not 0 < ratio <= 1:
+            raise ConfigError(f"--ratio must be in (0, 1], got {ratio}")
+        prepared = load_shard_set(shards, engine_cfg.model)
+        trained = engine_cfg
+        if small:  # every device trains the whole of a model of the size one device affords
+            trained = replace(engine_cfg, model=shrunk_config(engine_cfg.model, ratio))
+        elif engine_cfg.plan.strategy is Strategy.FEDAVG and ratio < 1:
+            raise ConfigError(
+                "--strategy fedavg trains the whole model on every device: drop --ratio/--budget, "
+                "or use fedavg-small (a model of the size one device affords)"
+            )
+        device_ratio = 1.0 if small or engine_cfg.plan.strategy is Strategy.FEDAVG else ratio
+        held = model_spec(trained.model).param_count(widths_for_ratio(model_spec(trained.model), device_ratio))
+        console.print(
+            Text(
+                f"{shards.name}: {len(prepared.devices)} devices, {sum(len(d) for d in prepared.devices):,} samples; "
+                f"model {engine_cfg.model.arch} of {spec.param_count():,} parameters "
+                f"({'trained whole at width ' + format(ratio, '.3f') if small else 'split'}); each device trains "
+                f"{held:,} parameters ({held / spec.param_count():.1%} of the model), "
+                f"{4 * held / 2**20:.2f} MiB down and up per round"
+            )
+        )
+        engine = ReferenceEngine(
+            trained,
+            prepared.devices,
+            prepared.test,
+            [device_ratio] * len(prepared.devices),
+            validation=prepared.validation,
+        )
         with open(out / "metrics.jsonl", "w", encoding="utf-8") as handle:
             for record in engine.run():
                 handle.write(
@@ -305,7 +414,8 @@ def train(
                 console.print(f"round {record.round_idx + 1}: {dict(record.metrics)}")
         deployable, weights = engine.deployable_weights()
         (out / "model.safetensors").write_bytes(pack_weights(weights))
-    console.print(f"model ({deployable}, chosen on the validation shard): {out / 'model.safetensors'}")
+    chosen = "chosen on the validation set" if prepared.validation is not None else "no validation set"
+    console.print(Text(f"model ({deployable}, {chosen}): {out / 'model.safetensors'}"))
 
 
 def main() -> None:

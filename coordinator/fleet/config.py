@@ -6,7 +6,7 @@ A run file looks like this (every table and key is optional except `model`)::
     broker = "mqtt://127.0.0.1:1883"
     out = "runs/fmnist"
     backend = "ort"            # artifact kind the devices train: "ort" or "executorch"
-    eval_shard = "runs/fmnist/shards/test"
+    eval_shard = "runs/fmnist/shards/test"   # held-out data in any format msfusion/data/sources.py reads
     validation_shard = "runs/fmnist/shards/validation"   # optional: chooses the deployable model
     # artifact_cache = "~/.cache/msfusion/artifacts"
 
@@ -21,6 +21,9 @@ A run file looks like this (every table and key is optional except `model`)::
     [engine.local]             # epochs, batch_size, lr, max_samples
     [engine.local.optimizer]   # name ("sgd", "adamw"), momentum, weight_decay, betas, eps, scaler_compensation
     [engine.loss]              # variant ("off", "positive", "moon"), mu, tau
+
+    [data]                     # pin the run's preprocessing instead of agreeing it from the devices' reports:
+                               # mean, std (per channel, of pixels in [0, 1]), classes, vocab
 
     [round]                    # deadline_s, quorum, max_attempts, stall_s
     [fleet]                    # min_devices, wait_s, heartbeat_timeout_s, memory_margin
@@ -44,7 +47,7 @@ import tomllib
 
 from msfusion.errors import ConfigError
 from msfusion.recipe import EngineConfig
-from msfusion.wire.protocol import ID_PATTERN
+from msfusion.wire.protocol import ID_PATTERN, Preprocessing
 from msfusion.wire.transport import parse_broker_url
 
 BACKENDS = ("ort", "executorch")
@@ -101,6 +104,30 @@ class FleetConfig:
 
 
 @dataclass(frozen=True)
+class DataConfig:
+    """The run's preprocessing pinned by the user (each empty value: agreed from the devices' data reports).
+
+    Attributes:
+        mean: per-channel mean of pixels in [0, 1].
+        std: per-channel standard deviation.
+        classes: class names in label order.
+        vocab: the char-LM's characters in id order (out-of-vocabulary characters get id len(vocab)).
+    """
+
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+    classes: tuple[str, ...] = ()
+    vocab: str = ""
+
+    def __post_init__(self) -> None:
+        if len(self.mean) != len(self.std) or any(s <= 0 for s in self.std):
+            raise ConfigError(f"data.mean and data.std need one value per channel, std > 0: {self.mean}, {self.std}")
+
+    def pinned(self) -> Preprocessing:
+        return Preprocessing(mean=list(self.mean), std=list(self.std), classes=list(self.classes), vocab=self.vocab)
+
+
+@dataclass(frozen=True)
 class CoordinatorConfig:
     """Everything one coordinator run needs.
 
@@ -117,6 +144,7 @@ class CoordinatorConfig:
         artifact_cache: folder of exported artifacts, reused across runs (None: the exporter's default).
         round: per-round knobs.
         fleet: fleet knobs.
+        data: preprocessing pinned by the user (the rest is agreed from the devices' data reports).
     """
 
     engine: EngineConfig
@@ -131,6 +159,7 @@ class CoordinatorConfig:
     artifact_cache: Path | None = None
     round: RoundConfig = field(default_factory=RoundConfig)
     fleet: FleetConfig = field(default_factory=FleetConfig)
+    data: DataConfig = field(default_factory=DataConfig)
 
     def __post_init__(self) -> None:
         import re

@@ -18,7 +18,7 @@ import secrets
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -34,14 +34,49 @@ from msfusion.coordinator.fleet.report import RunSummary
 from msfusion.coordinator.fleet.rounds import ArtifactSource
 from msfusion.coordinator.fleet.runner import RunProgress, run_coordinator
 from msfusion.data.datasets import ArrayDataset
-from msfusion.data.idx import FASHION_MNIST_DIR, load_fashion_mnist
-from msfusion.data.partition import dirichlet, iid
+from msfusion.data.idx import FASHION_MNIST_DIR
+from msfusion.data.partition import dirichlet, iid, label_shards, natural
 from msfusion.data.shards import write_shard
+from msfusion.data.sources import (
+    DataSpec,
+    TextSource,
+    check_report,
+    combine_reports,
+    detect_format,
+    materialize,
+    open_source,
+    read_whole,
+)
 from msfusion.edge_runtime.config import DeviceConfig, to_toml
-from msfusion.errors import ConfigError
+from msfusion.errors import ConfigError, DataError
+from msfusion.models.config import ModelConfig
 from msfusion.recipe import EngineConfig, device_id
+from msfusion.wire.protocol import Preprocessing
 
 log = logging.getLogger(__name__)
+
+
+SCHEMES = ("dirichlet", "iid", "shards", "natural")
+
+
+def parse_partition(text: str) -> tuple[str, float, int]:
+    """`iid`, `dirichlet:ALPHA`, `shards:K` or `natural` as (scheme, alpha, shards per device).
+
+    Raises:
+        ConfigError: anything else.
+    """
+    scheme, _, arg = text.strip().partition(":")
+    try:
+        if scheme == "dirichlet":
+            return scheme, float(arg) if arg else 0.5, 2
+        if scheme == "shards":
+            return scheme, 0.5, int(arg) if arg else 2
+    except ValueError:
+        pass
+    else:
+        if scheme in ("iid", "natural") and not arg:
+            return scheme, 0.5, 2
+    raise ConfigError(f"--partition must be iid, dirichlet:ALPHA, shards:K or natural, got {text!r}")
 
 
 @dataclass(frozen=True)
@@ -50,89 +85,164 @@ class PartitionConfig:
 
     Attributes:
         devices: number of devices.
-        scheme: "dirichlet" (label skew) or "iid".
+        scheme: "dirichlet" (label skew), "iid", "shards" (each device gets `shards_per_device`
+            label-sorted shards, the FedAvg paper's pathological split) or "natural" (text: whole
+            files to devices; images: as iid).
         alpha: Dirichlet concentration (smaller: more skew).
+        shards_per_device: label shards per device under "shards".
         seed: partition seed.
         samples_per_device: cap on each shard (0: everything it was dealt).
         test_samples: held-out samples kept (0: the whole test set).
         validation_samples: training samples held out of every shard for choosing the deployable
             model (0: none; written as `validation/`).
-        data_root: the Fashion-MNIST folder.
+        data: the data set to partition (None: Fashion-MNIST from its Debian folder), any format
+            `msfusion/data/sources.py` reads; a data set without a test split gives its last
+            `TEST_SHARE` to the test set.
     """
 
     devices: int = 8
     scheme: str = "dirichlet"
     alpha: float = 0.5
+    shards_per_device: int = 2
     seed: int = 0
     samples_per_device: int = 0
     test_samples: int = 2000
     validation_samples: int = 0
-    data_root: Path = Path(FASHION_MNIST_DIR)
+    data: DataSpec | None = None
 
     def __post_init__(self) -> None:
-        if self.scheme not in ("dirichlet", "iid"):
-            raise ConfigError(f"scheme must be 'dirichlet' or 'iid', got {self.scheme!r}")
+        if self.scheme not in SCHEMES:
+            raise ConfigError(f"scheme must be one of {SCHEMES}, got {self.scheme!r}")
         if self.devices < 1:
             raise ConfigError("devices must be >= 1")
+
+    @property
+    def source(self) -> DataSpec:
+        return self.data if self.data is not None else DataSpec(Path(FASHION_MNIST_DIR), format="idx")
+
+
+TEST_SHARE = 0.1  # of a data set without a test split (images: the last samples; text: each file's tail)
 
 
 @dataclass(frozen=True)
 class ShardSet:
-    """Where `partition_fmnist` wrote its shards (device folders in device order)."""
+    """Where a partition wrote its data (device folders in device order).
+
+    Attributes:
+        devices: each device's data: a shard folder, or a folder of text files (`format` "text").
+        test: the held-out set.
+        validation: the validation set (None: none).
+        format: how devices read their folder ("shard" or "text").
+        name: the data set's name (its folder or file stem).
+    """
 
     devices: tuple[Path, ...]
     test: Path
     validation: Path | None = None
+    format: str = "shard"
+    name: str = "fmnist"
+
+    def device_data(self, index: int) -> DataSpec:
+        return DataSpec(self.devices[index].resolve(), format=self.format)
 
 
-def partition_fmnist(config: PartitionConfig, out: Path) -> ShardSet:
-    """Partition Fashion-MNIST's training set into device shards plus a test shard.
+def data_name(spec: DataSpec) -> str:
+    """A data set's short name: Fashion-MNIST's folder is "fmnist", others their folder or file stem."""
+    if spec.path == Path(FASHION_MNIST_DIR):
+        return "fmnist"
+    return spec.path.stem if spec.path.is_file() else spec.path.name
+
+
+def partition_data(config: PartitionConfig, out: Path) -> ShardSet:
+    """Partition a data set's training part into device shards plus test (and validation) sets.
+
+    Shards hold *raw* inputs (pixels in [0, 1]); the run's normalization is agreed
+    from the devices' data reports, as on real boards. Text is dealt out as text
+    files (whole files under "natural", contiguous pieces of each file otherwise).
 
     Args:
         config: the partition knobs.
         out: the folder to write `dev000/`, ..., `test/` into.
 
     Returns:
-        The shard folders.
+        The device folders and held-out sets.
 
     Raises:
-        DataError: Fashion-MNIST is missing.
+        DataError: the data set is missing, unreadable or too small.
     """
-    train, test = load_fashion_mnist(config.data_root)
+    spec = config.source
+    source = open_source(spec)
+    if isinstance(source, TextSource):
+        return _partition_text(config, source, out)
+    train, _ = read_whole(spec)
+    fmt = detect_format(spec.path) if spec.format == "auto" else spec.format
+    if fmt in ("idx", "cifar10"):
+        test, _ = read_whole(replace(spec, format=fmt, split="test"))
+    else:
+        order = np.random.default_rng([config.seed, 2]).permutation(len(train))
+        cut = max(1, round(TEST_SHARE * len(train)))
+        test, train = train.subset(np.sort(order[:cut])), train.subset(np.sort(order[cut:]))
+    name = data_name(spec)
     rng = np.random.default_rng(config.seed)
     validation = None
-    if config.validation_samples:  # drawn before the partition, so no device ever trains on it
+    held_out = min(config.validation_samples, len(train) // 10)  # a small data set keeps most for training
+    if held_out:  # drawn before the partition, so no device ever trains on it
         order = np.random.default_rng([config.seed, 1]).permutation(len(train))
-        held, kept = order[: config.validation_samples], np.sort(order[config.validation_samples :])
+        held, kept = order[:held_out], np.sort(order[held_out:])
         validation = out / "validation"
-        write_shard(validation, train.x[held], train.y[held], {"name": "fmnist-validation", "task": "classification"})
+        write_shard(validation, train.x[held], train.y[held], {"name": f"{name}-validation", "task": "classification"})
         train = train.subset(kept)
-    if config.scheme == "iid":
-        parts = iid(len(train), config.devices, rng)
-    else:
+    if config.scheme == "dirichlet":
         parts = dirichlet(train.y, config.devices, config.alpha, rng)
+    elif config.scheme == "shards":
+        parts = label_shards(train.y, config.devices, config.shards_per_device, rng)
+    else:
+        parts = iid(len(train), config.devices, rng)
     folders = []
     for index, part in enumerate(parts):
         if config.samples_per_device:
             part = part[: config.samples_per_device]
         shard = train.subset(part)
         folder = out / device_id(index)
-        write_shard(
-            folder,
-            shard.x,
-            shard.y,
-            {
-                "name": f"fmnist-{device_id(index)}",
-                "task": "classification",
-                "scheme": config.scheme,
-                "seed": config.seed,
-            },
-        )
+        meta = {"name": f"{name}-{device_id(index)}", "task": "classification", "scheme": config.scheme}
+        write_shard(folder, shard.x, shard.y, {**meta, "seed": config.seed})
         folders.append(folder)
     if config.test_samples:
         test = test.subset(np.arange(min(config.test_samples, len(test))))
-    write_shard(out / "test", test.x, test.y, {"name": "fmnist-test", "task": "classification"})
-    return ShardSet(tuple(folders), out / "test", validation)
+    write_shard(out / "test", test.x, test.y, {"name": f"{name}-test", "task": "classification"})
+    return ShardSet(tuple(folders), out / "test", validation, "shard", name)
+
+
+def _partition_text(config: PartitionConfig, source: TextSource, out: Path) -> ShardSet:
+    """Text to devices as text files; each file's last `TEST_SHARE` is the test text."""
+    texts = source.texts()
+    if not texts:
+        raise DataError(f"{source.spec.path}: {source.report().fatal or 'no text'}")
+    cut = [len(t) - max(1, round(TEST_SHARE * len(t))) for t in texts]
+    train, test = [t[:c] for t, c in zip(texts, cut)], [t[c:] for t, c in zip(texts, cut)]
+    rng = np.random.default_rng(config.seed)
+    if config.scheme == "natural" and len(train) >= config.devices:
+        ids = [f"{i:05d}" for i in range(len(train))]
+        dealt = natural(ids, config.devices, rng, [len(t) for t in train])
+        per_device = [[train[int(i)] for i in chosen] for chosen in dealt]
+    else:  # contiguous pieces of every file, so every device holds running text
+        per_device = [[] for _ in range(config.devices)]
+        for text in train:
+            bounds = np.linspace(0, len(text), config.devices + 1).astype(int)
+            for d in range(config.devices):
+                per_device[d].append(text[bounds[d] : bounds[d + 1]])
+    folders = []
+    for index, pieces in enumerate(per_device):
+        folder = out / device_id(index)
+        folder.mkdir(parents=True, exist_ok=True)
+        for old in folder.glob("*.txt"):
+            old.unlink()
+        for k, piece in enumerate(pieces):
+            (folder / f"part{k:04d}.txt").write_text(piece, encoding="utf-8")
+        folders.append(folder)
+    (out / "test").mkdir(parents=True, exist_ok=True)
+    (out / "test" / "test.txt").write_text("\n".join(test), encoding="utf-8")
+    return ShardSet(tuple(folders), out / "test" / "test.txt", None, "text", data_name(source.spec))
 
 
 def start_device(config_path: Path, log_path: Path, threads: int = 1) -> subprocess.Popen[bytes]:
@@ -162,13 +272,15 @@ def write_device_configs(
 ) -> list[Path]:
     """One device.toml per shard, in out/devices/devNNN/."""
     paths = []
-    for index, shard in enumerate(shards.devices):
+    for index in range(len(shards.devices)):
         folder = out / "devices" / device_id(index)
         folder.mkdir(parents=True, exist_ok=True)
+        data = shards.device_data(index)
         config = DeviceConfig(
             device_id=device_id(index),
             run_id=run_id,
-            data_dir=shard.resolve(),
+            data_dir=data.path if data.format == "shard" else None,
+            data=None if data.format == "shard" else data,
             state_dir=(folder / "state").resolve(),
             memory_budget_bytes=memory_budget_bytes,
             broker=broker,
@@ -207,6 +319,7 @@ class SimulationConfig:
     Attributes:
         engine: the algorithm's knobs (model, plan, overlap, local, loss, rounds, seed).
         partition: how the data is shared out.
+        shards: the data already shared out (None: `partition` it into out/shards).
         out: the output folder.
         broker: an existing broker's URL, or None to start a private one.
         backend: the artifact kind devices train ("ort" or "executorch").
@@ -217,6 +330,7 @@ class SimulationConfig:
 
     engine: EngineConfig
     partition: PartitionConfig = field(default_factory=PartitionConfig)
+    shards: ShardSet | None = None
     out: Path = Path("runs/simulate")
     broker: str | None = None
     backend: str = "ort"
@@ -233,7 +347,7 @@ def simulate(config: SimulationConfig, artifacts: ArtifactSource, progress: RunP
     """
     out = config.out
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    shards = partition_fmnist(config.partition, out / "shards")
+    shards = config.shards if config.shards is not None else partition_data(config.partition, out / "shards")
     broker = None
     url = config.broker
     if url is None:
@@ -253,7 +367,7 @@ def simulate(config: SimulationConfig, artifacts: ArtifactSource, progress: RunP
         validation_shard=shards.validation,
         backend=config.backend,
         round=config.round,
-        fleet=FleetConfig(min_devices=config.partition.devices, wait_s=120.0),
+        fleet=FleetConfig(min_devices=len(shards.devices), wait_s=120.0),
     )
     try:
         summary = run_coordinator(coordinator, artifacts, progress=progress)
@@ -265,9 +379,31 @@ def simulate(config: SimulationConfig, artifacts: ArtifactSource, progress: RunP
     return summary
 
 
-def load_shard_set(shards: ShardSet) -> tuple[list[ArrayDataset], ArrayDataset]:
-    """Read a shard set back (for the reference engine)."""
-    from msfusion.data.shards import read_shard
+@dataclass(frozen=True)
+class PreparedData:
+    """A partition read back as the fleet trains it: every device's data under the run's preprocessing."""
 
-    devices = [ArrayDataset(*read_shard(p)[:2]) for p in shards.devices]
-    return devices, ArrayDataset(*read_shard(shards.test)[:2])
+    devices: list[ArrayDataset]
+    test: ArrayDataset
+    validation: ArrayDataset | None
+    preprocessing: Preprocessing
+
+
+def load_shard_set(shards: ShardSet, model: ModelConfig | None = None) -> PreparedData:
+    """Read a partition back for the reference engine, preprocessed exactly as the fleet does it.
+
+    Each device folder is opened and reported as its daemon would, the reports
+    are combined as the coordinator combines them, and every set is read under
+    that preprocessing: the engine and the fleet train on the same numbers.
+    """
+    model = model if model is not None else ModelConfig(arch="cnn")
+    sources = [open_source(shards.device_data(i)) for i in range(len(shards.devices))]
+    reports = [s.report() for s in sources]
+    prep = combine_reports(reports, model.inputs())
+    devices = [materialize(s, prep) for s, r in zip(sources, reports) if not check_report(r, model.inputs())]
+    spec = DataSpec(shards.test, channels=model.in_channels, image_size=model.image_size)
+    test = materialize(open_source(spec), prep)
+    validation = None
+    if shards.validation is not None:
+        validation = materialize(open_source(replace(spec, path=shards.validation)), prep)
+    return PreparedData(devices, test, validation, prep)

@@ -46,8 +46,9 @@ from msfusion.coordinator.fleet.memory_model import (
     samples_from_profile,
 )
 from msfusion.coordinator.fleet.sizing import ModelSizes
+from msfusion.data.sources import ModelInputs, check_report
 from msfusion.errors import ConfigError, MemoryBudgetExceeded
-from msfusion.wire.protocol import Heartbeat, ProfileReport, Registration, Welcome
+from msfusion.wire.protocol import DataReport, Heartbeat, ProfileReport, Registration, Welcome
 
 log = logging.getLogger(__name__)
 
@@ -151,17 +152,33 @@ class Fleet:
         backend: the artifact kind this run trains; devices without it are refused.
         heartbeat_timeout_s: silence after which a device counts as offline.
         sizing: sizes devices that register with a profile (None: the budget rule for all).
+        inputs: what the run's model takes: a device whose reported data cannot train it is
+            left out (None: data reports are not checked).
+
+    Attributes:
+        devices: the admitted devices.
+        data: each admitted device's data report (devices that sent one).
+        excluded: devices left out for their data, with the reason (not a failure of the run).
     """
 
     def __init__(
-        self, spec: ModelSpec, run_id: str, backend: str, heartbeat_timeout_s: float, sizing: Sizing | None = None
+        self,
+        spec: ModelSpec,
+        run_id: str,
+        backend: str,
+        heartbeat_timeout_s: float,
+        sizing: Sizing | None = None,
+        inputs: ModelInputs | None = None,
     ) -> None:
         self._spec = spec
         self._run_id = run_id
         self._backend = backend
         self._timeout_s = heartbeat_timeout_s
         self._sizing = sizing
+        self._inputs = inputs
         self.devices: dict[str, DeviceRecord] = {}
+        self.data: dict[str, DataReport] = {}
+        self.excluded: dict[str, str] = {}
 
     def _ratio(self, msg: Registration) -> tuple[float, str]:
         """A registering device's width ratio and how it was found ("profile" or "budget").
@@ -195,6 +212,9 @@ class Fleet:
             reason = f"this coordinator runs {self._run_id!r}, not {msg.run_id!r}"
         elif self._backend not in msg.capacity.backends:
             reason = f"run needs backend {self._backend!r}, device has {msg.capacity.backends}"
+        elif msg.data is not None and self._inputs is not None and (why := check_report(msg.data, self._inputs)):
+            reason = f"its data cannot train this run's model: {why}"
+            self.excluded[msg.device_id] = reason  # left out of planning; the run goes on without it
         ratio, sized_by = 0.0, "budget"
         if not reason:
             try:
@@ -204,7 +224,13 @@ class Fleet:
         if reason:
             log.warning("refused device %s: %s", msg.device_id, reason)
             self.devices.pop(msg.device_id, None)
+            self.data.pop(msg.device_id, None)
             return Welcome(run_id=self._run_id, device_id=msg.device_id, accepted=False, reason=reason)
+        self.excluded.pop(msg.device_id, None)
+        if msg.data is not None:
+            self.data[msg.device_id] = msg.data
+            for problem in msg.data.problems:
+                log.warning("device %s data: %s", msg.device_id, problem)
         known = self.devices.get(msg.device_id)
         record = DeviceRecord(
             device_id=msg.device_id,

@@ -37,6 +37,8 @@ class RunSummary:
         model_params: parameters of the global model.
         deployable: the variant written as model.safetensors ("merged" or "expected").
         variant_metrics: per variant, its "test" (and "validation") figures at the end.
+        excluded: devices left out because their data cannot train the model, with the reason.
+        preprocessing: the run's agreed normalization, classes or vocabulary (empty: data used as stored).
     """
 
     ok: bool
@@ -51,6 +53,8 @@ class RunSummary:
     model_params: int = 0
     deployable: str = "merged"
     variant_metrics: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    excluded: Mapping[str, str] = field(default_factory=dict)
+    preprocessing: Mapping[str, Any] = field(default_factory=dict)
 
 
 def append_metrics(out: Path, outcome: RoundOutcome, wall_s: float) -> None:

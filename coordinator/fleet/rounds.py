@@ -44,6 +44,7 @@ from msfusion.wire.protocol import (
     AxisUnits,
     BulkRef,
     Heartbeat,
+    Preprocessing,
     Registration,
     SliceResult,
     TaskFailed,
@@ -79,6 +80,7 @@ class RoundContext:
         test: held-out data.
         checkpoint_dir: where each merged round is checkpointed.
         cohold: how merged slices held every scaled weight (the co-hold weighted model's counts; None: not kept).
+        preprocessing: how devices turn their raw data into the model's inputs (None: as stored), sent in every task.
         on_tick: called about twice a second while collecting (progress displays).
     """
 
@@ -93,6 +95,7 @@ class RoundContext:
     test: ArrayDataset
     checkpoint_dir: Path
     cohold: CoHoldStats | None = None
+    preprocessing: Preprocessing | None = None
     on_tick: Callable[[int, Mapping[str, str]], None] | None = None
 
 
@@ -160,6 +163,7 @@ def make_task(
         optimizer=cfg.local.optimizer.name,
         seed=device_seed(cfg.seed, round_idx, index),
         deadline_s=ctx.round.deadline_s,
+        preprocessing=ctx.preprocessing,
     )
 
 

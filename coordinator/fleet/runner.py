@@ -13,6 +13,9 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Protocol
 
+import msgspec
+import numpy as np
+
 from msfusion.algorithm.inference import CoHoldStats, choose_deployable
 from msfusion.algorithm.slicing import Weights
 from msfusion.algorithm.spec import widths_for_ratio
@@ -30,11 +33,12 @@ from msfusion.coordinator.fleet.rounds import (
     run_round,
 )
 from msfusion.data.datasets import ArrayDataset
-from msfusion.data.shards import read_shard
-from msfusion.errors import ConfigError, DeviceLost, MsfusionError
+from msfusion.data.sources import DataSpec, Source, check_report, combine_reports, materialize, open_source
+from msfusion.errors import ConfigError, DataError, DeviceLost, MsfusionError
+from msfusion.models.config import ModelConfig
 from msfusion.models.evaluate import evaluate
 from msfusion.models.registry import build_model, input_scales, model_spec, state_to_numpy
-from msfusion.wire.protocol import RunControl
+from msfusion.wire.protocol import Preprocessing, RunControl
 from msfusion.wire.transport import MqttTransport, parse_broker_url
 from msfusion.wire.weights import pack_weights
 
@@ -61,20 +65,68 @@ class RoundFailed(MsfusionError):
     """A round stayed below quorum after every attempt."""
 
 
-def load_eval_data(shard: Path | None) -> ArrayDataset:
-    """The held-out data the global model is evaluated on.
+PREPROCESSING_FILE = "preprocessing.json"
+
+
+def open_eval_data(path: Path | None, model: ModelConfig) -> Source:
+    """The held-out data the global model is evaluated on, in any format `data/sources.py` reads.
 
     Raises:
-        ConfigError: no eval shard configured.
+        ConfigError: no eval data configured.
+        DataError: unreadable, or not data the model takes.
     """
-    if shard is None:
-        raise ConfigError("no eval_shard configured (write one with `msfusion partition`)")
-    x, y, _ = read_shard(shard)
-    return ArrayDataset(x, y)
+    if path is None:
+        raise ConfigError("no eval_shard configured (held-out data: a shard from `msfusion partition`, or any format)")
+    source = open_source(DataSpec(path, channels=model.in_channels, image_size=model.image_size))
+    if why := check_report(source.report(), model.inputs()):
+        raise DataError(f"the evaluation data {path} cannot test the model: {why}")
+    return source
+
+
+def load_eval_data(path: Path | None, model: ModelConfig, prep: Preprocessing | None = None) -> ArrayDataset:
+    """The held-out data read whole, as the model takes it under the run's preprocessing."""
+    return materialize(open_eval_data(path, model), prep)
+
+
+def agree_preprocessing(config: CoordinatorConfig, fleet: Fleet) -> Preprocessing | None:
+    """The run's preprocessing: pinned values, the rest from the admitted devices' data reports.
+
+    None when no device reported its data and nothing is pinned (data is used as stored).
+    """
+    pinned = config.data.pinned()
+    reports = [fleet.data[d] for d in sorted(fleet.data)]
+    if not reports and pinned == Preprocessing():
+        return None
+    prep = combine_reports(reports, config.engine.model.inputs(), pinned)
+    log.info(
+        "preprocessing from %d devices' data: %s",
+        len(reports),
+        {k: v for k, v in msgspec.structs.asdict(prep).items() if v},
+    )
+    return prep
+
+
+def save_preprocessing(checkpoint_dir: Path, prep: Preprocessing | None) -> None:
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(checkpoint_dir / PREPROCESSING_FILE, msgspec.json.encode(prep))
+
+
+def load_preprocessing(checkpoint_dir: Path) -> tuple[bool, Preprocessing | None]:
+    """(found, preprocessing) saved by the run being resumed."""
+    path = checkpoint_dir / PREPROCESSING_FILE
+    if not path.is_file():
+        return False, None
+    try:
+        return True, msgspec.json.decode(path.read_bytes(), type=Preprocessing | None)
+    except msgspec.DecodeError as exc:
+        raise ConfigError(f"{path} is corrupt: {exc}") from exc
 
 
 def choose_model(
-    config: CoordinatorConfig, variants: Mapping[str, Weights], test: ArrayDataset | None
+    config: CoordinatorConfig,
+    variants: Mapping[str, Weights],
+    test: ArrayDataset | None,
+    prep: Preprocessing | None = None,
 ) -> tuple[str, dict[str, dict[str, Any]]]:
     """The deployable variant (on the validation shard; merged without one) and every variant's figures."""
     model, batch = config.engine.model, config.engine.eval_batch_size
@@ -84,7 +136,7 @@ def choose_model(
             scored[name]["test"] = evaluate(model, w, test, batch)
     if config.validation_shard is None:
         return "merged", scored
-    validation = load_eval_data(config.validation_shard)
+    validation = load_eval_data(config.validation_shard, model, prep)
     checked = {name: evaluate(model, w, validation, batch) for name, w in variants.items()}
     for name, figures in checked.items():
         scored[name]["validation"] = figures
@@ -131,14 +183,23 @@ def run_sizing(config: CoordinatorConfig) -> Sizing:
 def wait_for_devices(ctx: RoundContext, needed: int, wait_s: float, progress: RunProgress | None) -> None:
     """Handle registrations and heartbeats until `needed` devices are live.
 
+    Devices left out for their data count towards `needed` (they registered; the run goes on
+    without them), but at least one device must be live.
+
     Raises:
         NotEnoughDevices: not within `wait_s`.
     """
     deadline = time.monotonic() + wait_s
-    while len(ctx.fleet.participants(time.monotonic())) < needed:
+
+    def short() -> bool:
+        live = len(ctx.fleet.participants(time.monotonic()))
+        return live < 1 or live + len(ctx.fleet.excluded) < needed
+
+    while short():
         if time.monotonic() > deadline:
             live = len(ctx.fleet.participants(time.monotonic()))
-            raise NotEnoughDevices(f"{live} of {needed} devices online after {wait_s:.0f} s")
+            left_out = f" ({len(ctx.fleet.excluded)} left out for their data)" if ctx.fleet.excluded else ""
+            raise NotEnoughDevices(f"{live} of {needed} devices online after {wait_s:.0f} s{left_out}")
         if progress is not None:
             progress.waiting(len(ctx.fleet.participants(time.monotonic())), needed)
         event = ctx.link.poll(0.5)
@@ -173,7 +234,7 @@ def run_coordinator(
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
         (out / report.METRICS_FILE).unlink(missing_ok=True)
-    test = load_eval_data(config.eval_shard)
+    eval_source = open_eval_data(config.eval_shard, config.engine.model)  # fails before connecting
     spec = model_spec(config.engine.model)
     weights, state = initial_state(config, resume)
     host, port = parse_broker_url(config.broker)
@@ -183,7 +244,14 @@ def run_coordinator(
     transport.connect()
     link = CoordinatorLink(transport, config.run_id, stall_s=config.round.stall_s)
     link.subscribe()
-    fleet = Fleet(spec, config.run_id, config.backend, config.fleet.heartbeat_timeout_s, run_sizing(config))
+    fleet = Fleet(
+        spec,
+        config.run_id,
+        config.backend,
+        config.fleet.heartbeat_timeout_s,
+        run_sizing(config),
+        inputs=config.engine.model.inputs(),
+    )
 
     def tick(round_idx: int, replies: Mapping[str, str]) -> None:
         if progress is not None:
@@ -202,16 +270,24 @@ def run_coordinator(
         fleet=fleet,
         link=link,
         artifacts=artifacts,
-        test=test,
+        test=ArrayDataset(np.zeros((0,)), np.zeros((0,))),  # read once the run's preprocessing is agreed
         checkpoint_dir=out / CHECKPOINT_DIR,
         cohold=cohold,
         on_tick=tick,
     )
     ok, reason = True, ""
+    agreed, prep = load_preprocessing(out / CHECKPOINT_DIR) if resume else (False, None)
+    test: ArrayDataset | None = None
     try:
         while state.next_round < config.engine.rounds:
             for attempt in range(config.round.max_attempts):
                 wait_for_devices(ctx, config.fleet.min_devices, config.fleet.wait_s, progress)
+                if not agreed:  # once per run, from the devices admitted by the first round; checkpointed
+                    prep, agreed = agree_preprocessing(config, fleet), True
+                    save_preprocessing(out / CHECKPOINT_DIR, prep)
+                if test is None:
+                    test = materialize(eval_source, prep)
+                    ctx.test, ctx.preprocessing = test, prep
                 started = time.perf_counter()
                 outcome, weights, state = run_round(ctx, weights, state, attempt)
                 report.append_metrics(out, outcome, time.perf_counter() - started)
@@ -223,7 +299,7 @@ def run_coordinator(
                 raise RoundFailed(
                     f"round {state.next_round} stayed below quorum in {config.round.max_attempts} attempts"
                 )
-    except (NotEnoughDevices, RoundFailed) as exc:
+    except (NotEnoughDevices, RoundFailed, DataError) as exc:
         ok, reason = False, str(exc)
         log.error("run failed: %s", exc)
     finally:
@@ -239,7 +315,9 @@ def run_coordinator(
                 except MsfusionError as exc:
                     log.warning("could not tell %s to stop: %s", device_id, exc)
         transport.close()
-    return finish(config, weights, ok, reason, cohold, test)
+    if test is None and agreed:
+        test = materialize(eval_source, prep)
+    return finish(config, weights, ok, reason, cohold, test, prep, dict(fleet.excluded))
 
 
 def finish(
@@ -249,6 +327,8 @@ def finish(
     reason: str,
     cohold: CoHoldStats | None = None,
     test: ArrayDataset | None = None,
+    prep: Preprocessing | None = None,
+    excluded: Mapping[str, str] | None = None,
 ) -> report.RunSummary:
     """Write the deployable model, plot and summary.json; return the summary.
 
@@ -261,7 +341,7 @@ def finish(
     variants = {"merged": weights}
     if cohold is not None:
         variants["expected"] = cohold.expected_weights(weights)
-    deployable, scored = choose_model(config, variants, test)
+    deployable, scored = choose_model(config, variants, test, prep)
     atomic_write(out / report.MODEL_FILE, pack_weights(variants[deployable]))
     if deployable != "merged":
         atomic_write(out / report.MERGED_MODEL_FILE, pack_weights(weights))
@@ -293,6 +373,8 @@ def finish(
         model_params=spec.param_count(),
         deployable=deployable,
         variant_metrics=scored,
+        excluded=dict(excluded or {}),
+        preprocessing={k: v for k, v in msgspec.structs.asdict(prep).items() if v} if prep is not None else {},
     )
     report.write_summary(out, summary)
     return summary

@@ -14,11 +14,12 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 
-def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def read_cifar_records(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR-10 binary batch, memory-mapped: uint8 images (N, 3, 32, 32) and int64 labels."""
     record = 1 + 3 * 32 * 32
     try:
-        raw = np.fromfile(path, dtype=np.uint8)
-    except OSError as exc:
+        raw = np.memmap(path, dtype=np.uint8, mode="r") if path.stat().st_size else np.zeros(0, np.uint8)
+    except (OSError, ValueError) as exc:
         raise DataError(f"cannot read CIFAR-10 file {path}: {exc}") from exc
     if raw.size == 0 or raw.size % record:
         raise DataError(f"{path}: {raw.size} bytes is not a whole number of {record}-byte CIFAR-10 records")
@@ -53,7 +54,7 @@ def load_cifar10(root: str | Path) -> tuple[ArrayDataset, ArrayDataset]:
         for name in names:
             if not (root / name).is_file():
                 raise DataError(f"missing CIFAR-10 file {root / name} (the binary version, cifar-10-binary.tar.gz)")
-            parts.append(_read_cifar_batch(root / name))
+            parts.append(read_cifar_records(root / name))
         images = np.concatenate([p[0] for p in parts])
         x = (images.astype(np.float32) / 255.0 - mean) / std
         return ArrayDataset(x.astype(np.float32), np.concatenate([p[1] for p in parts]))

@@ -70,6 +70,25 @@ def _find_idx(root: Path, stem: str) -> Path:
     raise DataError(f"missing {root / (stem + '.gz')}: {_FASHION_HINT}")
 
 
+def idx_array(root: Path, stem: str) -> np.ndarray:
+    """One IDX file of a folder by stem: memory-mapped when uncompressed (a board's data may exceed its memory).
+
+    Raises:
+        DataError: missing or malformed.
+    """
+    path = _find_idx(root, stem)
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if head[:2] == b"\x1f\x8b" or len(head) < 4 or head[0] or head[1] or head[2] not in _IDX_DTYPES:
+        return read_idx(path)  # gzipped (or malformed: read_idx says why)
+    dtype, ndim = _IDX_DTYPES[head[2]], head[3]
+    dims = tuple(int(d) for d in np.fromfile(path, dtype=">u4", count=ndim, offset=4))
+    expected = 4 + 4 * ndim + int(np.prod(dims)) * dtype.itemsize
+    if ndim == 0 or path.stat().st_size != expected:
+        return read_idx(path)
+    return np.memmap(path, dtype=dtype, mode="r", offset=4 + 4 * ndim, shape=dims)
+
+
 def _idx_split(root: Path, prefix: str, mean: float, std: float) -> ArrayDataset:
     images = read_idx(_find_idx(root, f"{prefix}-images-idx3-ubyte"))
     labels = read_idx(_find_idx(root, f"{prefix}-labels-idx1-ubyte"))

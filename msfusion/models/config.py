@@ -12,6 +12,7 @@ import enum
 from dataclasses import dataclass
 from typing import Mapping
 
+from msfusion.data.sources import ModelInputs
 from msfusion.errors import ConfigError
 
 ARCHS = ("cnn", "resnet", "charlm")
@@ -86,6 +87,13 @@ class ModelConfig:
     def task(self) -> str:
         """ "classification" for the image models, "lm" for the char-LM."""
         return "lm" if self.arch == "charlm" else "classification"
+
+    def inputs(self) -> ModelInputs:
+        """What the model takes, to check a device's data against (`data.sources.check_report`)."""
+        if self.task == "lm":
+            return ModelInputs(task="lm", vocab_size=self.vocab_size, context=self.context)
+        shape = (self.in_channels, self.image_size, self.image_size)
+        return ModelInputs(task="classification", sample_shape=shape, num_classes=self.num_classes)
 
 
 class ContrastiveVariant(str, enum.Enum):

@@ -110,6 +110,51 @@ class AxisUnits(_Struct, frozen=True):
     unit_size: Positive
 
 
+class ChannelStats(_Struct, frozen=True):
+    """Per-channel pixel statistics of one device's images: pooled exactly by `data.sources.merge_stats`."""
+
+    count: Count  # pixels per channel
+    mean: list[float]
+    m2: list[float]  # sum of squared deviations from the mean
+
+    def __post_init__(self) -> None:
+        if len(self.mean) != len(self.m2):
+            raise ValueError(f"{len(self.mean)} means but {len(self.m2)} m2 values")
+
+
+class DataReport(_Struct, frozen=True):
+    """What a device's data is, sent with its registration (`msfusion/data/sources.py`): no sample leaves the board."""
+
+    format: Annotated[str, Meta(min_length=1, max_length=16)]
+    task: Literal["classification", "lm"]
+    n_samples: Count  # images, or characters of text
+    sample_shape: list[Count]  # (C, H, W) of images; (T,) of encoded windows; [] for text
+    channel_stats: ChannelStats | None = None
+    class_counts: dict[Name, Count] = {}
+    char_counts: Annotated[dict[Annotated[str, Meta(min_length=1, max_length=1)], Count], Meta(max_length=65536)] = {}
+    encoded: bool = False  # LM windows already in ids: no vocabulary needed
+    problems: Annotated[list[Annotated[str, Meta(max_length=1024)]], Meta(max_length=64)] = []
+    fatal: Annotated[str, Meta(max_length=1024)] = ""  # why this device cannot train ("" = it can)
+
+
+class Preprocessing(_Struct, frozen=True):
+    """How every device turns its raw data into the model's inputs: agreed by the coordinator, sent in tasks."""
+
+    mean: list[float] = []  # per channel, of pixels in [0, 1]
+    std: list[Annotated[float, Meta(gt=0.0)]] = []
+    classes: list[Name] = []  # label names in label order ([]: integer labels as stored)
+    vocab: str = ""  # character ids by position; out-of-vocabulary characters get id len(vocab)
+    context: Count = 0  # window length of text
+
+    def __post_init__(self) -> None:
+        if len(self.mean) != len(self.std):
+            raise ValueError(f"{len(self.mean)} means but {len(self.std)} stds")
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError("class names must be unique")
+        if len(set(self.vocab)) != len(self.vocab):
+            raise ValueError("vocabulary characters must be unique")
+
+
 class ProfileReport(_Message, frozen=True, tag="profile"):
     """A device's measured training configurations (`msfusion-device profile`), sent with its registration."""
 
@@ -127,6 +172,7 @@ class Registration(_Message, frozen=True, tag="register"):
     capacity: Capacity
     runtime_version: Annotated[str, Meta(min_length=1, max_length=64)]
     profile: ProfileReport | None = None
+    data: DataReport | None = None  # None: an older device; it trains its shard as stored
 
 
 class Welcome(_Message, frozen=True, tag="welcome"):
@@ -179,6 +225,7 @@ class TrainTask(_Message, frozen=True, tag="task"):
     seed: Annotated[int, Meta(ge=0, le=2**63 - 1)]
     deadline_s: Annotated[float, Meta(gt=0.0)]  # from receipt: clocks are not shared
     signature: bytes = b""  # reserved for signed tasks
+    preprocessing: Preprocessing | None = None  # None: the data is used as stored
 
     def __post_init__(self) -> None:
         for tensor, axes in self.tensor_axes.items():

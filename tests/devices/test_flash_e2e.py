@@ -32,7 +32,7 @@ from msfusion.coordinator.fleet.config import (
 )
 from msfusion.coordinator.fleet.local_fleet import (
     PartitionConfig,
-    partition_fmnist,
+    partition_data,
     stop_processes,
 )
 from msfusion.devices import units
@@ -99,7 +99,7 @@ def test_a_flashed_root_filesystem_boots_the_daemon_which_trains_a_round(
     root_only: None, mosquitto: Any, tmp_path: Path
 ) -> None:
     # Prepare: one device's shard, a bundle with the ORT backend, an empty root filesystem
-    shards = partition_fmnist(
+    shards = partition_data(
         PartitionConfig(devices=1, scheme="iid", seed=3, samples_per_device=256, test_samples=300), tmp_path / "shards"
     )
     run_id = "flashed"

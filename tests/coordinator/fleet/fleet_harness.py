@@ -23,7 +23,7 @@ from msfusion.coordinator.fleet.local_fleet import (
     ShardSet,
     device_id,
     load_shard_set,
-    partition_fmnist,
+    partition_data,
     start_device,
     stop_processes,
     write_device_configs,
@@ -51,7 +51,7 @@ N_DEVICES = 4
 
 def make_shards(root: Path) -> ShardSet:
     """Four small IID Fashion-MNIST shards and a 500-sample test set."""
-    return partition_fmnist(
+    return partition_data(
         PartitionConfig(
             devices=N_DEVICES, scheme="iid", seed=3, samples_per_device=256, test_samples=500, validation_samples=300
         ),
@@ -161,11 +161,11 @@ def merged_rounds(out: Path) -> list[dict[str, Any]]:
 
 def reference_engine(shards: ShardSet, rounds: int = ENGINE.rounds) -> ReferenceEngine:
     """The in-process reference engine on the same shards, seeds and device ratios, after its run."""
-    data, test = load_shard_set(shards)
+    data = load_shard_set(shards, MODEL)
     ratio = ratio_for_memory(model_spec(MODEL), BUDGET_BYTES, MAX_RATIO)
     from dataclasses import replace
 
-    engine = ReferenceEngine(replace(ENGINE, rounds=rounds), data, test, [ratio] * N_DEVICES)
+    engine = ReferenceEngine(replace(ENGINE, rounds=rounds), data.devices, data.test, [ratio] * N_DEVICES)
     engine.run()
     return engine
 

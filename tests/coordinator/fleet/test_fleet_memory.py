@@ -40,7 +40,7 @@ from msfusion.coordinator.fleet.config import (
 )
 from msfusion.coordinator.fleet.local_fleet import (
     PartitionConfig,
-    partition_fmnist,
+    partition_data,
     stop_processes,
 )
 from msfusion.coordinator.fleet.memory_model import (
@@ -117,7 +117,7 @@ def capped_run(mosquitto: Any, tmp_path_factory: pytest.TempPathFactory) -> Iter
     remove_stale_cgroups()
     out = tmp_path_factory.mktemp("capped")
     cache = out / "artifact-cache"
-    shards = partition_fmnist(
+    shards = partition_data(
         PartitionConfig(devices=len(DEVICES), scheme="iid", seed=5, samples_per_device=256, test_samples=500),
         out / "shards",
     )
