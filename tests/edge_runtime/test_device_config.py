@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from msfusion.edge_runtime.config import DeviceConfig, load_device_config, to_toml
+from msfusion.data.sources import DataSpec
+from msfusion.edge_runtime.config import DeviceConfig, data_spec, load_device_config, to_toml
 from msfusion.errors import ConfigError
 
 
@@ -52,5 +53,42 @@ def test_a_bad_device_config_is_refused(tmp_path: Path, line: str, message: str)
     base[key] = line.split(" = ", 1)[1]
     path = tmp_path / "device.toml"
     path.write_text("".join(f"{k} = {v}\n" for k, v in base.items()))
+    with pytest.raises(ConfigError, match=message):
+        load_device_config(path)
+
+
+def test_a_data_table_names_the_boards_own_data_and_round_trips(tmp_path: Path) -> None:
+    # Prepare
+    config = DeviceConfig(
+        device_id="dev003",
+        run_id="photos",
+        state_dir=Path("/var/s"),
+        memory_budget_bytes=1 << 29,
+        data=DataSpec(Path("/srv/photos"), format="images", channels=1, image_size=28),
+    )
+    path = tmp_path / "device.toml"
+    path.write_text(to_toml(config))
+    # Execute
+    loaded = load_device_config(path)
+    # Assert
+    assert loaded == config and "[data]" in path.read_text()
+    assert data_spec(loaded) == DataSpec(Path("/srv/photos"), format="images", channels=1, image_size=28)
+    shard = DeviceConfig(device_id="d", run_id="r", state_dir=Path("/s"), memory_budget_bytes=9, data_dir=Path("/d"))
+    assert data_spec(shard) == DataSpec(Path("/d"), format="shard")
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ('[data]\npath = "/p"\nformat = "tiff"\n', "data format must be one of"),
+        ('[data]\npath = "/p"\nchannels = 4\n', "channels must be 1"),
+        ('[data]\nformat = "images"\n', "needs a 'path'"),
+        ('[data]\npath = "/p"\nsize = 3\n', "unknown key"),
+        ("", "data_dir .* or a \\[data\\] table"),
+    ],
+)
+def test_a_bad_data_table_is_refused(tmp_path: Path, data: str, message: str) -> None:
+    path = tmp_path / "device.toml"
+    path.write_text(f'device_id = "d"\nrun_id = "r"\nstate_dir = "/s"\nmemory_budget_bytes = 100\n{data}')
     with pytest.raises(ConfigError, match=message):
         load_device_config(path)
