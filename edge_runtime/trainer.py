@@ -25,6 +25,7 @@ from msfusion.algorithm.indexing import TensorIndex, reslice_previous
 from msfusion.algorithm.slicing import Weights
 from msfusion.data.sources import Source, open_source
 from msfusion.edge_runtime.backends.base import TrainingBackend, make_backend
+from msfusion.edge_runtime.config import data_spec
 from msfusion.edge_runtime.ledger import slice_index
 from msfusion.edge_runtime.memory import MemoryReport, MemorySampler, current_rss_bytes
 from msfusion.errors import (
@@ -50,7 +51,7 @@ from msfusion.wire.protocol import (
 from msfusion.wire.weights import pack_weights, unpack_weights
 
 if TYPE_CHECKING:
-    from msfusion.edge_runtime.config import DeviceConfig, data_spec
+    from msfusion.edge_runtime.config import DeviceConfig
 
 log = logging.getLogger(__name__)
 

@@ -69,3 +69,40 @@ def test_a_bad_run_file_is_refused_with_the_reason(tmp_path: Path, edit: tuple[s
 def test_a_run_file_without_a_model_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="engine.model"):
         load_config(_write(tmp_path, 'run_id = "x"\n'))
+
+
+def test_a_data_table_pins_the_runs_preprocessing_and_the_rest_is_agreed_from_the_devices(tmp_path: Path) -> None:
+    from msfusion.coordinator.fleet.registry import Fleet
+    from msfusion.coordinator.fleet.runner import agree_preprocessing
+    from msfusion.models.registry import model_spec
+    from msfusion.wire.protocol import Capacity, ChannelStats, DataReport, Registration
+
+    # Prepare: a run file pinning mean and std; two devices reporting their pixels and classes.
+    path = tmp_path / "run.toml"
+    path.write_text('[engine.model]\narch = "cnn"\n[data]\nmean = [0.5]\nstd = [0.25]\n')
+    config = load_config(path)
+    fleet = Fleet(model_spec(config.engine.model), config.run_id, "ort", 30.0, inputs=config.engine.model.inputs())
+    for device, classes in (("dev000", {"0": 3}), ("dev001", {"4": 2, "9": 1})):
+        report = DataReport(
+            format="idx",
+            task="classification",
+            n_samples=sum(classes.values()),
+            sample_shape=[1, 28, 28],
+            channel_stats=ChannelStats(count=784, mean=[0.1], m2=[9.0]),
+            class_counts=classes,
+        )
+        capacity = Capacity(memory_budget_bytes=1 << 30, cores=1, arch="x86_64", backends=["ort"])
+        fleet.register(
+            Registration(run_id="run", device_id=device, capacity=capacity, runtime_version="0", data=report), 0
+        )
+    # Execute
+    pinned, agreed = (
+        agree_preprocessing(config, fleet),
+        agree_preprocessing(load_config(None, {"engine.model": {"arch": "cnn"}}), fleet),
+    )
+    # Assert: the pinned values win; integer labels below num_classes stay as they are.
+    assert pinned is not None and (pinned.mean, pinned.std, pinned.classes) == ([0.5], [0.25], [])
+    assert agreed is not None and agreed.mean == [0.1] and agreed.std == pytest.approx([(18.0 / 1568) ** 0.5])
+    with pytest.raises(ConfigError, match="one value per channel"):
+        path.write_text('[engine.model]\narch = "cnn"\n[data]\nmean = [0.5]\n')
+        load_config(path)

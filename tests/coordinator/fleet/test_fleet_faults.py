@@ -245,7 +245,7 @@ def test_a_redelivered_task_gets_the_same_reply_without_training_again(
         fleet=FleetState(spec, run, "ort", 30.0),
         link=link,
         artifacts=fleet_artifacts,
-        test=load_eval_data(fleet_shards.test),
+        test=load_eval_data(fleet_shards.test, ENGINE.model),
         checkpoint_dir=tmp_path / "checkpoint",
     )
     fleet.start(0)

@@ -26,6 +26,8 @@ from msfusion.models.config import ModelConfig
 from msfusion.models.registry import model_spec
 from msfusion.wire.protocol import (
     Capacity,
+    ChannelStats,
+    DataReport,
     Heartbeat,
     ProfileEntry,
     ProfileReport,
@@ -176,3 +178,40 @@ def test_a_memory_failure_caps_the_device_at_half_the_width_it_failed_at_for_the
     assert fleet.width_ratio("dev000") == 0.25
     assert fleet.memory_exceeded("dev001", 1 / 1024) == 1 / 1024
     assert fleet.memory_exceeded("unknown", 0.3) == math.floor(0.3 * 0.5 * 1024) / 1024
+
+
+def _report(**fields: object) -> DataReport:
+    base: dict[str, object] = {
+        "format": "images",
+        "task": "classification",
+        "n_samples": 10,
+        "sample_shape": [1, 28, 28],
+        "channel_stats": ChannelStats(count=7840, mean=[0.3], m2=[700.0]),
+        "class_counts": {"0": 4, "1": 6},
+    }
+    return DataReport(**{**base, **fields})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("report", "reason"),
+    [
+        (_report(n_samples=0, fatal="no readable image in /srv/photos"), "no readable image"),
+        (_report(sample_shape=[3, 32, 32]), "set [data] channels = 1 and image_size = 28"),
+        (_report(task="lm", format="text", sample_shape=[], char_counts={"a": 3}), "holds lm data"),
+        (_report(class_counts={str(i): 1 for i in range(11)}), "11 classes, the model has 10 outputs"),
+    ],
+)
+def test_a_device_whose_data_cannot_train_the_model_is_told_why_and_left_out(report: DataReport, reason: str) -> None:
+    # Prepare
+    fleet = Fleet(SPEC, "r", "ort", 30.0, inputs=ModelConfig(arch="cnn", channels=(32, 64, 128)).inputs())
+    good = msgspec.structs.replace(_registration("dev000", 1 << 30), data=_report())
+    bad = msgspec.structs.replace(_registration("dev001", 1 << 30), data=report)
+    # Execute
+    welcomed, refused = fleet.register(good, 0.0), fleet.register(bad, 0.0)
+    # Assert
+    assert welcomed.accepted and not refused.accepted and reason in refused.reason
+    assert [slot.device_id for slot in fleet.participants(0.0)] == ["dev000"]
+    assert set(fleet.excluded) == {"dev001"} and set(fleet.data) == {"dev000"}
+    # The same device with usable data is admitted again and no longer excluded.
+    assert fleet.register(msgspec.structs.replace(bad, data=_report()), 1.0).accepted
+    assert fleet.excluded == {} and set(fleet.data) == {"dev000", "dev001"}
