@@ -4,25 +4,29 @@
     msfusion simulate --devices 8 --rounds 10 --out runs/sim [--broker mqtt://host:port] [--backend ort]
     msfusion partition --devices 8 --out shards/ [--scheme dirichlet --alpha 0.5]
     msfusion train --devices 8 --rounds 10 --out runs/ref      (the in-process reference engine)
+    msfusion runs list [--root runs] | show RUN | follow RUN | stop RUN
     msfusion devices list [--profiles boards.toml]
     msfusion devices flash --profile rpi4-4gb --device-id dev003 --run-id fmnist --broker mqtt://10.0.0.1:1883 \
         --out bundles/dev003 [--rootfs /media/rootfs | --ssh pi@dev003.local]
     msfusion devices install --bundle bundles/dev003 (--rootfs DIR | --ssh [user@]host)
     msfusion devices profile-set --config run.toml --out profile-set/ [--widths 1,0.5,0.25,0.125]
+    msfusion report RUN_DIR [--benchmark FILE]      (report.html: a run's charts, failures and config)
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from fractions import Fraction
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import typer
 from rich.text import Text
 
 from msfusion.coordinator.cli.common import ExitCode, cli_errors, console, setup_logging
 from msfusion.coordinator.cli.devices import devices_app
+from msfusion.coordinator.cli.runs import runs_app
 from msfusion.errors import (
     ConfigError,
 )
@@ -41,6 +45,7 @@ app = typer.Typer(
 coordinator_app = typer.Typer(no_args_is_help=True, help="The coordinator service.")
 app.add_typer(coordinator_app, name="coordinator")
 app.add_typer(devices_app, name="devices")
+app.add_typer(runs_app, name="runs")
 
 
 @coordinator_app.command("run")
@@ -56,6 +61,11 @@ def coordinator_run(
     log_level: str = typer.Option("INFO", "--log-level"),
     quiet: bool = typer.Option(False, "--quiet", help="no live progress display"),
     keep_devices: bool = typer.Option(False, "--keep-devices", help="do not tell devices to stop at the end"),
+    dashboard: Optional[str] = typer.Option(
+        None, "--dashboard", help="serve the live dashboard on [HOST:]PORT (127.0.0.1 unless given; a token elsewhere)"
+    ),
+    dashboard_cert: Optional[Path] = typer.Option(None, "--dashboard-cert", help="TLS certificate (PEM) for it"),
+    dashboard_key: Optional[Path] = typer.Option(None, "--dashboard-key", help="TLS key (PEM) for it"),
 ) -> None:
     """Run rounds over the registered fleet until done; write metrics, checkpoints, model and summary."""
     from msfusion.coordinator.cli.console import RichProgress, print_summary
@@ -75,15 +85,58 @@ def coordinator_run(
         cfg = load_config(config, overrides)
         setup_logging(log_level, cfg.out / "logs" / "coordinator.log")
         artifacts = ExportedArtifacts(cfg.engine, cfg.backend, cache_dir=cfg.artifact_cache)
-        if quiet:
-            summary = run_coordinator(cfg, artifacts, resume=resume, stop_devices=not keep_devices)
-        else:
-            with RichProgress(cfg.engine.rounds) as progress:
-                summary = run_coordinator(
-                    cfg, artifacts, resume=resume, progress=progress, stop_devices=not keep_devices
-                )
+        with serve_dashboard(dashboard, cfg.out, dashboard_cert, dashboard_key) as watch:
+            if quiet:
+                summary = run_coordinator(cfg, artifacts, resume=resume, stop_devices=not keep_devices, on_events=watch)
+            else:
+                with RichProgress(cfg.engine.rounds) as progress:
+                    summary = run_coordinator(
+                        cfg, artifacts, resume=resume, progress=progress, stop_devices=not keep_devices, on_events=watch
+                    )
     print_summary(summary, console)
-    raise typer.Exit(ExitCode.SUCCESS if summary.ok else ExitCode.RUN_FAILED)
+    raise typer.Exit(run_exit_code(summary))
+
+
+@contextlib.contextmanager
+def serve_dashboard(
+    bind: str | None, out: Path, cert: Path | None = None, key: Path | None = None
+) -> Iterator[Callable[[Any], None] | None]:
+    """Serve the dashboard for the run in `out` while the block runs; yields the run's `on_events` hook.
+
+    Prints the URL (and, when bound beyond loopback, the token once; it is also kept 0600 in
+    `out/dashboard.token`). `bind` None or "off": no dashboard.
+    """
+    if bind is None or bind == "off":
+        yield None
+        return
+    from msfusion.coordinator.dashboard.app import RunsView
+    from msfusion.coordinator.dashboard.server import Dashboard, DashboardOptions, parse_bind
+
+    host, port = parse_bind(bind)
+    view = RunsView(root=out.resolve().parent)
+    server = Dashboard(view, DashboardOptions(host, port, tls_cert=cert, tls_key=key), token_dir=out).start()
+    console.print(Text(f"dashboard: {server.url}", style="bold"))
+    if server.generated_token:
+        console.print(Text(f"dashboard token (shown once; kept in {out / 'dashboard.token'}): {server.token}"))
+    try:
+        yield lambda events: view.add_live(events_run_id(events), events)
+    finally:
+        server.stop()
+
+
+def events_run_id(events: Any) -> str:
+    """The run id a live event stream is listed under (its run_started event's, else its folder's name)."""
+    for event in events.since(0)[::-1]:
+        if event.get("kind") == "run_started":
+            return str(event["run_id"])
+    return str(events.out.name)
+
+
+def run_exit_code(summary: Any) -> ExitCode:
+    """0 finished, 130 stopped by `msfusion runs stop` (resumable), 1 failed."""
+    if summary.ok:
+        return ExitCode.SUCCESS
+    return ExitCode.INTERRUPTED if summary.state == "stopped" else ExitCode.RUN_FAILED
 
 
 def _engine(
@@ -224,6 +277,9 @@ def simulate(
     deadline_s: float = typer.Option(120.0, "--deadline-s"),
     seed: int = typer.Option(0),
     log_level: str = typer.Option("INFO", "--log-level"),
+    dashboard: str = typer.Option(
+        "127.0.0.1:0", "--dashboard", help="serve the live dashboard on [HOST:]PORT (0: a free port; off: none)"
+    ),
 ) -> None:
     """Share out a data set (Fashion-MNIST by default), start N device daemons and a coordinator, train end to end."""
     from msfusion.coordinator.cli.console import RichProgress, print_summary
@@ -251,10 +307,10 @@ def simulate(
             round=RoundConfig(deadline_s=deadline_s),
         )
         setup_logging(log_level, out / "logs" / "coordinator.log")
-        with RichProgress(rounds) as progress:
-            summary = run_simulation(cfg, ExportedArtifacts(engine, backend), progress)
+        with serve_dashboard(dashboard, out) as watch, RichProgress(rounds) as progress:
+            summary = run_simulation(cfg, ExportedArtifacts(engine, backend), progress, on_events=watch)
     print_summary(summary, console)
-    raise typer.Exit(ExitCode.SUCCESS if summary.ok else ExitCode.RUN_FAILED)
+    raise typer.Exit(run_exit_code(summary))
 
 
 @app.command()
@@ -416,6 +472,23 @@ def train(
         (out / "model.safetensors").write_bytes(pack_weights(weights))
     chosen = "chosen on the validation set" if prepared.validation is not None else "no validation set"
     console.print(Text(f"model ({deployable}, {chosen}): {out / 'model.safetensors'}"))
+
+
+@app.command()
+def report(
+    run_dir: Path = typer.Argument(..., help="a run's output folder (finished, failed or crashed)"),
+    benchmark: Optional[Path] = typer.Option(
+        None,
+        help="a benchmark JSON (e.g. bench/results/scaling.json): its other strategies' final figures "
+        "are drawn as baselines",
+    ),
+) -> None:
+    """Write RUN_DIR/report.html: one self-contained page of the run's figures, devices, failures and config."""
+    from msfusion.coordinator.fleet.run_report import write_report
+
+    with cli_errors():
+        path = write_report(run_dir, benchmark)
+    console.print(Text(str(path)), soft_wrap=True)
 
 
 def main() -> None:

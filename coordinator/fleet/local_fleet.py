@@ -20,7 +20,7 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -30,6 +30,7 @@ from msfusion.coordinator.fleet.config import (
     FleetConfig,
     RoundConfig,
 )
+from msfusion.coordinator.fleet.events import RunEvents
 from msfusion.coordinator.fleet.report import RunSummary
 from msfusion.coordinator.fleet.rounds import ArtifactSource
 from msfusion.coordinator.fleet.runner import RunProgress, run_coordinator
@@ -339,7 +340,12 @@ class SimulationConfig:
     round: RoundConfig = field(default_factory=RoundConfig)
 
 
-def simulate(config: SimulationConfig, artifacts: ArtifactSource, progress: RunProgress | None = None) -> RunSummary:
+def simulate(
+    config: SimulationConfig,
+    artifacts: ArtifactSource,
+    progress: RunProgress | None = None,
+    on_events: Callable[[RunEvents], None] | None = None,
+) -> RunSummary:
     """Partition, start a broker (unless given) and N daemons, run the coordinator, clean up.
 
     Returns:
@@ -370,7 +376,7 @@ def simulate(config: SimulationConfig, artifacts: ArtifactSource, progress: RunP
         fleet=FleetConfig(min_devices=len(shards.devices), wait_s=120.0),
     )
     try:
-        summary = run_coordinator(coordinator, artifacts, progress=progress)
+        summary = run_coordinator(coordinator, artifacts, progress=progress, on_events=on_events)
     finally:
         codes = stop_processes(processes)
         log.info("device exit codes: %s", codes)

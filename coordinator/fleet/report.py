@@ -39,6 +39,7 @@ class RunSummary:
         variant_metrics: per variant, its "test" (and "validation") figures at the end.
         excluded: devices left out because their data cannot train the model, with the reason.
         preprocessing: the run's agreed normalization, classes or vocabulary (empty: data used as stored).
+        state: "finished", "failed" or "stopped" (by `msfusion runs stop`; `--resume` continues it).
     """
 
     ok: bool
@@ -55,13 +56,15 @@ class RunSummary:
     variant_metrics: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     excluded: Mapping[str, str] = field(default_factory=dict)
     preprocessing: Mapping[str, Any] = field(default_factory=dict)
+    state: str = "finished"
 
 
-def append_metrics(out: Path, outcome: RoundOutcome, wall_s: float) -> None:
-    """One JSON line per round attempt (merged or not)."""
+def append_metrics(out: Path, outcome: RoundOutcome, wall_s: float) -> dict[str, Any]:
+    """One JSON line per round attempt (merged or not); returns the line."""
     line = {**asdict(outcome), "wall_s": wall_s}
     with open(out / METRICS_FILE, "a", encoding="utf-8") as handle:
         handle.write(json.dumps(line, allow_nan=True) + "\n")
+    return line
 
 
 def read_metrics(out: Path) -> list[dict[str, Any]]:

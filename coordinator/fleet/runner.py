@@ -8,10 +8,11 @@ the output folder (metrics.jsonl, summary.json, model.safetensors, accuracy.png)
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import time
 from pathlib import Path
-from typing import Any, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 import msgspec
 import numpy as np
@@ -23,6 +24,7 @@ from msfusion.atomic import atomic_write
 from msfusion.coordinator.fleet import report
 from msfusion.coordinator.fleet.checkpoint import RunState, load_checkpoint, load_cohold
 from msfusion.coordinator.fleet.config import CoordinatorConfig
+from msfusion.coordinator.fleet.events import RunEvents
 from msfusion.coordinator.fleet.link import CoordinatorLink, Inbound
 from msfusion.coordinator.fleet.registry import Fleet, Sizing
 from msfusion.coordinator.fleet.rounds import (
@@ -63,6 +65,41 @@ class NotEnoughDevices(DeviceLost):
 
 class RoundFailed(MsfusionError):
     """A round stayed below quorum after every attempt."""
+
+
+class RunStopped(MsfusionError):
+    """`msfusion runs stop` asked this run to stop (after the round in progress)."""
+
+
+class _Watch:
+    """The run's progress as events (fleet snapshots at most once a second), passed on to a display."""
+
+    def __init__(self, inner: RunProgress | None, events: RunEvents, fleet: Fleet, every_s: float = 1.0) -> None:
+        self._inner, self._events, self._fleet, self._every_s = inner, events, fleet, every_s
+        self._last = 0.0
+
+    def snapshot(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self._last >= self._every_s:
+            self._last = now
+            online = {d: self._fleet.online(d, now) for d in self._fleet.devices}
+            self._events.fleet(self._fleet.devices, online, self._fleet.excluded)
+
+    def waiting(self, registered: int, needed: int) -> None:
+        self.snapshot()
+        if (why := self._events.stop_requested()) is not None:
+            raise RunStopped(why)
+        if self._inner is not None:
+            self._inner.waiting(registered, needed)
+
+    def tick(self, round_idx: int, devices: Mapping[str, str], replies: Mapping[str, str]) -> None:
+        if self._inner is not None:
+            self._inner.tick(round_idx, devices, replies)
+
+    def round_done(self, outcome: RoundOutcome) -> None:
+        self.snapshot(force=True)
+        if self._inner is not None:
+            self._inner.round_done(outcome)
 
 
 PREPROCESSING_FILE = "preprocessing.json"
@@ -184,24 +221,35 @@ def wait_for_devices(ctx: RoundContext, needed: int, wait_s: float, progress: Ru
     """Handle registrations and heartbeats until `needed` devices are live.
 
     Devices left out for their data count towards `needed` (they registered; the run goes on
-    without them), but at least one device must be live.
+    without them), but at least one device must be live. Devices refused for anything else (a
+    budget too small, another backend) do not count: once every expected device has answered
+    (live + refused >= needed) and too few are live, waiting longer cannot help.
 
     Raises:
-        NotEnoughDevices: not within `wait_s`.
+        NotEnoughDevices: not within `wait_s`, or at once when every expected device has answered
+            and too few were admitted; the message gives each refusal's reason.
     """
-    deadline = time.monotonic() + wait_s
+    started = time.monotonic()
+    fleet = ctx.fleet
+
+    def live() -> int:
+        return len(fleet.participants(time.monotonic()))
 
     def short() -> bool:
-        live = len(ctx.fleet.participants(time.monotonic()))
-        return live < 1 or live + len(ctx.fleet.excluded) < needed
+        return live() < 1 or live() + len(fleet.excluded) < needed
 
     while short():
-        if time.monotonic() > deadline:
-            live = len(ctx.fleet.participants(time.monotonic()))
-            left_out = f" ({len(ctx.fleet.excluded)} left out for their data)" if ctx.fleet.excluded else ""
-            raise NotEnoughDevices(f"{live} of {needed} devices online after {wait_s:.0f} s{left_out}")
+        answered = live() + len(fleet.refused) >= needed  # the refused include those left out for their data
+        if answered or time.monotonic() > started + wait_s:
+            by_reason: dict[str, list[str]] = {}
+            for device_id, why in sorted(fleet.refused.items()):
+                by_reason.setdefault(why, []).append(device_id)
+            refusals = "; ".join(f"{', '.join(ids)}: {why}" for why, ids in by_reason.items())
+            refused = f"; {len(fleet.refused)} refused ({refusals})" if fleet.refused else ""
+            when = "every expected device has answered" if answered else f"after {wait_s:.0f} s"
+            raise NotEnoughDevices(f"{live()} of {needed} devices online {when}{refused}")
         if progress is not None:
-            progress.waiting(len(ctx.fleet.participants(time.monotonic())), needed)
+            progress.waiting(live(), needed)
         event = ctx.link.poll(0.5)
         if isinstance(event, Inbound):
             handle_fleet_message(ctx, event, time.monotonic())
@@ -213,6 +261,7 @@ def run_coordinator(
     resume: bool = False,
     progress: RunProgress | None = None,
     stop_devices: bool = True,
+    on_events: Callable[[RunEvents], None] | None = None,
 ) -> report.RunSummary:
     """Train `config.engine.rounds` rounds over the fleet and write every output.
 
@@ -222,6 +271,7 @@ def run_coordinator(
         resume: continue from the checkpoint in `config.out`.
         progress: optional progress display.
         stop_devices: tell every device to stop at the end.
+        on_events: called with the run's event stream once it exists (the dashboard subscribes so).
 
     Returns:
         The run's summary (also written to summary.json).
@@ -253,7 +303,28 @@ def run_coordinator(
         inputs=config.engine.model.inputs(),
     )
 
+    events = RunEvents(out)
+    events.clear_stop()  # a stop request is for the run it was made to, not for its resumption
+    if on_events is not None:
+        on_events(events)
+    events.emit(
+        "run_started",
+        run_id=config.run_id,
+        pid=os.getpid(),
+        strategy=config.engine.plan.strategy.value,
+        model=config.engine.model.arch,
+        rounds=config.engine.rounds,
+        params=spec.param_count(),
+        backend=config.backend,
+        out=str(out),
+        min_devices=config.fleet.min_devices,
+        resumed=resume,
+    )
+    watch = _Watch(progress, events, fleet)
+    progress = watch
+
     def tick(round_idx: int, replies: Mapping[str, str]) -> None:
+        watch.snapshot()
         if progress is not None:
             snapshot = {d: s for d, s, _ in fleet.snapshot(time.monotonic())}
             progress.tick(round_idx, snapshot, replies)
@@ -275,7 +346,7 @@ def run_coordinator(
         cohold=cohold,
         on_tick=tick,
     )
-    ok, reason = True, ""
+    ok, reason, stopped = True, "", False
     agreed, prep = load_preprocessing(out / CHECKPOINT_DIR) if resume else (False, None)
     test: ArrayDataset | None = None
     try:
@@ -290,15 +361,21 @@ def run_coordinator(
                     ctx.test, ctx.preprocessing = test, prep
                 started = time.perf_counter()
                 outcome, weights, state = run_round(ctx, weights, state, attempt)
-                report.append_metrics(out, outcome, time.perf_counter() - started)
+                line = report.append_metrics(out, outcome, time.perf_counter() - started)
+                events.emit("round", **line)
                 if progress is not None:
                     progress.round_done(outcome)
+                if outcome.merged and (why := events.stop_requested()) is not None:
+                    raise RunStopped(why)
                 if outcome.merged:
                     break
             else:
                 raise RoundFailed(
                     f"round {state.next_round} stayed below quorum in {config.round.max_attempts} attempts"
                 )
+    except RunStopped as exc:
+        ok, reason, stopped = False, f"stopped: {exc}", True
+        log.warning("run stopped on request (%s) after round %d; --resume continues it", exc, state.next_round)
     except (NotEnoughDevices, RoundFailed, DataError) as exc:
         ok, reason = False, str(exc)
         log.error("run failed: %s", exc)
@@ -317,7 +394,22 @@ def run_coordinator(
         transport.close()
     if test is None and agreed:
         test = materialize(eval_source, prep)
-    return finish(config, weights, ok, reason, cohold, test, prep, dict(fleet.excluded))
+    summary = finish(
+        config, weights, ok, reason, cohold, test, prep, dict(fleet.excluded), stopped, refused=dict(fleet.refused)
+    )
+    watch.snapshot(force=True)
+    events.emit(
+        "run_finished",
+        ok=summary.ok,
+        state=summary.state,
+        reason=summary.reason,
+        rounds_done=summary.rounds,
+        final_metrics=dict(summary.final_metrics),
+        deployable=summary.deployable,
+    )
+    events.clear_stop()
+    events.close()
+    return summary
 
 
 def finish(
@@ -329,6 +421,8 @@ def finish(
     test: ArrayDataset | None = None,
     prep: Preprocessing | None = None,
     excluded: Mapping[str, str] | None = None,
+    stopped: bool = False,
+    refused: Mapping[str, str] | None = None,
 ) -> report.RunSummary:
     """Write the deployable model, plot and summary.json; return the summary.
 
@@ -368,12 +462,15 @@ def finish(
         final_metrics=merged[-1]["metrics"] if merged else {},
         history=report.history(lines),
         devices=report.device_totals(lines, lambda r: spec.param_count(widths_for_ratio(spec, r))),
-        failures=report.failures(lines),
+        # Refused registrations first ("device: refused: reason"; those left out for their data are in `excluded`).
+        failures=[f"{d}: refused: {why}" for d, why in sorted((refused or {}).items()) if d not in (excluded or {})]
+        + report.failures(lines),
         paths=paths,
         model_params=spec.param_count(),
         deployable=deployable,
         variant_metrics=scored,
         excluded=dict(excluded or {}),
+        state="finished" if ok else "stopped" if stopped else "failed",
         preprocessing={k: v for k, v in msgspec.structs.asdict(prep).items() if v} if prep is not None else {},
     )
     report.write_summary(out, summary)
