@@ -8,7 +8,13 @@ stand-alone measurement of `MergeAccumulator`. Targets are printed, not
 asserted: overhead <= 5% at 8 devices, bytes per round <= 1.05x slice bytes
 after the first round.
 
-    .venv/bin/python bench/fleet.py --devices 8 --rounds 4 --out bench/results/fleet
+`--dashboard` runs the same simulation twice, side by side: without the
+dashboard, then with it serving and a client reading it as a browser does (the
+SSE stream open, the run's picture fetched after every event). It prints the
+coordinator's own time per round (everything but waiting for devices) and the
+wall time per round, off and on; the target is within 1%.
+
+    .venv/bin/python bench/fleet.py --devices 8 --rounds 4 --out bench/results/fleet [--dashboard]
 """
 
 from __future__ import annotations
@@ -18,9 +24,11 @@ import json
 import logging
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 
 from msfusion.algorithm.merging import MergeAccumulator, SliceUpdate
@@ -57,6 +65,72 @@ def merge_throughput(model: ModelConfig, devices: int, ratio: float, repeats: in
     return size * repeats / (time.perf_counter() - started) / 1e6
 
 
+def _reader(url: str, stop: threading.Event, seen: list[int]) -> None:
+    """A dashboard client: the event stream open, the run's picture fetched after each event."""
+    with httpx.Client(base_url=url, timeout=10) as client:
+        while not stop.is_set():
+            try:
+                runs = client.get("/api/runs").json()
+                if not runs:
+                    time.sleep(0.2)
+                    continue
+                run = runs[0]["id"]
+                with client.stream("GET", f"/api/runs/{run}/events", params={"since": 0}) as response:
+                    for line in response.iter_lines():
+                        if stop.is_set():
+                            return
+                        if line.startswith("data:"):
+                            seen.append(1)
+                            client.get(f"/api/runs/{run}")
+            except httpx.HTTPError:
+                time.sleep(0.2)
+
+
+def dashboard_overhead(args: argparse.Namespace, config: SimulationConfig, engine: EngineConfig) -> None:
+    """The simulation off and on the dashboard: coordinator time and wall time per round, side by side."""
+    from dataclasses import replace
+
+    from msfusion.coordinator.dashboard.app import RunsView
+    from msfusion.coordinator.dashboard.server import Dashboard, DashboardOptions
+
+    figures = {}
+    for mode in ("off", "on"):
+        out = args.out / f"dashboard-{mode}"
+        shutil.rmtree(out, ignore_errors=True)
+        cfg = replace(config, out=out)
+        artifacts = ExportedArtifacts(engine, args.backend, cache_dir=args.out / "artifact-cache")
+        seen: list[int] = []
+        if mode == "off":
+            simulate(cfg, artifacts)
+        else:
+            view = RunsView()
+            server = Dashboard(view, DashboardOptions()).start()
+            stop = threading.Event()
+            reader = threading.Thread(target=_reader, args=(server.url, stop, seen), daemon=True)
+            reader.start()
+            try:
+                simulate(cfg, artifacts, on_events=lambda events, view=view: view.add_live("bench", events))
+            finally:
+                stop.set()
+                server.stop()
+        lines = [line for line in read_metrics(out) if line["merged"]][1:]  # round 1 exports: left out
+        own = [sum(v for k, v in line["timings_s"].items() if k != "collect_s") for line in lines]
+        walls = [line["wall_s"] for line in lines]
+        figures[mode] = (float(np.mean(own)), float(np.mean(walls)), len(seen))
+    (own_off, wall_off, _), (own_on, wall_on, events) = figures["off"], figures["on"]
+    print(f"\ndashboard overhead, {args.devices} devices, rounds 2..{args.rounds} (a client read {events} events)")
+    print(
+        f"  coordinator time per round: off {1e3 * own_off:.1f} ms, on {1e3 * own_on:.1f} ms ({100 * (own_on / own_off - 1):+.2f}%)"
+    )
+    print(
+        f"  wall time per round:        off {wall_off:.3f} s, on {wall_on:.3f} s ({100 * (wall_on / wall_off - 1):+.2f}%)"
+    )
+    added = (own_on - own_off) / wall_off
+    print(
+        f"target: the dashboard adds <= 1% to a round: {100 * added:+.2f}% of the round ({'met' if added <= 0.01 else 'NOT met'})"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--devices", type=int, default=8)
@@ -66,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local-samples", type=int, default=256, help="samples per local epoch")
     parser.add_argument("--backend", default="ort")
     parser.add_argument("--out", type=Path, default=Path("bench/results/fleet"))
+    parser.add_argument("--dashboard", action="store_true", help="compare rounds with the dashboard off and on")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     model = ModelConfig(arch="cnn", channels=tuple(int(c) for c in args.channels.split(",")))
@@ -82,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         max_width_ratio=args.ratio,
         round=RoundConfig(deadline_s=600),
     )
+    if args.dashboard:
+        dashboard_overhead(args, config, engine)
+        return 0
     summary = simulate(config, ExportedArtifacts(engine, args.backend, cache_dir=args.out / "artifact-cache"))
     lines = [line for line in read_metrics(args.out) if line["merged"]]
     print(

@@ -117,6 +117,8 @@ class RoundOutcome:
     bytes_up: dict[str, int] = field(default_factory=dict)
     slice_bytes: dict[str, int] = field(default_factory=dict)  # fp32 size of each device's slice
     peak_rss_bytes: dict[str, int] = field(default_factory=dict)
+    budget_bytes: dict[str, int] = field(default_factory=dict)  # each device's memory budget as registered
+    step_time_s: dict[str, float] = field(default_factory=dict)  # each device's reported time per training step
     width_ratios: dict[str, float] = field(default_factory=dict)  # the ratio each device trained at
     start_sha256: str = ""  # weights_digest of the global weights the round started from
     end_sha256: str = ""  # ... and of the merged weights (empty when not merged)
@@ -262,7 +264,7 @@ def run_round(
     # Collect until all are in or the deadline, merging each valid slice as it arrives
     # (collect_s includes those streamed merges; merge_s counts them again, with the final pass).
     accumulator = MergeAccumulator(weights, ctx.spec, round_idx)
-    replies, peak_rss, merge_s = _collect(ctx, sent, accumulator, time.monotonic() + ctx.round.deadline_s)
+    replies, results, merge_s = _collect(ctx, sent, accumulator, time.monotonic() + ctx.round.deadline_s)
     lap("collect_s")
     for item in sent.values():
         ctx.link.withdraw(item.task.weights.transfer_id)
@@ -277,7 +279,9 @@ def run_round(
         bytes_down={d: ctx.link.bytes_down[d] - down_before.get(d, 0) for d in sent},
         bytes_up={d: ctx.link.bytes_up[d] - up_before.get(d, 0) for d in sent},
         slice_bytes={d: item.fp32_bytes for d, item in sent.items()},
-        peak_rss_bytes=peak_rss,
+        peak_rss_bytes={d: r.peak_rss_bytes for d, r in results.items()},
+        budget_bytes={d: ctx.fleet.devices[d].memory_budget_bytes for d in sent if d in ctx.fleet.devices},
+        step_time_s={d: r.step_time_s for d, r in results.items()},
         width_ratios={d: item.width_ratio for d, item in sent.items()},
         timings_s=timings,
         start_sha256=weights_digest(weights),
@@ -324,15 +328,15 @@ def run_round(
 
 def _collect(
     ctx: RoundContext, sent: Mapping[str, _Sent], accumulator: MergeAccumulator, deadline: float
-) -> tuple[dict[str, str], dict[str, int], float]:
+) -> tuple[dict[str, str], dict[str, SliceResult], float]:
     """Handle events until every device replied or the deadline passed.
 
     Returns:
         Per device its reply ("merged", "rejected: ...", "failed: ...", or
-        "no reply"), the peak RSS each device reported, and the seconds spent merging.
+        "no reply"), the result each slice came with (its peak RSS and step time), and the seconds spent merging.
     """
     replies: dict[str, str] = {}
-    peak_rss: dict[str, int] = {}
+    results: dict[str, SliceResult] = {}
     merge_s = 0.0
     last_tick = 0.0
     while len(replies) < len(sent) and (now := time.monotonic()) < deadline:
@@ -353,7 +357,7 @@ def _collect(
             case Malformed(device_id=device_id):
                 ctx.fleet.seen(device_id, time.monotonic())
             case SliceArrived() as arrived if arrived.device_id in sent and arrived.device_id not in replies:
-                merge_s += _take_slice(ctx, sent, accumulator, replies, peak_rss, arrived)
+                merge_s += _take_slice(ctx, sent, accumulator, replies, results, arrived)
             case SliceArrived():
                 pass  # a slice already answered for
             case Inbound(message=SliceResult() | TaskFailed()) as inbound:
@@ -366,12 +370,12 @@ def _collect(
                     _resend(ctx, sent, [inbound.device_id])  # it restarted: whatever it held of this task is gone
     for arrived in ctx.link.take_ready():  # complete as the deadline passed: as good as any other
         if arrived.device_id in sent and arrived.device_id not in replies:
-            merge_s += _take_slice(ctx, sent, accumulator, replies, peak_rss, arrived)
+            merge_s += _take_slice(ctx, sent, accumulator, replies, results, arrived)
     ctx.link.forget_slices()
     for device_id in sent:
         if device_id not in replies:
             ctx.fleet.note_failure(device_id, "no reply before the round's deadline")
-    return {d: replies.get(d, "no reply") for d in sent}, peak_rss, merge_s
+    return {d: replies.get(d, "no reply") for d in sent}, results, merge_s
 
 
 def _take_slice(
@@ -379,13 +383,13 @@ def _take_slice(
     sent: Mapping[str, _Sent],
     accumulator: MergeAccumulator,
     replies: dict[str, str],
-    peak_rss: dict[str, int],
+    results: dict[str, SliceResult],
     arrived: SliceArrived,
 ) -> float:
     """Merge one arrived slice (or reject it with the reason); returns the seconds spent merging."""
     started = time.perf_counter()
     replies[arrived.device_id] = _merge_slice(accumulator, sent[arrived.device_id], arrived)
-    peak_rss[arrived.device_id] = arrived.result.peak_rss_bytes
+    results[arrived.device_id] = arrived.result
     if replies[arrived.device_id] != "merged":
         ctx.fleet.note_failure(arrived.device_id, replies[arrived.device_id])
     return time.perf_counter() - started

@@ -21,7 +21,7 @@ from msfusion.algorithm.inference import CoHoldStats, choose_deployable
 from msfusion.algorithm.slicing import Weights
 from msfusion.algorithm.spec import widths_for_ratio
 from msfusion.atomic import atomic_write
-from msfusion.coordinator.fleet import report
+from msfusion.coordinator.fleet import report, run_report
 from msfusion.coordinator.fleet.checkpoint import RunState, load_checkpoint, load_cohold
 from msfusion.coordinator.fleet.config import CoordinatorConfig
 from msfusion.coordinator.fleet.events import RunEvents
@@ -305,8 +305,6 @@ def run_coordinator(
 
     events = RunEvents(out)
     events.clear_stop()  # a stop request is for the run it was made to, not for its resumption
-    if on_events is not None:
-        on_events(events)
     events.emit(
         "run_started",
         run_id=config.run_id,
@@ -320,6 +318,8 @@ def run_coordinator(
         min_devices=config.fleet.min_devices,
         resumed=resume,
     )
+    if on_events is not None:
+        on_events(events)
     watch = _Watch(progress, events, fleet)
     progress = watch
 
@@ -454,6 +454,7 @@ def finish(
         paths["plot"] = str(plot)
     if (out / "logs").is_dir():
         paths["logs"] = str(out / "logs")
+    paths["report"] = str(out / run_report.REPORT_FILE)
     summary = report.RunSummary(
         ok=ok,
         reason=reason,
@@ -474,4 +475,5 @@ def finish(
         preprocessing={k: v for k, v in msgspec.structs.asdict(prep).items() if v} if prep is not None else {},
     )
     report.write_summary(out, summary)
+    run_report.write_report(out, config=config)  # after the summary: a report failure loses no figure
     return summary
