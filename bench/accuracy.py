@@ -36,9 +36,20 @@ import time
 from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from msfusion.algorithm.overlap import OverlapConfig, OverlapMode
 from msfusion.algorithm.planning import (
@@ -238,8 +249,9 @@ def run_one(
     model: ModelConfig,
     seed: int,
     mu: float,
+    on_round: Callable[[object], None] | None = None,
 ) -> dict[str, object]:
-    """Train one (case, budget, strategy) and return its figures."""
+    """Train one (case, budget, strategy) and return its figures (`on_round`: called after each round)."""
     share = float(Fraction(budget))
     ratio = ratio_for_budget(model_spec(model), share)
     base = EngineConfig(
@@ -250,7 +262,7 @@ def run_one(
     plan = plan_round(engine.spec, [DeviceSlot("d", device_ratio)], 0, cfg.overlap.initial, cfg.plan)
     cost = device_cost(cfg.model, plan.widths("d"))
     t0 = time.perf_counter()
-    history = engine.run()
+    history = engine.run(on_round)
     wall = time.perf_counter() - t0
     curve = [r.metrics[case.metric] for r in history]
     best = min(curve) if case.metric == "perplexity" else max(curve)
@@ -448,38 +460,22 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--data: {exc}")
         all_cases = [c for c in cases(args.quick, images=name, text=name) if c.model.task == task]
     rows: list[dict[str, object]] = []
-    for case in all_cases:
-        if wanted and not wanted & {case.name, case.model.arch}:
-            continue
-        if args.rounds:
-            case = replace(case, rounds={b: args.rounds for b in case.rounds})
-        if args.max_samples:
-            case = replace(case, local=replace(case.local, max_samples=args.max_samples))
-        if args.data is not None:
-            shards, test, model = load_data_set(args.data, case, args.quick, args.seed, args.devices)
-        else:
-            shards, test, model = load_case_data(case, args.quick, args.seed, args.devices)
-        if args.test_size:
-            test = test.subset(np.arange(min(args.test_size, len(test))))
-        for budget in args.budgets.split(","):
-            for strategy in args.strategies.split(","):
-                row = run_one(case, budget, strategy, shards, test, model, args.seed, args.mu)
-                rows.append(row)
-                print(
-                    f"{case.name} {budget} {strategy}: final {row['final']:.4f} best {row['best']:.4f} "
-                    f"({row['wall_s']:.0f} s)",
-                    flush=True,
-                )
-                args.out.write_text(
-                    json.dumps(
-                        {
-                            "args": vars(args) | {"out": str(args.out), "data": args.data and str(args.data)},
-                            "devices": args.devices,
-                            "results": rows,
-                        },
-                        indent=1,
-                    )
-                )
+    selected = [c for c in all_cases if not wanted or wanted & {c.name, c.model.arch}]
+    budgets, strategies = args.budgets.split(","), args.strategies.split(",")
+    console = Console()
+    bars = Progress(
+        TextColumn("{task.description}", markup=False),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not console.is_terminal,  # a log file gets the result lines only
+    )
+    with bars:
+        overall = bars.add_task("accuracy benchmark: runs", total=len(selected) * len(budgets) * len(strategies))
+        for case in selected:
+            _run_case(args, case, budgets, strategies, rows, bars, overall)
     print()
     print_table(rows)
     print()
@@ -488,6 +484,54 @@ def main(argv: list[str] | None = None) -> int:
         print(f"plot: {path}")
     print(f"json: {args.out}")
     return 0
+
+
+def _run_case(
+    args: argparse.Namespace,
+    case: Case,
+    budgets: list[str],
+    strategies: list[str],
+    rows: list[dict[str, object]],
+    bars: Progress,
+    overall: TaskID,
+) -> None:
+    """Every budget and strategy of one case, a bar per run (its rounds) under the overall one."""
+    if args.rounds:
+        case = replace(case, rounds={b: args.rounds for b in case.rounds})
+    if args.max_samples:
+        case = replace(case, local=replace(case.local, max_samples=args.max_samples))
+    if args.data is not None:
+        shards, test, model = load_data_set(args.data, case, args.quick, args.seed, args.devices)
+    else:
+        shards, test, model = load_case_data(case, args.quick, args.seed, args.devices)
+    if args.test_size:
+        test = test.subset(np.arange(min(args.test_size, len(test))))
+    for budget in budgets:
+        for strategy in strategies:
+            run = bars.add_task(f"{case.name} {budget} {strategy}: rounds", total=case.rounds[budget])
+
+            def advance(_record: object, task: TaskID = run) -> None:
+                bars.advance(task)
+
+            row = run_one(case, budget, strategy, shards, test, model, args.seed, args.mu, advance)
+            bars.remove_task(run)
+            bars.advance(overall)
+            rows.append(row)
+            print(
+                f"{case.name} {budget} {strategy}: final {row['final']:.4f} best {row['best']:.4f} "
+                f"({row['wall_s']:.0f} s)",
+                flush=True,
+            )
+            args.out.write_text(
+                json.dumps(
+                    {
+                        "args": vars(args) | {"out": str(args.out), "data": args.data and str(args.data)},
+                        "devices": args.devices,
+                        "results": rows,
+                    },
+                    indent=1,
+                )
+            )
 
 
 if __name__ == "__main__":

@@ -23,12 +23,11 @@ import argparse
 import json
 import logging
 import shutil
+import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 
 from msfusion.algorithm.merging import MergeAccumulator, SliceUpdate
@@ -65,25 +64,25 @@ def merge_throughput(model: ModelConfig, devices: int, ratio: float, repeats: in
     return size * repeats / (time.perf_counter() - started) / 1e6
 
 
-def _reader(url: str, stop: threading.Event, seen: list[int]) -> None:
-    """A dashboard client: the event stream open, the run's picture fetched after each event."""
-    with httpx.Client(base_url=url, timeout=10) as client:
-        while not stop.is_set():
-            try:
-                runs = client.get("/api/runs").json()
-                if not runs:
-                    time.sleep(0.2)
-                    continue
-                run = runs[0]["id"]
-                with client.stream("GET", f"/api/runs/{run}/events", params={"since": 0}) as response:
-                    for line in response.iter_lines():
-                        if stop.is_set():
-                            return
-                        if line.startswith("data:"):
-                            seen.append(1)
-                            client.get(f"/api/runs/{run}")
-            except httpx.HTTPError:
+READER = """
+import sys, time, httpx
+url = sys.argv[1]
+with httpx.Client(base_url=url, timeout=10) as client:
+    while True:
+        try:
+            runs = client.get("/api/runs").json()
+            if not runs:
                 time.sleep(0.2)
+                continue
+            run = runs[0]["id"]
+            with client.stream("GET", f"/api/runs/{run}/events", params={"since": 0}) as response:
+                for line in response.iter_lines():
+                    if line.startswith("data:"):
+                        print(1, flush=True)
+                        client.get(f"/api/runs/{run}")
+        except httpx.HTTPError:
+            time.sleep(0.2)
+"""
 
 
 def dashboard_overhead(args: argparse.Namespace, config: SimulationConfig, engine: EngineConfig) -> None:
@@ -93,32 +92,38 @@ def dashboard_overhead(args: argparse.Namespace, config: SimulationConfig, engin
     from msfusion.coordinator.dashboard.app import RunsView
     from msfusion.coordinator.dashboard.server import Dashboard, DashboardOptions
 
-    figures = {}
-    for mode in ("off", "on"):
-        out = args.out / f"dashboard-{mode}"
+    own: dict[str, list[float]] = {"off": [], "on": []}
+    walls: dict[str, list[float]] = {"off": [], "on": []}
+    seen: list[int] = []
+    for i, mode in enumerate(["off", "on"] * args.repeats):  # alternated: drift on the machine hits both alike
+        out = args.out / f"dashboard-{mode}-{i}"
         shutil.rmtree(out, ignore_errors=True)
         cfg = replace(config, out=out)
         artifacts = ExportedArtifacts(engine, args.backend, cache_dir=args.out / "artifact-cache")
-        seen: list[int] = []
         if mode == "off":
             simulate(cfg, artifacts)
         else:
             view = RunsView()
             server = Dashboard(view, DashboardOptions()).start()
-            stop = threading.Event()
-            reader = threading.Thread(target=_reader, args=(server.url, stop, seen), daemon=True)
-            reader.start()
+            # A browser is another process: the reader is one too (its own GIL), reading as the page does.
+            reader = subprocess.Popen([sys.executable, "-c", READER, server.url], stdout=subprocess.PIPE, text=True)
             try:
                 simulate(cfg, artifacts, on_events=lambda events, view=view: view.add_live("bench", events))
             finally:
-                stop.set()
+                reader.terminate()
+                out_text, _ = reader.communicate(timeout=10)
+                seen.extend(1 for _ in out_text.split())
                 server.stop()
         lines = [line for line in read_metrics(out) if line["merged"]][1:]  # round 1 exports: left out
-        own = [sum(v for k, v in line["timings_s"].items() if k != "collect_s") for line in lines]
-        walls = [line["wall_s"] for line in lines]
-        figures[mode] = (float(np.mean(own)), float(np.mean(walls)), len(seen))
-    (own_off, wall_off, _), (own_on, wall_on, events) = figures["off"], figures["on"]
-    print(f"\ndashboard overhead, {args.devices} devices, rounds 2..{args.rounds} (a client read {events} events)")
+        own[mode] += [sum(v for k, v in line["timings_s"].items() if k != "collect_s") for line in lines]
+        walls[mode] += [line["wall_s"] for line in lines]
+    own_off, own_on = float(np.mean(own["off"])), float(np.mean(own["on"]))
+    wall_off, wall_on = float(np.mean(walls["off"])), float(np.mean(walls["on"]))
+    events = len(seen)
+    print(
+        f"\ndashboard overhead, {args.devices} devices, rounds 2..{args.rounds}, {args.repeats} runs each, "
+        f"alternated (a client read {events} events)"
+    )
     print(
         f"  coordinator time per round: off {1e3 * own_off:.1f} ms, on {1e3 * own_on:.1f} ms ({100 * (own_on / own_off - 1):+.2f}%)"
     )
@@ -141,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", default="ort")
     parser.add_argument("--out", type=Path, default=Path("bench/results/fleet"))
     parser.add_argument("--dashboard", action="store_true", help="compare rounds with the dashboard off and on")
+    parser.add_argument("--repeats", type=int, default=2, help="--dashboard: runs per mode, alternated")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     model = ModelConfig(arch="cnn", channels=tuple(int(c) for c in args.channels.split(",")))

@@ -44,6 +44,7 @@ from msfusion.devices.wheelhouse import (
 )
 from msfusion.edge_runtime.config import DeviceConfig, to_toml
 from msfusion.errors import BundleError, ConfigError
+from msfusion.progress import ProgressCallback, step
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +173,7 @@ def device_config(profile: BoardProfile, device: DeviceSettings) -> DeviceConfig
         backends=(profile.backend,),
         max_width_ratio=device.max_width_ratio,
         threads=profile.cores,
+        board=profile.name,
     )
 
 
@@ -197,7 +199,11 @@ class BundleOptions:
 
 
 def build_bundle(
-    profile: BoardProfile, device: DeviceSettings, out_dir: Path, options: BundleOptions = BundleOptions()
+    profile: BoardProfile,
+    device: DeviceSettings,
+    out_dir: Path,
+    options: BundleOptions = BundleOptions(),
+    progress: ProgressCallback | None = None,
 ) -> BundleManifest:
     """Build the install bundle for one device of a board profile.
 
@@ -206,6 +212,8 @@ def build_bundle(
         device: the device's id, run, broker and credentials.
         out_dir: the bundle folder to create (must not exist, or be empty).
         options: wheel sources, backend or not, Python override, shard.
+        progress: hears of each step (msfusion/progress.py): msfusion's wheel, the pure-Python
+            wheels, the download, the wheelhouse check, the bundle's files.
 
     Returns:
         The manifest (also written to out_dir/manifest.json).
@@ -222,7 +230,7 @@ def build_bundle(
         raise BundleError(f"{out_dir} exists and is not empty")
     project_dir = options.project_dir or _source_tree()
     try:
-        manifest = _build(profile, device, config, out_dir, options, project_dir)
+        manifest = _build(profile, device, config, out_dir, options, project_dir, progress)
     except BaseException:
         shutil.rmtree(out_dir, ignore_errors=True)  # no half-built bundle to flash by mistake
         raise
@@ -237,38 +245,45 @@ def _build(
     out_dir: Path,
     options: BundleOptions,
     project_dir: Path,
+    progress: ProgressCallback | None = None,
 ) -> BundleManifest:
     wheelhouse = out_dir / "wheelhouse"
     wheelhouse.mkdir(parents=True)
     out_dir.chmod(0o700)
 
     # 1. The wheels: msfusion's own, pure-Python sdists, then the closure for the board.
-    own = build_project_wheel(project_dir, wheelhouse)
+    with step(progress, "build the msfusion wheel"):
+        own = build_project_wheel(project_dir, wheelhouse)
     version = parse_wheel_filename(own.name).version
     extra = f"[{profile.backend}]" if options.include_backend else ""
     if options.include_backend:
-        build_pure_wheels(PURE_SDISTS[profile.backend], wheelhouse, options.sources)
+        with step(progress, f"build the pure-Python wheels of {profile.backend}"):
+            build_pure_wheels(PURE_SDISTS[profile.backend], wheelhouse, options.sources)
     requirements = [f"msfusion{extra} @ {own.resolve().as_uri()}", "pip"]  # pip: install.sh upgrades the board's first
-    download_wheels(requirements, profile, profile.python_version, wheelhouse, options.sources)
-    problems = check_wheelhouse(wheelhouse, profile.python_version, profile.platform_tags)
+    with step(progress, f"download the wheels for {profile.name} (Python {profile.python_version})"):
+        download_wheels(requirements, profile, profile.python_version, wheelhouse, options.sources)
+    with step(progress, "check the wheelhouse"):
+        problems = check_wheelhouse(wheelhouse, profile.python_version, profile.platform_tags)
     if problems:
         raise BundleError(f"wheels that will not install on {profile.name}:\n" + "\n".join(problems))
 
     # 2. The config, the units and the install script.
-    _write(out_dir / CONFIG, to_toml(config), 0o600)
-    _write(out_dir / units.DEVICE_UNIT, units.device_unit(profile.memory_max_bytes, profile.cores), 0o644)
-    _write(out_dir / units.FIRSTBOOT_UNIT, units.firstboot_unit(), 0o644)
     requirement = f"msfusion{extra}=={version}"
-    script = units.install_script(
-        requirement,
-        profile.python_minor,
-        options.board_python,
-        PurePosixPath(device.data_dir),
-        PurePosixPath(device.state_dir),
-    )
-    _write(out_dir / INSTALL_SCRIPT, script, 0o755)
+    with step(progress, "write device.toml, the units and install.sh"):
+        _write(out_dir / CONFIG, to_toml(config), 0o600)
+        _write(out_dir / units.DEVICE_UNIT, units.device_unit(profile.memory_max_bytes, profile.cores), 0o644)
+        _write(out_dir / units.FIRSTBOOT_UNIT, units.firstboot_unit(), 0o644)
+        script = units.install_script(
+            requirement,
+            profile.python_minor,
+            options.board_python,
+            PurePosixPath(device.data_dir),
+            PurePosixPath(device.state_dir),
+        )
+        _write(out_dir / INSTALL_SCRIPT, script, 0o755)
     if options.shard_dir is not None:
-        shutil.copytree(options.shard_dir, out_dir / "shard")
+        with step(progress, f"copy the shard {options.shard_dir}"):
+            shutil.copytree(options.shard_dir, out_dir / "shard")
 
     manifest = BundleManifest(
         format_version=MANIFEST_FORMAT,

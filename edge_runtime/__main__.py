@@ -6,6 +6,10 @@
 `profile` trains the real artifact a few steps per width and batch size, each
 in a fresh process, prints peak memory and time per step, and saves the
 profile in the state folder, which the daemon sends when it registers.
+
+Exit codes (the daemon): 0 stopped (told to by the coordinator, or SIGTERM / SIGINT),
+1 internal error, 2 config (a bad device.toml or flag, or the broker refused the
+credentials), 3 the coordinator refused the registration (its log says why).
 """
 
 from __future__ import annotations
@@ -29,6 +33,12 @@ class ProfileExit(enum.IntEnum):
     SUCCESS = 0
     FAILED = 1  # no point could be measured
     CONFIG = 2
+
+
+PROFILE_EXIT_CODES = (
+    "Exit codes: 0 profiled (and saved), 1 no point could be measured, "
+    "2 config (a bad device.toml, flag or profile set)."
+)
 
 
 def _floats(text: str) -> list[float]:
@@ -55,6 +65,7 @@ def profile_main(argv: list[str]) -> int:
         prog="msfusion-device profile",
         description="Measure peak memory and step time "
         "of the real training artifact at candidate widths and batch sizes.",
+        epilog=PROFILE_EXIT_CODES,
     )
     parser.add_argument("--config", required=True, help="device config TOML")
     parser.add_argument(

@@ -63,6 +63,7 @@ class DeviceConfig:
     keepalive_s: int = 10
     stall_s: float = 5.0
     threads: int = 1
+    board: str = ""  # the board profile it was flashed with (`msfusion devices flash`), shown on the dashboard
     ca_cert: str = ""  # reserved for TLS to the broker; read by nothing yet
     task_signing_public_key: str = ""  # reserved for verifying signed tasks; read by nothing yet
 

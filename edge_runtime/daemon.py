@@ -289,6 +289,7 @@ class Daemon:
             arch=platform.machine() or "unknown",
             backends=list(cfg.backends),
             max_width_ratio=cfg.max_width_ratio,
+            board=cfg.board,
         )
         msg = Registration(
             run_id=cfg.run_id,

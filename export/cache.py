@@ -27,6 +27,7 @@ from msfusion.errors import ArtifactError
 from msfusion.export.versions import runtime_versions
 from msfusion.models.config import LossConfig, ModelConfig
 from msfusion.models.registry import model_spec, resolve_widths
+from msfusion.progress import ProgressCallback, step
 from msfusion.wire.artifacts import (
     ArtifactKind,
     ArtifactManifest,
@@ -145,10 +146,12 @@ class ArtifactCache:
         optimizer: str | OptimizerConfig,
         batch_size: int,
         kind: ArtifactKind,
+        progress: ProgressCallback | None = None,
     ) -> CachedArtifact:
         """The cached artifact for these settings, exporting (and validating) it on a miss.
 
-        A corrupt entry is logged, removed and exported again.
+        A corrupt entry is logged, removed and exported again. `progress` (msfusion/progress.py)
+        hears of the export and the validation as one step each; a cache hit reports nothing.
 
         Raises:
             ArtifactError: the export or its validation failed.
@@ -171,12 +174,16 @@ class ArtifactCache:
         staging = Path(tempfile.mkdtemp(prefix=f".{key[:12]}-", dir=path.parent))
         try:
             start = time.perf_counter()
-            manifest = exporter(model_cfg, widths, loss, staging, optimizer=optimizer, batch_size=batch_size, key=key)
+            with step(progress, f"export {kind.value} artifact {key[:12]}"):
+                manifest = exporter(
+                    model_cfg, widths, loss, staging, optimizer=optimizer, batch_size=batch_size, key=key
+                )
             export_s = time.perf_counter() - start
             if self.validate:
                 from msfusion.export.validate import validate_artifact
 
-                validate_artifact(staging, model_cfg, widths, loss)
+                with step(progress, f"validate {kind.value} artifact {key[:12]}"):
+                    validate_artifact(staging, model_cfg, widths, loss)
             try:
                 staging.rename(path)
             except OSError:

@@ -84,8 +84,10 @@ class EngineConfig:
     eval_every: int = 1
 
     def __post_init__(self) -> None:
-        if self.rounds < 0 or self.eval_every < 1:
-            raise ConfigError(f"rounds must be >= 0 and eval_every >= 1, got {self.rounds}, {self.eval_every}")
+        if self.rounds < 1:
+            raise ConfigError(f"rounds must be >= 1 (a run of no rounds trains nothing), got {self.rounds}")
+        if self.eval_every < 1:
+            raise ConfigError(f"eval_every must be >= 1, got {self.eval_every}")
         if self.loss is _METHOD_LOSS and self.plan.strategy is not Strategy.MSFUSION:
             # Left at its default, the objective is the strategy's own: MSfusion's contrastive term is
             # part of MSfusion, and a baseline trains as its paper does, on cross-entropy.

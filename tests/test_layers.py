@@ -24,12 +24,21 @@ FOLDERS = {
     "msfusion.devices": REPO / "devices",
 }
 
-CORE = ("=msfusion", "msfusion.errors", "msfusion.atomic", "msfusion.algorithm", "msfusion.wire", "msfusion.data")
+CORE = (
+    "=msfusion",
+    "msfusion.errors",
+    "msfusion.atomic",
+    "msfusion.progress",
+    "msfusion.algorithm",
+    "msfusion.wire",
+    "msfusion.data",
+)
 # Layer of a module -> the layers (module-name prefixes) it may import. Longest prefix wins.
 ALLOWED: dict[str, tuple[str, ...]] = {
     "msfusion": CORE,
     "msfusion.errors": ("msfusion.errors",),
     "msfusion.atomic": ("msfusion.atomic",),
+    "msfusion.progress": ("msfusion.progress",),
     "msfusion.algorithm": ("msfusion.errors", "msfusion.algorithm"),
     "msfusion.wire": ("msfusion.errors", "msfusion.atomic", "msfusion.algorithm", "msfusion.wire"),
     # A data source reports its statistics in the wire schema's terms (DataReport, Preprocessing).
@@ -51,6 +60,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
 TORCH_FREE = [
     "msfusion.errors",
     "msfusion.atomic",
+    "msfusion.progress",
     "msfusion.algorithm",
     "msfusion.wire",
     "msfusion.data",

@@ -6,19 +6,20 @@ import contextlib
 import enum
 import logging
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import typer
 from rich.console import Console
 from rich.text import Text
 
 from msfusion.errors import BundleError, ConfigError, DataError, MsfusionError
+from msfusion.progress import ProgressCallback
 
 console = Console()
 
 
 class ExitCode(enum.IntEnum):
-    """What the process exit status means."""
+    """What the process exit status means (README.md, "Exit codes", lists them per command)."""
 
     SUCCESS = 0
     RUN_FAILED = 1  # a round stayed below quorum, or too few devices came
@@ -64,5 +65,94 @@ def cli_errors() -> Iterator[None]:
         raise typer.Exit(ExitCode.INTERRUPTED) from None
     except (MsfusionError, ValueError, ArithmeticError, OSError) as exc:
         # Text, not markup: an error naming a path or a `[table]` must print as it is.
-        console.print(Text.assemble(("error: ", "red"), str(exc)))
+        console.print(Text.assemble(("error: ", "red"), str(exc)), soft_wrap=True)  # one line, however long
         raise typer.Exit(exit_for(exc)) from None
+
+
+_T = TypeVar("_T")
+
+
+def parse_list(text: str, flag: str, convert: Callable[[str], _T], what: str, example: str) -> tuple[_T, ...]:
+    """A comma-separated flag value, each part through `convert` (ValueError: a bad part).
+
+    Raises:
+        ConfigError: a bad or missing part, in one line naming the flag and an example.
+    """
+    try:
+        values = tuple(convert(part.strip()) for part in text.split(",") if part.strip())
+    except ValueError:
+        values = ()
+    if not values:
+        raise ConfigError(f"{flag} must be comma-separated {what} (e.g. {example}), got {text!r}")
+    return values
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (ValueError otherwise)."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+def parse_channels(text: str | None) -> tuple[int, ...] | None:
+    """`--channels 8,16,32`: the conv widths, positive integers (None: the model's default)."""
+    if not text:
+        return None
+    return parse_list(text, "--channels", positive_int, "positive integers", "8,16,32")
+
+
+def check_backend(backend: str) -> str:
+    """`--backend`: one of the artifact kinds a fleet trains."""
+    from msfusion.coordinator.fleet.config import BACKENDS
+
+    if backend not in BACKENDS:
+        raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    return backend
+
+
+def check_rounds(rounds: int) -> int:
+    """`--rounds`: at least one (checked before any data is partitioned)."""
+    if rounds < 1:
+        raise ConfigError(f"--rounds must be >= 1, got {rounds}")
+    return rounds
+
+
+@contextlib.contextmanager
+def progress_bars(out: Console | None = None) -> Iterator[ProgressCallback]:
+    """A `msfusion.progress.ProgressCallback` that draws one rich bar per label, with elapsed time and ETA.
+
+    Silent when the console is not a terminal (a pipe, a log file, CI): the commands' own
+    one-line results are what such a reader wants.
+    """
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TaskID,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    out = out or console
+    bars = Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}", markup=False),  # labels hold paths and ids: never markup
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=out,
+        disable=not out.is_terminal,
+    )
+    tasks: dict[str, TaskID] = {}
+
+    def update(label: str, done: int, total: int) -> None:
+        if label not in tasks:
+            tasks[label] = bars.add_task(label, total=total)
+        bars.update(tasks[label], completed=done, total=total)
+
+    with bars:
+        yield update

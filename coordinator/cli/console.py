@@ -1,4 +1,9 @@
-"""Terminal output with rich: live round progress, per-device state, accuracy, and the final summary block."""
+"""Terminal output with rich: live round progress, per-device state, accuracy, and the final summary block.
+
+Every piece of text that comes from a user, a device or an error (ids, paths, reasons,
+replies) is drawn as `rich.text.Text`, never parsed as markup: a `[table]` or a
+`[/path]` in it prints as it is.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,9 @@ from typing import Mapping
 from rich.console import Console, Group
 from rich.live import Live
 from rich.panel import Panel
+from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from msfusion.coordinator.fleet.report import RunSummary
 from msfusion.coordinator.fleet.rounds import RoundOutcome
@@ -16,7 +23,11 @@ _STATE_STYLE = {"idle": "dim", "training": "yellow", "uploading": "cyan", "offli
 
 
 class RichProgress:
-    """A `RunProgress` that redraws a live table: rounds done, devices, accuracy."""
+    """A `RunProgress` that redraws a live table: rounds done, devices, accuracy.
+
+    `step` is a `msfusion.progress.ProgressCallback`: a bar for each artifact export and
+    validation while it runs, drawn inside the same live view (one live display per console).
+    """
 
     def __init__(self, rounds: int, console: Console | None = None) -> None:
         self.console = console or Console(stderr=True)
@@ -25,6 +36,15 @@ class RichProgress:
         self.status = "waiting for devices"
         self.devices: Mapping[str, str] = {}
         self.replies: Mapping[str, str] = {}
+        self.steps = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}", markup=False),
+            BarColumn(),
+            TimeElapsedColumn(),
+            console=self.console,
+            auto_refresh=False,  # drawn by the live view below
+        )
+        self._steps: dict[str, TaskID] = {}
         self.live = Live(self._render(), console=self.console, refresh_per_second=4, transient=False)
 
     def __enter__(self) -> RichProgress:
@@ -34,6 +54,15 @@ class RichProgress:
     def __exit__(self, *exc: object) -> None:
         self.live.update(self._render())
         self.live.__exit__(None, None, None)
+
+    def step(self, label: str, done: int, total: int) -> None:
+        """One export or validation step of an artifact (shown while it runs)."""
+        if label not in self._steps:
+            self._steps[label] = self.steps.add_task(label, total=total)
+        self.steps.update(self._steps[label], completed=done, total=total)
+        if done >= total:
+            self.steps.remove_task(self._steps.pop(label))
+        self.live.update(self._render())
 
     def waiting(self, registered: int, needed: int) -> None:
         self.status = f"waiting for devices: {registered} of {needed} online"
@@ -71,16 +100,20 @@ class RichProgress:
         devices.add_column("this round")
         for device_id, state in sorted(self.devices.items()):
             style = _STATE_STYLE.get(state, "")
-            devices.add_row(device_id, f"[{style}]{state}[/]" if style else state, self.replies.get(device_id, "")[:60])
-        return Group(self.status, rounds, devices)
+            devices.add_row(Text(device_id), Text(state, style=style), Text(self.replies.get(device_id, "")[:60]))
+        if self._steps:
+            return Group(Text(self.status), self.steps, rounds, devices)
+        return Group(Text(self.status), rounds, devices)
 
 
 def print_summary(summary: RunSummary, console: Console | None = None) -> None:
     """The final block: success or failure, figures, failed devices and why, where the outputs are."""
     console = console or Console()
-    lines = [
-        f"[bold {'green' if summary.ok else 'red'}]{'SUCCESS' if summary.ok else 'FAILURE'}[/]"
-        + (f": {summary.reason}" if summary.reason else "")
+    lines: list[Text | str] = [
+        Text.assemble(
+            ("SUCCESS" if summary.ok else "FAILURE", f"bold {'green' if summary.ok else 'red'}"),
+            f": {summary.reason}" if summary.reason else "",
+        )
     ]
     lines.append(f"strategy {summary.strategy}, {summary.rounds} rounds merged")
     if summary.final_metrics:
@@ -132,6 +165,7 @@ def print_summary(summary: RunSummary, console: Console | None = None) -> None:
         )
     failures = [f"  {f}" for f in summary.failures[-10:]]
     if failures:
-        failures.insert(0, f"failed replies ({len(summary.failures)}, last 10):")
+        failures.insert(0, f"failed replies and refused devices ({len(summary.failures)}, last 10):")
     paths = [f"{name}: {path}" for name, path in summary.paths.items()]
-    console.print(Panel(Group("\n".join(lines), rounds, table, "\n".join(failures + paths)), title="msfusion run"))
+    head = Text("\n").join(line if isinstance(line, Text) else Text(line) for line in lines)
+    console.print(Panel(Group(head, rounds, table, Text("\n".join(failures + paths))), title="msfusion run"))

@@ -6,8 +6,16 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.text import Text
 
-from msfusion.coordinator.cli.common import cli_errors, console, setup_logging
+from msfusion.coordinator.cli.common import (
+    cli_errors,
+    console,
+    parse_list,
+    positive_int,
+    progress_bars,
+    setup_logging,
+)
 from msfusion.errors import ConfigError
 
 devices_app = typer.Typer(
@@ -19,7 +27,10 @@ devices_app = typer.Typer(
 def devices_list(
     profiles: Optional[Path] = typer.Option(None, "--profiles", help="a TOML file of your own board profiles"),
 ) -> None:
-    """The board profiles: architecture, RAM, backend, the runtime's budget and the unit's hard cap."""
+    """The board profiles: architecture, RAM, backend, the runtime's budget and the unit's hard cap.
+
+    Exit codes: 0 success, 2 config (an unreadable or invalid --profiles file).
+    """
     from rich.table import Table
 
     from msfusion.devices.profiles import load_profiles
@@ -29,11 +40,11 @@ def devices_list(
     table = Table("profile", "arch", "RAM", "cores", "OS", "Python", "backend", "budget", "MemoryMax")
     for p in sorted(known.values(), key=lambda p: p.name):
         table.add_row(
-            p.name,
+            Text(p.name),  # a user's own profiles file names these: never markup
             p.arch,
             f"{p.ram_bytes / 2**30:.0f} GiB",
             str(p.cores),
-            p.os,
+            Text(p.os),
             p.python_version,
             p.backend,
             f"{p.default_memory_budget_bytes >> 20} MiB",
@@ -81,12 +92,15 @@ def devices_flash(
     find_links: list[str] = typer.Option([], "--find-links", help="a local folder of wheels"),
     profiles: Optional[Path] = typer.Option(None, "--profiles", help="a TOML file of your own board profiles"),
     rootfs: Optional[Path] = typer.Option(None, "--rootfs", help="also install into this mounted root filesystem"),
-    ssh: Optional[str] = typer.Option(None, "--ssh", help="also install over SSH on [user@]host"),
+    ssh: Optional[str] = typer.Option(None, "--ssh", help="also install over SSH on HOST or USER@HOST"),
     ssh_port: int = typer.Option(22, "--ssh-port"),
     identity: Optional[Path] = typer.Option(None, "--identity", help="SSH private key"),
     log_level: str = typer.Option("WARNING", "--log-level"),
 ) -> None:
-    """Build a board's install bundle (wheelhouse, device.toml, systemd units, install.sh); optionally install it."""
+    """Build a board's install bundle (wheelhouse, device.toml, systemd units, install.sh); optionally install it.
+
+    Exit codes: 0 success, 2 config, 5 bundle build or install failed.
+    """
     from msfusion.devices.flash import BundleOptions, DeviceSettings, build_bundle
     from msfusion.devices.profiles import get_profile, parse_bytes
     from msfusion.devices.wheelhouse import WheelSources
@@ -113,13 +127,16 @@ def devices_flash(
             board_python=board_python,
             shard_dir=shard,
         )
-        manifest = build_bundle(board, settings, out, options)
+        with progress_bars() as progress:
+            manifest = build_bundle(board, settings, out, options, progress=progress)
         done = _install(out, rootfs, ssh, ssh_port, identity)
     size = sum(w.size_bytes for w in manifest.wheels)
     console.print(
-        f"bundle {out}: {manifest.device_id} on {manifest.profile} ({manifest.arch}, Python "
-        f"{manifest.python_version}, backend {manifest.backend if manifest.backend_included else 'none'}), "
-        f"{len(manifest.wheels)} wheels, {size / 2**20:.0f} MiB; {done}"
+        Text(
+            f"bundle {out}: {manifest.device_id} on {manifest.profile} ({manifest.arch}, Python "
+            f"{manifest.python_version}, backend {manifest.backend if manifest.backend_included else 'none'}), "
+            f"{len(manifest.wheels)} wheels, {size / 2**20:.0f} MiB; {done}"
+        )
     )
 
 
@@ -127,16 +144,20 @@ def devices_flash(
 def devices_install(
     bundle: Path = typer.Option(..., "--bundle", help="a bundle built by `msfusion devices flash`"),
     rootfs: Optional[Path] = typer.Option(None, "--rootfs", help="a mounted root filesystem"),
-    ssh: Optional[str] = typer.Option(None, "--ssh", help="[user@]host of a running board"),
+    ssh: Optional[str] = typer.Option(None, "--ssh", help="HOST or USER@HOST of a running board"),
     ssh_port: int = typer.Option(22, "--ssh-port"),
     identity: Optional[Path] = typer.Option(None, "--identity", help="SSH private key"),
 ) -> None:
-    """Install a built bundle into a mounted root filesystem or over SSH."""
+    """Install a built bundle into a mounted root filesystem or over SSH.
+
+    Exit codes: 0 success, 2 config (not a root filesystem, or one of another architecture),
+    5 not a bundle, or the install failed.
+    """
     with cli_errors():
         if (rootfs is None) == (ssh is None):
             raise ConfigError("give exactly one of --rootfs and --ssh")
         done = _install(bundle, rootfs, ssh, ssh_port, identity)
-    console.print(done)
+    console.print(Text(done))
 
 
 @devices_app.command("profile-set")
@@ -146,18 +167,28 @@ def devices_profile_set(
     widths: str = typer.Option("1,0.5,0.25,0.125", help="width ratios"),
     batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="default: the run's batch size"),
 ) -> None:
-    """Export the artifacts a board profiles (`msfusion-device profile --artifacts DIR`)."""
+    """Export the artifacts a board profiles (`msfusion-device profile --artifacts DIR`).
+
+    Exit codes: 0 success, 1 an export or its validation failed, 2 config.
+    """
     from msfusion.coordinator.fleet.artifacts import export_profile_set
     from msfusion.coordinator.fleet.config import load_config
 
     with cli_errors():
         cfg = load_config(config)
-        ratios = [float(w) for w in widths.split(",") if w.strip()]
+        ratios = parse_list(widths, "--widths", float, "width ratios", "1,0.5,0.25")
         batches = (
-            [int(b) for b in batch_sizes.split(",") if b.strip()] if batch_sizes else [cfg.engine.local.batch_size]
+            parse_list(batch_sizes, "--batch-sizes", positive_int, "positive integers", "16,32")
+            if batch_sizes
+            else (cfg.engine.local.batch_size,)
         )
-        profile_set = export_profile_set(cfg.engine, cfg.backend, ratios, batches, out, cache_dir=cfg.artifact_cache)
+        with progress_bars() as progress:
+            profile_set = export_profile_set(
+                cfg.engine, cfg.backend, ratios, batches, out, cache_dir=cfg.artifact_cache, progress=progress
+            )
     console.print(
-        f"profile set {out}: {len(profile_set.points)} {profile_set.kind} artifacts of model "
-        f"{profile_set.model_key[:12]}"
+        Text(
+            f"profile set {out}: {len(profile_set.points)} {profile_set.kind} artifacts of model "
+            f"{profile_set.model_key[:12]}"
+        )
     )

@@ -24,7 +24,15 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 import typer
 from rich.text import Text
 
-from msfusion.coordinator.cli.common import ExitCode, cli_errors, console, setup_logging
+from msfusion.coordinator.cli.common import (
+    ExitCode,
+    check_backend,
+    check_rounds,
+    cli_errors,
+    console,
+    parse_channels,
+    setup_logging,
+)
 from msfusion.coordinator.cli.devices import devices_app
 from msfusion.coordinator.cli.runs import runs_app
 from msfusion.errors import (
@@ -40,7 +48,11 @@ if TYPE_CHECKING:
 
 
 app = typer.Typer(
-    add_completion=False, no_args_is_help=True, help="msfusion: train a model across a fleet of edge boards."
+    add_completion=False,
+    no_args_is_help=True,
+    help="msfusion: train a model across a fleet of edge boards.\n\n"
+    "Exit codes: 0 success, 1 run failed, 2 config, 3 broker unreachable, 4 data, 5 bundle build or install "
+    "failed, 130 interrupted (each command's --help says which it uses).",
 )
 coordinator_app = typer.Typer(no_args_is_help=True, help="The coordinator service.")
 app.add_typer(coordinator_app, name="coordinator")
@@ -67,7 +79,11 @@ def coordinator_run(
     dashboard_cert: Optional[Path] = typer.Option(None, "--dashboard-cert", help="TLS certificate (PEM) for it"),
     dashboard_key: Optional[Path] = typer.Option(None, "--dashboard-key", help="TLS key (PEM) for it"),
 ) -> None:
-    """Run rounds over the registered fleet until done; write metrics, checkpoints, model and summary."""
+    """Run rounds over the registered fleet until done; write metrics, checkpoints, model and summary.
+
+    Exit codes: 0 success, 1 run failed (a round below quorum, too few devices admitted), 2 config,
+    3 broker unreachable, 4 data, 130 interrupted or stopped by `msfusion runs stop`.
+    """
     from msfusion.coordinator.cli.console import RichProgress, print_summary
     from msfusion.coordinator.fleet.artifacts import ExportedArtifacts
     from msfusion.coordinator.fleet.config import load_config
@@ -90,6 +106,7 @@ def coordinator_run(
                 summary = run_coordinator(cfg, artifacts, resume=resume, stop_devices=not keep_devices, on_events=watch)
             else:
                 with RichProgress(cfg.engine.rounds) as progress:
+                    artifacts.progress = progress.step  # a bar per artifact export and validation
                     summary = run_coordinator(
                         cfg, artifacts, resume=resume, progress=progress, stop_devices=not keep_devices, on_events=watch
                     )
@@ -166,7 +183,7 @@ def _engine(
         )
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    dims: dict[str, Any] = {"channels": tuple(int(c) for c in channels.split(","))} if channels else {}
+    dims: dict[str, Any] = {"channels": widths} if (widths := parse_channels(channels)) else {}
     local = LocalTrainConfig(max_samples=local_samples)
     if lr is not None:
         from dataclasses import replace
@@ -281,7 +298,11 @@ def simulate(
         "127.0.0.1:0", "--dashboard", help="serve the live dashboard on [HOST:]PORT (0: a free port; off: none)"
     ),
 ) -> None:
-    """Share out a data set (Fashion-MNIST by default), start N device daemons and a coordinator, train end to end."""
+    """Share out a data set (Fashion-MNIST by default), start N device daemons and a coordinator, train end to end.
+
+    Exit codes: 0 success, 1 run failed (a round below quorum, too few devices admitted), 2 config,
+    3 broker unreachable, 4 data, 130 interrupted or stopped by `msfusion runs stop`.
+    """
     from msfusion.coordinator.cli.console import RichProgress, print_summary
     from msfusion.coordinator.fleet.artifacts import ExportedArtifacts
     from msfusion.coordinator.fleet.config import RoundConfig
@@ -289,6 +310,10 @@ def simulate(
     from msfusion.coordinator.fleet.local_fleet import simulate as run_simulation
 
     with cli_errors():
+        # The flags first: partitioning the data can take minutes.
+        check_rounds(rounds)
+        check_backend(backend)
+        parse_channels(channels)
         shares = _partition(devices, seed, samples_per_device, partition, data, 1000)
         shards = partition_data(shares, out / "shards")
         geometry = fit_model(model, shards)
@@ -308,7 +333,8 @@ def simulate(
         )
         setup_logging(log_level, out / "logs" / "coordinator.log")
         with serve_dashboard(dashboard, out) as watch, RichProgress(rounds) as progress:
-            summary = run_simulation(cfg, ExportedArtifacts(engine, backend), progress, on_events=watch)
+            artifacts = ExportedArtifacts(engine, backend, progress=progress.step)
+            summary = run_simulation(cfg, artifacts, progress, on_events=watch)
     print_summary(summary, console)
     raise typer.Exit(run_exit_code(summary))
 
@@ -321,7 +347,10 @@ def plan(
     channels: Optional[str] = typer.Option(None, help="conv widths, e.g. 32,64,128"),
     measured: Optional[Path] = typer.Option(None, help="figures to advise from (default: the shipped ones)"),
 ) -> None:
-    """Recommend a strategy for a fleet, from the scaling benchmark's measured figures, and say why."""
+    """Recommend a strategy for a fleet, from the scaling benchmark's measured figures, and say why.
+
+    Exit codes: 0 success, 2 config (a bad flag, an unreadable --measured file).
+    """
     from msfusion.algorithm.spec import ratio_for_budget, widths_for_ratio
     from msfusion.coordinator.fleet.advice import advise, case_of, load_measured
     from msfusion.models.config import ModelConfig
@@ -329,7 +358,7 @@ def plan(
 
     with cli_errors():
         share = float(Fraction(budget))
-        dims: dict[str, Any] = {"channels": tuple(int(c) for c in channels.split(","))} if channels else {}
+        dims: dict[str, Any] = {"channels": widths} if (widths := parse_channels(channels)) else {}
         model_cfg = ModelConfig(arch=model, **dims)
         spec = model_spec(model_cfg)
         ratio = ratio_for_budget(spec, share)
@@ -358,7 +387,10 @@ def partition(
     test_samples: int = typer.Option(2000),
     validation_samples: int = typer.Option(0, help="training samples held out of every device (validation/)"),
 ) -> None:
-    """Share a data set out as device shards (raw pixels, or text files) with a test set: what `[data]` reads."""
+    """Share a data set out as device shards (raw pixels, or text files) with a test set: what a device's data reads.
+
+    Exit codes: 0 success, 2 config, 4 data (the data set is unreadable or cannot be shared out).
+    """
     from dataclasses import replace
 
     from msfusion.coordinator.fleet.local_fleet import partition_data
@@ -399,7 +431,10 @@ def train(
     local_samples: int = typer.Option(1000),
     seed: int = typer.Option(0),
 ) -> None:
-    """The in-process reference engine (no MQTT) on the partition `simulate` would use."""
+    """The in-process reference engine (no MQTT) on the partition `simulate` would use.
+
+    Exit codes: 0 success, 2 config, 4 data, 130 interrupted.
+    """
     from dataclasses import replace
 
     import torch
@@ -414,6 +449,8 @@ def train(
     with cli_errors():
         if threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {threads}")
+        check_rounds(rounds)  # the flags before the data is partitioned
+        parse_channels(channels)
         torch.set_num_threads(threads)
         small = strategy == "fedavg-small"
         shares = _partition(devices, seed, samples_per_device, partition, data, 1000)
@@ -467,7 +504,7 @@ def train(
                     )
                     + "\n"
                 )
-                console.print(f"round {record.round_idx + 1}: {dict(record.metrics)}")
+                console.print(Text(f"round {record.round_idx + 1}: {dict(record.metrics)}"))
         deployable, weights = engine.deployable_weights()
         (out / "model.safetensors").write_bytes(pack_weights(weights))
     chosen = "chosen on the validation set" if prepared.validation is not None else "no validation set"
@@ -483,7 +520,10 @@ def report(
         "are drawn as baselines",
     ),
 ) -> None:
-    """Write RUN_DIR/report.html: one self-contained page of the run's figures, devices, failures and config."""
+    """Write RUN_DIR/report.html: one self-contained page of the run's figures, devices, failures and config.
+
+    Exit codes: 0 written, 2 config (RUN_DIR or --benchmark missing), 4 RUN_DIR holds no run.
+    """
     from msfusion.coordinator.fleet.run_report import write_report
 
     with cli_errors():

@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import threading
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -51,7 +52,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from msfusion.coordinator.fleet.events import EVENTS_FILE, RunEvents, fold, read_events, run_state
+from msfusion.coordinator.fleet.events import EVENTS_FILE, Folder, RunEvents, fold, read_events, run_state
 
 STATIC = Path(__file__).parent / "static"
 COOKIE = "msfusion_token"
@@ -68,6 +69,8 @@ class RunsView:
     def __init__(self, root: Path | None = None) -> None:
         self.root = root
         self.live: dict[str, RunEvents] = {}
+        self._folders_live: dict[str, Folder] = {}
+        self._lock = threading.Lock()
 
     def add_live(self, run_id: str, events: RunEvents) -> None:
         self.live[run_id] = events
@@ -79,6 +82,22 @@ class RunsView:
                 if (folder / EVENTS_FILE).is_file():
                     found[folder.name] = folder
         return found
+
+    def picture(self, run_id: str) -> dict[str, Any] | None:
+        """The run's picture (`events.fold`); a live run's is folded incrementally, new events only."""
+        if run_id in self.live:
+            with self._lock:
+                folder = self._folders_live.setdefault(run_id, Folder())
+                for event in self.live[run_id].since(folder.next_seq):
+                    folder.add(event)
+                return folder.picture()
+        events = self.events(run_id)
+        if events is None:
+            return None
+        picture = fold(events)
+        if self.root is not None:
+            picture["run"]["state"] = run_state(self.root / run_id, events)
+        return picture
 
     def events(self, run_id: str, since: int = 0) -> list[dict[str, Any]] | None:
         """Events of a run from `since` on (None: no such run)."""
@@ -136,13 +155,7 @@ def make_app(view: RunsView, token: str | None = None) -> Starlette:
         return JSONResponse(view.summary())
 
     def _picture(run_id: str) -> dict[str, Any] | None:
-        events = view.events(run_id)
-        if events is None:
-            return None
-        picture = fold(events)
-        if run_id not in view.live and view.root is not None:
-            picture["run"]["state"] = run_state(view.root / run_id, events)
-        return picture
+        return view.picture(run_id)
 
     async def run(request: Request) -> Response:
         picture = _picture(request.path_params["run_id"])

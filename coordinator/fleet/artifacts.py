@@ -24,6 +24,7 @@ from msfusion.edge_runtime.profiling import (
 from msfusion.errors import ConfigError
 from msfusion.export.cache import ArtifactCache
 from msfusion.models.registry import model_spec
+from msfusion.progress import ProgressCallback
 from msfusion.recipe import EngineConfig
 from msfusion.wire.artifacts import ArtifactKind, pack_artifact
 from msfusion.wire.bulk import make_manifest
@@ -41,12 +42,20 @@ class ExportedArtifacts:
         engine: model, loss and local-training knobs (they shape the graph).
         backend: artifact kind.
         cache_dir: the export cache (None: ~/.cache/msfusion/artifacts).
+        progress: hears of each export and validation (msfusion/progress.py; the CLI draws bars).
     """
 
-    def __init__(self, engine: EngineConfig, backend: str, cache_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        engine: EngineConfig,
+        backend: str,
+        cache_dir: Path | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> None:
         self.engine = engine
         self.kind = ArtifactKind(backend)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE
+        self.progress = progress
         self._cache = ArtifactCache(self.cache_dir)
         self._blobs: dict[tuple[tuple[str, int], ...], tuple[BulkRef, bytes]] = {}
 
@@ -65,6 +74,7 @@ class ExportedArtifacts:
                 self.engine.local.optimizer,
                 self.engine.local.batch_size,
                 self.kind,
+                progress=self.progress,
             )
             log.info(
                 "artifact for %s: %s (%s)",
@@ -104,6 +114,7 @@ def export_profile_set(
     out_dir: Path,
     cache_dir: Path | None = None,
     validate: bool = True,
+    progress: ProgressCallback | None = None,
 ) -> ProfileSet:
     """The artifacts a device profiles (`msfusion-device profile --artifacts out_dir`), one per width x batch size.
 
@@ -115,6 +126,8 @@ def export_profile_set(
         out_dir: the folder to write (artifacts are copied out of the export cache).
         cache_dir: the export cache (None: the default).
         validate: validate each new export against torch (export/validate.py).
+        progress: hears of the set as a whole (one step per artifact) and of each export and
+            validation (msfusion/progress.py).
 
     Returns:
         The profile set.
@@ -129,19 +142,25 @@ def export_profile_set(
     spec = model_spec(engine.model)
     out_dir.mkdir(parents=True, exist_ok=True)
     points = []
-    for ratio in sorted(set(widths), reverse=True):
-        for batch in sorted(set(batch_sizes)):
-            cached = cache.get_or_export(
-                engine.model,
-                widths_for_ratio(spec, ratio),
-                engine.loss,
-                engine.local.optimizer,
-                batch,
-                ArtifactKind(backend),
-            )
-            name = f"w{ratio:g}-b{batch}"
-            shutil.rmtree(out_dir / name, ignore_errors=True)
-            shutil.copytree(cached.path, out_dir / name)
-            points.append(ProfileSetPoint(ratio, batch, name))
+    grid = [(ratio, batch) for ratio in sorted(set(widths), reverse=True) for batch in sorted(set(batch_sizes))]
+    overall = f"profile set {out_dir}"
+    if progress is not None:
+        progress(overall, 0, len(grid))
+    for ratio, batch in grid:
+        cached = cache.get_or_export(
+            engine.model,
+            widths_for_ratio(spec, ratio),
+            engine.loss,
+            engine.local.optimizer,
+            batch,
+            ArtifactKind(backend),
+            progress=progress,
+        )
+        name = f"w{ratio:g}-b{batch}"
+        shutil.rmtree(out_dir / name, ignore_errors=True)
+        shutil.copytree(cached.path, out_dir / name)
+        points.append(ProfileSetPoint(ratio, batch, name))
+        if progress is not None:
+            progress(overall, len(points), len(grid))
     write_profile_set_index(out_dir, profile_key(engine, backend), ArtifactKind(backend).value, points)
     return load_profile_set(out_dir)

@@ -14,7 +14,8 @@ kind            fields
 run_started     run_id, pid, strategy, model (arch), rounds, params, backend,
                 out, min_devices
 fleet           devices: {id: {state, progress, width, budget_bytes,
-                sized_by, failures, last_failure, online}}, excluded, refused
+                sized_by, board, arch, cores, failures, last_failure,
+                online}}, excluded
 round           the round attempt's line of metrics.jsonl (`RoundOutcome`
                 fields and wall_s)
 run_finished    ok, state ("finished", "failed", "stopped"), reason,
@@ -28,6 +29,7 @@ view from disk agree.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import threading
@@ -101,6 +103,9 @@ class RunEvents:
                     "width": min(r.max_ratio, r.memory_cap),
                     "budget_bytes": r.memory_budget_bytes,
                     "sized_by": r.sized_by,
+                    "board": getattr(r, "board", ""),
+                    "arch": getattr(r, "arch", ""),
+                    "cores": getattr(r, "cores", 0),
                     "failures": r.failures,
                     "last_failure": r.last_failure,
                     "online": bool(online.get(d)),
@@ -150,6 +155,89 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+class Folder:
+    """Folds events one at a time into the run's picture (what `fold` returns), so a live view pays per new event."""
+
+    def __init__(self) -> None:
+        self.run: dict[str, Any] = {"state": "starting", "rounds_done": 0, "final_metrics": {}}
+        self.devices: dict[str, dict[str, Any]] = {}
+        self.rounds: list[dict[str, Any]] = []
+        self.failures: list[dict[str, Any]] = []
+        self.excluded: dict[str, str] = {}
+        self.curve: list[list[float]] = []
+        self.metric = "accuracy"
+        self.count = 0
+        self.next_seq = 0
+
+    def add(self, event: Mapping[str, Any]) -> None:
+        self.count += 1
+        self.next_seq = int(event.get("seq", self.next_seq)) + 1
+        kind = event.get("kind")
+        if kind == "run_started":
+            self.run.update({k: v for k, v in event.items() if k not in ("seq", "kind")})
+            self.run["state"] = "running"
+        elif kind == "fleet":
+            self.excluded = dict(event.get("excluded", {}))
+            for d, fields in event.get("devices", {}).items():
+                self.devices.setdefault(d, {"history": []}).update(fields)
+        elif kind == "round":
+            self._round(event)
+        elif kind == "run_finished":
+            self.run.update({k: v for k, v in event.items() if k not in ("seq", "kind", "t")})
+
+    def _round(self, event: Mapping[str, Any]) -> None:
+        keys = ("round_idx", "attempt", "merged", "timings_s", "replies", "metrics", "wall_s", "overlap")
+        self.rounds.append({k: event.get(k) for k in keys})
+
+        def of(key: str, device: str, default: Any = None) -> Any:
+            return (event.get(key) or {}).get(device, default)
+
+        for d, reply in (event.get("replies") or {}).items():
+            record = self.devices.setdefault(d, {"history": []})
+            record["history"].append(
+                {
+                    "round_idx": event.get("round_idx"),
+                    "attempt": event.get("attempt"),
+                    "reply": reply,
+                    "width": of("width_ratios", d),
+                    "peak_rss_bytes": of("peak_rss_bytes", d),
+                    "bytes_down": of("bytes_down", d, 0),
+                    "bytes_up": of("bytes_up", d, 0),
+                    "step_time_s": of("step_time_s", d),
+                }
+            )
+            for key in ("peak_rss_bytes", "step_time_s"):
+                if of(key, d) is not None:
+                    record[key] = of(key, d)
+            record["width_this_round"] = of("width_ratios", d)
+            record["bytes_down_total"] = record.get("bytes_down_total", 0) + of("bytes_down", d, 0)
+            record["bytes_up_total"] = record.get("bytes_up_total", 0) + of("bytes_up", d, 0)
+            if reply != "merged":
+                self.failures.append({"round": event.get("round_idx"), "device": d, "reason": reply})
+        figures = event.get("metrics") or {}
+        if event.get("merged"):
+            self.run["rounds_done"] = int(event.get("round_idx", 0)) + 1
+            self.run["final_metrics"] = figures
+            self.metric = "perplexity" if "perplexity" in figures else "accuracy"
+            if self.metric in figures:
+                self.curve.append([int(event.get("round_idx", 0)) + 1, float(figures[self.metric])])
+
+    def picture(self) -> dict[str, Any]:
+        """A copy of the picture (see `fold`)."""
+        return copy.deepcopy(
+            {
+                "run": self.run,
+                "devices": self.devices,
+                "rounds": self.rounds,
+                "curve": self.curve,
+                "metric": self.metric,
+                "failures": self.failures,
+                "excluded": self.excluded,
+                "events": self.count,
+            }
+        )
+
+
 def fold(events: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     """The run's current picture from its events (pure).
 
@@ -160,75 +248,10 @@ def fold(events: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
          "curve": [[round_idx + 1, metric] for merged rounds], "metric": "accuracy" | "perplexity",
          "failures": [{"round", "device", "reason"}], "excluded": {id: reason}, "events": count}
     """
-    run: dict[str, Any] = {"state": "starting", "rounds_done": 0, "final_metrics": {}}
-    devices: dict[str, dict[str, Any]] = {}
-    rounds: list[dict[str, Any]] = []
-    failures: list[dict[str, Any]] = []
-    excluded: dict[str, str] = {}
-    curve: list[list[float]] = []
-    metric = "accuracy"
-    count = 0
+    folder = Folder()
     for event in events:
-        count += 1
-        kind = event.get("kind")
-        if kind == "run_started":
-            run.update({k: v for k, v in event.items() if k not in ("seq", "kind")})
-            run["state"] = "running"
-        elif kind == "fleet":
-            excluded = dict(event.get("excluded", {}))
-            for d, fields in event.get("devices", {}).items():
-                devices.setdefault(d, {"history": []}).update(fields)
-        elif kind == "round":
-            rounds.append(
-                {
-                    k: event.get(k)
-                    for k in ("round_idx", "attempt", "merged", "timings_s", "replies", "metrics", "wall_s", "overlap")
-                }
-            )
-            for d, reply in (event.get("replies") or {}).items():
-                record = devices.setdefault(d, {"history": []})
-                record["history"].append(
-                    {
-                        "round_idx": event.get("round_idx"),
-                        "attempt": event.get("attempt"),
-                        "reply": reply,
-                        "width": (event.get("width_ratios") or {}).get(d),
-                        "peak_rss_bytes": (event.get("peak_rss_bytes") or {}).get(d),
-                        "bytes_down": (event.get("bytes_down") or {}).get(d, 0),
-                        "bytes_up": (event.get("bytes_up") or {}).get(d, 0),
-                        "step_time_s": (event.get("step_time_s") or {}).get(d),
-                    }
-                )
-                for key in ("peak_rss_bytes", "step_time_s"):
-                    value = (event.get(key) or {}).get(d)
-                    if value is not None:
-                        record[key] = value
-                record["width_this_round"] = (event.get("width_ratios") or {}).get(d)
-                record["bytes_down_total"] = record.get("bytes_down_total", 0) + (event.get("bytes_down") or {}).get(
-                    d, 0
-                )
-                record["bytes_up_total"] = record.get("bytes_up_total", 0) + (event.get("bytes_up") or {}).get(d, 0)
-                if reply != "merged":
-                    failures.append({"round": event.get("round_idx"), "device": d, "reason": reply})
-            figures = event.get("metrics") or {}
-            if event.get("merged"):
-                run["rounds_done"] = int(event.get("round_idx", 0)) + 1
-                run["final_metrics"] = figures
-                metric = "perplexity" if "perplexity" in figures else "accuracy"
-                if metric in figures:
-                    curve.append([int(event.get("round_idx", 0)) + 1, float(figures[metric])])
-        elif kind == "run_finished":
-            run.update({k: v for k, v in event.items() if k not in ("seq", "kind", "t")})
-    return {
-        "run": run,
-        "devices": devices,
-        "rounds": rounds,
-        "curve": curve,
-        "metric": metric,
-        "failures": failures,
-        "excluded": excluded,
-        "events": count,
-    }
+        folder.add(event)
+    return folder.picture()
 
 
 def run_state(out: Path, events: list[dict[str, Any]] | None = None) -> str:

@@ -141,6 +141,9 @@ class DeviceRecord:
     last_failure: str = ""
     memory_cap: float = 1.0  # lowered after memory_budget failures; kept across re-registrations
     sized_by: str = "budget"  # "profile" when the ratio came from the device's measured profile
+    board: str = ""  # the board profile it reported
+    arch: str = ""
+    cores: int = 0
 
 
 class Fleet:
@@ -159,6 +162,9 @@ class Fleet:
         devices: the admitted devices.
         data: each admitted device's data report (devices that sent one).
         excluded: devices left out for their data, with the reason (not a failure of the run).
+        refused: every device whose last registration was refused, with the reason (a budget too
+            small, another backend, its data, ...); the excluded ones are among them. A later
+            accepted registration removes the entry.
     """
 
     def __init__(
@@ -179,6 +185,7 @@ class Fleet:
         self.devices: dict[str, DeviceRecord] = {}
         self.data: dict[str, DataReport] = {}
         self.excluded: dict[str, str] = {}
+        self.refused: dict[str, str] = {}
 
     def _ratio(self, msg: Registration) -> tuple[float, str]:
         """A registering device's width ratio and how it was found ("profile" or "budget").
@@ -223,10 +230,14 @@ class Fleet:
                 reason = str(exc)
         if reason:
             log.warning("refused device %s: %s", msg.device_id, reason)
+            self.refused[msg.device_id] = reason
+            if self.excluded.get(msg.device_id) != reason:  # refused now for something other than its data
+                self.excluded.pop(msg.device_id, None)
             self.devices.pop(msg.device_id, None)
             self.data.pop(msg.device_id, None)
             return Welcome(run_id=self._run_id, device_id=msg.device_id, accepted=False, reason=reason)
         self.excluded.pop(msg.device_id, None)
+        self.refused.pop(msg.device_id, None)
         if msg.data is not None:
             self.data[msg.device_id] = msg.data
             for problem in msg.data.problems:
@@ -242,6 +253,9 @@ class Fleet:
             last_failure=known.last_failure if known else "",
             memory_cap=known.memory_cap if known else 1.0,
             sized_by=sized_by,
+            board=msg.capacity.board,
+            arch=msg.capacity.arch,
+            cores=msg.capacity.cores,
         )
         self.devices[msg.device_id] = record
         log.info(

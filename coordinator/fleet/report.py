@@ -32,7 +32,8 @@ class RunSummary:
         final_metrics: test figures of the final global model.
         history: per merged round: round, test figures, overlap, devices merged.
         devices: per device: bytes down/up, peak RSS, failures, last failure.
-        failures: "device: reason" for every failed or missing reply.
+        failures: "device: reason" for every failed or missing reply, then "device: refused: reason"
+            for each device whose registration stood refused at the end (runner.py, `finish`).
         paths: name -> path of each output (model, metrics, summary, plot, logs, checkpoint).
         model_params: parameters of the global model.
         deployable: the variant written as model.safetensors ("merged" or "expected").

@@ -223,13 +223,14 @@ def wait_for_devices(ctx: RoundContext, needed: int, wait_s: float, progress: Ru
     Devices left out for their data count towards `needed` (they registered; the run goes on
     without them), but at least one device must be live. Devices refused for anything else (a
     budget too small, another backend) do not count: once every expected device has answered
-    (live + refused >= needed) and too few are live, waiting longer cannot help.
+    (live + refused >= needed, no admitted device offline, nothing more arriving) and too few are
+    live, waiting longer cannot help.
 
     Raises:
         NotEnoughDevices: not within `wait_s`, or at once when every expected device has answered
             and too few were admitted; the message gives each refusal's reason.
     """
-    started = time.monotonic()
+    deadline = time.monotonic() + wait_s
     fleet = ctx.fleet
 
     def live() -> int:
@@ -239,20 +240,23 @@ def wait_for_devices(ctx: RoundContext, needed: int, wait_s: float, progress: Ru
         return live() < 1 or live() + len(fleet.excluded) < needed
 
     while short():
-        answered = live() + len(fleet.refused) >= needed  # the refused include those left out for their data
-        if answered or time.monotonic() > started + wait_s:
-            by_reason: dict[str, list[str]] = {}
-            for device_id, why in sorted(fleet.refused.items()):
-                by_reason.setdefault(why, []).append(device_id)
-            refusals = "; ".join(f"{', '.join(ids)}: {why}" for why, ids in by_reason.items())
-            refused = f"; {len(fleet.refused)} refused ({refusals})" if fleet.refused else ""
-            when = "every expected device has answered" if answered else f"after {wait_s:.0f} s"
-            raise NotEnoughDevices(f"{live()} of {needed} devices online {when}{refused}")
         if progress is not None:
             progress.waiting(live(), needed)
         event = ctx.link.poll(0.5)
         if isinstance(event, Inbound):
             handle_fleet_message(ctx, event, time.monotonic())
+        if not short():
+            break
+        # The refused include those left out for their data; an admitted device gone quiet may come back.
+        answered = event is None and live() == len(fleet.devices) and live() + len(fleet.refused) >= needed
+        if answered or time.monotonic() > deadline:
+            by_reason: dict[str, list[str]] = {}
+            for device_id, why in sorted(fleet.refused.items()):
+                by_reason.setdefault(why, []).append(device_id)
+            refusals = "; ".join(f"{', '.join(ids)}: {why}" for why, ids in by_reason.items())
+            refused = f"; {len(fleet.refused)} refused ({refusals})" if fleet.refused else ""
+            when = "and every expected device has answered" if answered else f"after {wait_s:.0f} s"
+            raise NotEnoughDevices(f"{live()} of {needed} devices online {when}{refused}")
 
 
 def run_coordinator(
@@ -463,9 +467,10 @@ def finish(
         final_metrics=merged[-1]["metrics"] if merged else {},
         history=report.history(lines),
         devices=report.device_totals(lines, lambda r: spec.param_count(widths_for_ratio(spec, r))),
-        # Refused registrations first ("device: refused: reason"; those left out for their data are in `excluded`).
-        failures=[f"{d}: refused: {why}" for d, why in sorted((refused or {}).items()) if d not in (excluded or {})]
-        + report.failures(lines),
+        # Then the refusals that stood at the end ("device: refused: reason"; those left out for their data
+        # are in `excluded`), last so that a display of the last few failures shows them.
+        failures=report.failures(lines)
+        + [f"{d}: refused: {why}" for d, why in sorted((refused or {}).items()) if d not in (excluded or {})],
         paths=paths,
         model_params=spec.param_count(),
         deployable=deployable,

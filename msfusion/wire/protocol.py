@@ -90,6 +90,7 @@ class Capacity(_Struct, frozen=True):
     arch: Annotated[str, Meta(min_length=1, max_length=32)]  # "x86_64", "aarch64"
     backends: Annotated[list[Id], Meta(min_length=1)]  # artifact kinds it can train
     max_width_ratio: Ratio | None = None
+    board: Annotated[str, Meta(max_length=64)] = ""  # its board profile ("" when not flashed with one)
 
 
 class ProfileEntry(_Struct, frozen=True):

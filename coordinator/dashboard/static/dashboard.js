@@ -3,7 +3,7 @@
 window.msfusion = (function () {
   const params = new URLSearchParams(location.search);
   const $ = (id) => document.getElementById(id);
-  const MB = (b) => (b == null ? "" : (b / 2 ** 20).toFixed(b < 2 ** 20 ? 2 : 0));
+  const MB = (b) => (b == null ? "" : b < 2 ** 20 ? (b / 2 ** 20).toFixed(3) : (b / 2 ** 20).toFixed(b < 2 ** 24 ? 2 : 0));
   const esc = (s) => String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
   const COLORS = { plan_s: "#8ab", export_s: "#c9a", slice_s: "#aa8", publish_s: "#9c9", collect_s: "#6a9", merge_s: "#e96", eval_s: "#78c", checkpoint_s: "#bbb" };
   const charts = {};
@@ -56,7 +56,7 @@ window.msfusion = (function () {
         const share = x.budget_bytes && x.peak_rss_bytes ? Math.min(1, x.peak_rss_bytes / x.budget_bytes) : 0;
         const over = x.budget_bytes && x.peak_rss_bytes > x.budget_bytes ? " over" : "";
         return `<tr data-device="${esc(d)}"><td><a href="/devices/${encodeURIComponent(d)}?run=${encodeURIComponent(run)}">${esc(d)}</a></td>` +
-          `<td>${esc(x.sized_by)}</td><td><span class="badge ${esc(x.state)}">${esc(x.state)}</span></td>` +
+          `<td>${esc(x.board || x.arch || "")}${x.cores ? ` · ${x.cores} cores` : ""} <span class="muted">(sized by ${esc(x.sized_by)})</span></td><td><span class="badge ${esc(x.state)}">${esc(x.state)}</span></td>` +
           `<td>${x.width_this_round != null ? x.width_this_round.toFixed(3) : (x.width != null ? x.width.toFixed(3) : "")}</td>` +
           `<td><span class="bar${over}"><i style="width:${(100 * share).toFixed(1)}%"></i></span> ${MB(x.peak_rss_bytes)} / ${MB(x.budget_bytes)} MB</td>` +
           `<td>${x.step_time_s != null ? (1000 * x.step_time_s).toFixed(1) + " ms" : ""}</td>` +

@@ -172,3 +172,29 @@ def test_a_bind_address_is_a_port_or_host_and_port(text: str, expected: tuple[st
 def test_a_bad_bind_address_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="PORT or HOST:PORT"):
         parse_bind("localhost:http")
+
+
+def test_with_a_certificate_the_dashboard_serves_https_only(run: RunEvents, tmp_path: Path) -> None:
+    import ssl
+    import subprocess
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1"]
+        + ["-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True,
+        capture_output=True,
+    )
+    view = RunsView()
+    view.add_live("demo", run)
+    server = Dashboard(view, DashboardOptions(tls_cert=cert, tls_key=key)).start()
+    try:
+        assert server.url.startswith("https://")
+        context = ssl.create_default_context(cafile=str(cert))
+        assert httpx.get(f"{server.url}api/runs", verify=context, timeout=5).json()[0]["id"] == "demo"
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{server.port}/api/runs", timeout=5)
+    finally:
+        server.stop()
+    with pytest.raises(ConfigError, match="both"):
+        Dashboard(view, DashboardOptions(tls_cert=cert))
