@@ -4,9 +4,16 @@ Example `device.toml`::
 
     device_id = "dev003"
     run_id = "fmnist"
-    broker = "mqtt://192.168.1.10:1883"
-    username = "dev003"           # optional; the broker's ACL confines it to its subtree
-    password = "..."
+    broker = "mqtts://192.168.1.10:8883"   # mqtts:// is TLS (mqtt:// plain TCP, for a private network only)
+    ca_cert = "/var/lib/msfusion/ca.pem"   # the CA that signed the broker's certificate ("": the system's CAs)
+    tls_cert = "/var/lib/msfusion/device.pem"   # this device's client certificate and key (`msfusion
+    tls_key = "/var/lib/msfusion/device.key"    # security enroll`), or a username and password instead:
+    # username = "dev003"         # the broker's ACL confines it to its own subtree
+    # password = "..."
+    # mqtt = "5"                  # MQTT protocol: "5" (the broker reports refused publishes) or "3.1.1"
+    task_signing_public_key = "/var/lib/msfusion/task-signing.pub"  # the coordinator's Ed25519 key (a path or
+                                  # PEM text): tasks, welcomes and stops must carry its signature ("": unsigned)
+    result_key = "/var/lib/msfusion/result.key"   # this device's HMAC key for its results ("": none)
     data_dir = "/var/lib/msfusion/shard"     # a shard written by `msfusion partition` (or a [data] table)
     state_dir = "/var/lib/msfusion/state"    # previous slice, handled tasks, artifact cache
     memory_budget_bytes = 536870912
@@ -16,8 +23,6 @@ Example `device.toml`::
     # keepalive_s = 10
     # stall_s = 5.0               # seconds without a new chunk before asking for missing ones
     # threads = 1                 # intra-op threads for training
-    ca_cert = ""                  # reserved (TLS to the broker, a later release): unused for now
-    task_signing_public_key = ""  # reserved (signed tasks, a later release): unused for now
 
     [data]                        # the board's own data, instead of data_dir (msfusion/data/sources.py)
     path = "/srv/photos"          # class subfolders of images, IDX, CIFAR-10 batches, .npz, text
@@ -41,7 +46,7 @@ import tomllib
 from msfusion.data.sources import DataSpec
 from msfusion.errors import ConfigError, DataError
 from msfusion.wire.protocol import ID_PATTERN
-from msfusion.wire.transport import parse_broker_url
+from msfusion.wire.transport import parse_broker, parse_broker_url
 
 
 @dataclass(frozen=True)
@@ -64,8 +69,12 @@ class DeviceConfig:
     stall_s: float = 5.0
     threads: int = 1
     board: str = ""  # the board profile it was flashed with (`msfusion devices flash`), shown on the dashboard
-    ca_cert: str = ""  # reserved for TLS to the broker; read by nothing yet
-    task_signing_public_key: str = ""  # reserved for verifying signed tasks; read by nothing yet
+    ca_cert: str = ""  # PEM file of the broker's CA (mqtts:// only; "": the system's CAs)
+    tls_cert: str = ""  # this device's client certificate (PEM), for a mutual-TLS broker
+    tls_key: str = ""  # its private key (PEM; "" when tls_cert holds both)
+    mqtt: str = "3.1.1"  # the MQTT protocol: "3.1.1" or "5"
+    task_signing_public_key: str = ""  # the coordinator's Ed25519 public key, PEM text or a path ("": none)
+    result_key: str = ""  # this device's result HMAC key, hex or a path ("": results unauthenticated)
 
     def __post_init__(self) -> None:
         for name in ("device_id", "run_id"):
@@ -89,8 +98,34 @@ class DeviceConfig:
             raise ConfigError(f"max_width_ratio must be in (0, 1], got {self.max_width_ratio}")
         if self.heartbeat_s <= 0 or self.keepalive_s < 1 or self.stall_s <= 0 or self.threads < 1:
             raise ConfigError("heartbeat_s, stall_s must be > 0; keepalive_s, threads >= 1")
-        if not isinstance(self.ca_cert, str) or not isinstance(self.task_signing_public_key, str):
-            raise ConfigError("ca_cert and task_signing_public_key must be strings")
+        text = ("ca_cert", "tls_cert", "tls_key", "mqtt", "task_signing_public_key", "result_key")
+        if not all(isinstance(getattr(self, name), str) for name in text):
+            raise ConfigError(f"{', '.join(text)} must be strings")
+        if self.mqtt not in ("3.1.1", "5"):
+            raise ConfigError(f"mqtt must be '3.1.1' or '5', got {self.mqtt!r}")
+        if (self.ca_cert or self.tls_cert or self.tls_key) and not parse_broker(self.broker).tls:
+            raise ConfigError(f"ca_cert/tls_cert/tls_key are for a TLS broker: use mqtts://, not {self.broker!r}")
+        if self.tls_key and not self.tls_cert:
+            raise ConfigError("tls_key needs its certificate (tls_cert)")
+        if self.task_signing_public_key:
+            from msfusion.wire.signing import MessageVerifier
+
+            MessageVerifier.from_pem(self.task_signing_public_key)  # ConfigError when unreadable
+        if self.result_key:
+            from msfusion.wire.signing import ResultAuthenticator
+
+            ResultAuthenticator.from_text(self.result_key)  # ConfigError when unreadable
+
+    def transport_options(self) -> dict[str, Any]:
+        """`MqttTransport.from_url` keywords for this device's credentials and TLS files."""
+        return {
+            "username": self.username,
+            "password": self.password,
+            "tls_ca": self.ca_cert or None,
+            "tls_cert": self.tls_cert or None,
+            "tls_key": self.tls_key or None,
+            "protocol": self.mqtt,
+        }
 
 
 def data_spec(config: DeviceConfig) -> DataSpec:
@@ -107,9 +142,10 @@ def load_device_config(path: str | Path, **overrides: Any) -> DeviceConfig:
     Raises:
         ConfigError: unreadable TOML, an unknown key, or an invalid value.
     """
+    # UnicodeDecodeError: not UTF-8; RecursionError: arrays nested thousands deep.
     try:
         table: dict[str, Any] = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError) as exc:
         raise ConfigError(f"cannot read device config {path}: {exc}") from exc
     table.update({k: v for k, v in overrides.items() if v is not None})
     if isinstance(table.get("data"), dict):

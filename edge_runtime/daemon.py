@@ -29,7 +29,7 @@ from msfusion.edge_runtime.config import DeviceConfig, data_spec
 from msfusion.edge_runtime.ledger import Ledger, StoredReply
 from msfusion.edge_runtime.memory import release_memory
 from msfusion.edge_runtime.profiling import PROFILE_FILE, load_profile
-from msfusion.edge_runtime.trainer import TaskOutcome, train_task, warm_up
+from msfusion.edge_runtime.trainer import TaskOutcome, TrainingStopped, train_task, warm_up
 from msfusion.errors import ArtifactError, ConfigError, DataError, MsfusionError, ProtocolError
 from msfusion.wire import topics
 from msfusion.wire.bulk import BulkSender, receive
@@ -53,12 +53,12 @@ from msfusion.wire.protocol import (
     decode,
     encode,
 )
+from msfusion.wire.signing import MessageVerifier, R, ResultAuthenticator
 from msfusion.wire.transport import (
     BrokerUnavailable,
     ConnectionChanged,
     MqttTransport,
     Received,
-    parse_broker_url,
 )
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ class HeartbeatThread(threading.Thread):
         self._task_id: str | None = None
         self._progress = 0.0
         self._wake = threading.Event()
-        self._stop = threading.Event()
+        self._stopping = threading.Event()  # not `_stop`: a Thread method join() calls
 
     def set(self, state: DeviceState, task_id: str | None = None, progress: float = 0.0) -> None:
         with self._lock:
@@ -105,10 +105,10 @@ class HeartbeatThread(threading.Thread):
             self._progress = min(1.0, max(0.0, share))
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._stopping.is_set():
             self._wake.wait(self._interval_s)
             self._wake.clear()
-            if self._stop.is_set():
+            if self._stopping.is_set():
                 break
             with self._lock:
                 beat = Heartbeat(
@@ -127,7 +127,7 @@ class HeartbeatThread(threading.Thread):
                 log.debug("heartbeat not sent: %s", exc)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stopping.set()
         self._wake.set()
 
 
@@ -171,19 +171,17 @@ class Daemon:
     def __init__(self, config: DeviceConfig) -> None:
         self.config = config
         self.ledger = Ledger(config.state_dir)
-        host, port = parse_broker_url(config.broker)
-        self.transport = MqttTransport(
+        self.transport = MqttTransport.from_url(
             f"device-{config.run_id}-{config.device_id}",
-            host,
-            port,
-            username=config.username,
-            password=config.password,
+            config.broker,
+            **config.transport_options(),
             will=(topics.status(config.run_id, config.device_id), offline_beat(config.run_id, config.device_id), True),
             keepalive_s=config.keepalive_s,
         )
         self.beat = HeartbeatThread(self.transport, config.run_id, config.device_id, config.heartbeat_s)
         self._stop = threading.Event()
         self._welcomed = False
+        self._run_over = False  # the coordinator said stop: the run is over, nothing of it stays retained
         self._last_register = 0.0
         self._upload: _Upload | None = None
         self._early: OrderedDict[str, list[Received]] = OrderedDict()  # transfer id -> chunks before their task
@@ -191,6 +189,11 @@ class Daemon:
         self._profile = self._load_profile()
         self.source: Source | None = None
         self._data_report: DataReport | None = None
+        self._verifier = (
+            MessageVerifier.from_pem(config.task_signing_public_key) if config.task_signing_public_key else None
+        )
+        self._sealer = ResultAuthenticator.from_text(config.result_key) if config.result_key else None
+        self._newest_round: dict[str, int] = {}  # per coordinator session: an older round's task is a replay
         self.exit_code: ExitCode = ExitCode.STOPPED
 
     def _open_data(self) -> DataReport:
@@ -253,17 +256,30 @@ class Daemon:
                     self._handle(event)
         finally:
             self.beat.stop()
-            try:
-                self.transport.publish(
-                    topics.status(self.config.run_id, self.config.device_id),
-                    offline_beat(self.config.run_id, self.config.device_id),
-                    retain=True,
-                    timeout_s=2,
-                )
-            except MsfusionError:
-                pass  # the broker is gone; our last will says the same
+            self.beat.join(timeout=2)  # its last beat must not land after the goodbye
+            self._leave()
             self.transport.close()
         return self.exit_code
+
+    def _leave(self) -> None:
+        """Say goodbye on the status topic: "offline", or, once the run is over, nothing retained at all.
+
+        Told to stop by the coordinator, the run is over: this device deletes its retained
+        registration and status (empty retained messages), so the broker keeps nothing of the
+        run. Stopped otherwise (SIGTERM), the run goes on: an "offline" status stays retained.
+        """
+        cfg = self.config
+        goodbye = [(topics.status(cfg.run_id, cfg.device_id), offline_beat(cfg.run_id, cfg.device_id))]
+        if self._run_over:
+            goodbye = [
+                (topics.register(cfg.run_id, cfg.device_id), b""),
+                (topics.status(cfg.run_id, cfg.device_id), b""),
+            ]
+        for topic, payload in goodbye:
+            try:
+                self.transport.publish(topic, payload, retain=True, timeout_s=2)
+            except MsfusionError:
+                return  # the broker is gone; our last will says "offline"
 
     def stop(self) -> None:
         self._stop.set()
@@ -329,21 +345,72 @@ class Daemon:
                 round_idx, task_id = _probe_ids(event.payload)
                 self._send_failure_unrecorded(round_idx, task_id, "protocol", str(exc))
             return
+        if isinstance(msg, (TrainTask, Welcome, RunControl)) and not self._trusted(msg, where.kind):
+            return
         if isinstance(msg, TrainTask):
             self._on_task(msg)
         elif isinstance(msg, Welcome):
-            self._welcomed = msg.accepted
-            if not msg.accepted:
-                log.error("the coordinator refused this device: %s", msg.reason)
-                self.exit_code = ExitCode.REFUSED
-                self._stop.set()
+            self._on_welcome(msg)
         elif isinstance(msg, RunControl) and msg.command == "stop":
             log.info("told to stop: %s", msg.reason)
+            self._run_over = True
             self._stop.set()
         elif isinstance(msg, ChunkRequest) and where.kind == topics.UPREQ:
             self._serve_upload(msg)
         elif isinstance(msg, Chunk) and where.kind == topics.BULK:
             self._keep_early(msg.transfer_id, event)
+
+    def _on_welcome(self, msg: Welcome) -> None:
+        """Welcomed: stop re-registering. Refused before any welcome: exit. Refused after one: keep serving.
+
+        A refusal that comes after this device was admitted is not the answer to its
+        registration (someone re-registered under its id, or a stale retained answer):
+        it is logged, and the device keeps the place it was given.
+        """
+        if msg.accepted:
+            self._welcomed = True
+        elif self._welcomed:
+            log.warning("ignored a refusal after this device was welcomed: %s", msg.reason)
+        else:
+            log.error("the coordinator refused this device: %s", msg.reason)
+            self.exit_code = ExitCode.REFUSED
+            self._stop.set()
+
+    def _trusted(self, msg: TrainTask | Welcome | RunControl, kind: str) -> bool:
+        """Whether a message that tells this device what to do is the coordinator's (see `wire/signing.py`).
+
+        A task that fails verification on this device's own task topic gets a
+        `TaskFailed(code="bad_signature")`: on a broker with the generated ACL
+        only the coordinator can publish there, so a failure means a key or
+        configuration mismatch the operator must see. A task for another
+        device or run, a replay of an older round, and a forged `Welcome` or
+        `RunControl` are dropped with a log line and no reply: answering would
+        only tell an attacker what this device accepts.
+        """
+        cfg = self.config
+        if isinstance(msg, TrainTask) and (msg.run_id != cfg.run_id or msg.device_id != cfg.device_id):
+            log.warning(
+                "dropped a task for %s/%s (this is %s/%s)", msg.run_id, msg.device_id, cfg.run_id, cfg.device_id
+            )
+            return False
+        if self._verifier is not None:
+            try:
+                self._verifier.verify(msg)
+            except ProtocolError as exc:
+                if isinstance(msg, TrainTask) and kind == topics.TASK:
+                    log.error("refused task %s: %s", msg.task_id, exc)
+                    self._send_failure_unrecorded(msg.round_idx, msg.task_id, "bad_signature", str(exc))
+                else:
+                    log.error("dropped a %s: %s", type(msg).__name__, exc)
+                return False
+        if isinstance(msg, TrainTask):
+            session = msg.task_id.split("-", 1)[0]  # "<session>-r<round>-a<attempt>" (coordinator/fleet/rounds.py)
+            newest = self._newest_round.get(session, -1)
+            if msg.round_idx < newest:
+                log.warning("dropped task %s: a replay of round %d (round %d seen)", msg.task_id, msg.round_idx, newest)
+                return False
+            self._newest_round[session] = msg.round_idx
+        return True
 
     def _keep_early(self, transfer_id: str, event: Received) -> None:
         """A chunk with no task waiting for it: keep it (bounded) in case its task comes next."""
@@ -366,7 +433,13 @@ class Daemon:
     # Tasks.
 
     def fetch(self, manifest: BulkRef, pull: bool) -> bytes:
-        """Receive one bulk transfer addressed to this device (pull: ask for every chunk first)."""
+        """Receive one bulk transfer addressed to this device (pull: ask for every chunk first).
+
+        Raises:
+            TrainingStopped: the daemon is stopping (SIGTERM): the task is abandoned, not failed.
+        """
+        if self._stop.is_set():
+            raise TrainingStopped("stopping: the task's transfers are not fetched")
         cfg = self.config
         topic = topics.bulk(cfg.run_id, cfg.device_id, manifest.transfer_id)
         early = self._early.pop(manifest.transfer_id, [])
@@ -399,18 +472,28 @@ class Daemon:
             return
         log.info("round %d: task %s", task.round_idx, task.task_id)
         self.beat.set("training", task.task_id)
-        outcome: TaskOutcome = train_task(
-            task, self, self.ledger.previous_slice(), self.config, self.beat.progress, self.source
-        )
+        # The negative is the slice the task names (its slice merged last), never merely our newest.
+        previous = self.ledger.previous_slice(task.negative_task_id)
+        try:
+            outcome: TaskOutcome = train_task(
+                task, self, previous, self.config, self.beat.progress, self.source, stop=self._stop
+            )
+        except TrainingStopped as exc:
+            # SIGTERM: no reply and no record, so the task is trained afresh if it comes again.
+            log.info("task %s abandoned: %s", task.task_id, exc)
+            self.beat.set("idle")
+            return
         if isinstance(outcome.reply, TaskFailed) and outcome.reply.code == "memory_budget":
             # The task's runtime is closed; hand its memory back before anything else runs.
             log.info("memory after the stopped task: %d MiB", release_memory() >> 20)
-        stored = StoredReply(task.key, encode(outcome.reply), outcome.slice_bytes)
+        stored = StoredReply(task.key, encode(self._seal(outcome.reply)), outcome.slice_bytes)
         # Recorded before it is sent: whatever happens next, this task's answer is this one.
         if isinstance(outcome.reply, SliceResult):
-            self.ledger.record(task.key, stored.reply, outcome.slice_bytes, task.units, task.tensor_axes)
+            self.ledger.record(
+                task.key, stored.reply, outcome.slice_bytes, task.units, task.tensor_axes, task.negative_task_id
+            )
         else:
-            self.ledger.record(task.key, stored.reply)
+            self.ledger.record(task.key, stored.reply, keep_task_id=task.negative_task_id)
         self.beat.set("uploading", task.task_id, 1.0)
         self._send(stored)
         self.beat.set("idle")
@@ -442,6 +525,10 @@ class Daemon:
             reason=reason[:4000],
         )
         try:
-            self.transport.publish(topics.result(cfg.run_id, cfg.device_id), encode(failed))
+            self.transport.publish(topics.result(cfg.run_id, cfg.device_id), encode(self._seal(failed)))
         except MsfusionError as exc:
             log.warning("failure reply not sent: %s", exc)
+
+    def _seal(self, reply: R) -> R:
+        """The reply with this device's MAC (`wire/signing.py`), when it has a result key."""
+        return reply if self._sealer is None else self._sealer.seal(reply)

@@ -5,12 +5,21 @@ survive its own restart: a redelivered task that was handled gets the very
 same reply again, and the previous local slice (the contrastive negative)
 is still there after a crash.
 
+A task names the slice that is its negative by the task that produced it
+(`TrainTask.negative_task_id`: the slice the coordinator merged in its last
+merged round), and `previous_slice(task_id)` returns that slice only. So a
+slice of a discarded attempt, or of another coordinator session (one killed
+before its first checkpoint, whose successor starts afresh), is never a
+negative: task ids carry their session, and a new session names none of the
+old ones.
+
 Layout under the state folder::
 
     ledger.json                  {"handled": [[run, round, device, task], ...], "last": "<dir>" | null}
     replies/<n>/reply.msgpack    the encoded SliceResult or TaskFailed
     replies/<n>/slice.safetensors  the trained slice, byte for byte as sent (results only)
-    replies/<n>/index.json       {"units": {group: [...]}, "axes": {tensor: [[axis, group, unit_size]]}}
+    replies/<n>/index.json       {"units": {group: [...]}, "axes": {tensor: [[axis, group, unit_size]]},
+                                  "task": [run, round, device, task]}
 
 A reply folder is written completely before `ledger.json` is atomically
 replaced to point at it, so a crash leaves either the old or the new record.
@@ -99,22 +108,35 @@ class Ledger:
             return None
         return StoredReply(self._handled[-1], reply, slice_bytes)
 
-    def previous_slice(self) -> tuple[Weights, dict[str, TensorIndex]] | None:
-        """The last trained local slice and its element indices (None before the first)."""
-        if self._last is None:
+    def previous_slice(self, task_id: str | None = None) -> tuple[Weights, dict[str, TensorIndex]] | None:
+        """A trained local slice and its element indices.
+
+        Args:
+            task_id: the task whose slice to return ("": none); None: the newest slice recorded.
+
+        Returns:
+            The slice, or None: none recorded yet, none of that task (pruned, another
+            session's, or never trained here), or unreadable.
+        """
+        if self._last is None or task_id == "":
             return None
         for name in self._reply_dirs_newest_first():
             folder = self.dir / "replies" / name
             # A folder newer than the ledger's pointer is a reply that was never recorded (a crash).
-            if int(name) <= int(self._last) and (folder / "slice.safetensors").exists():
-                try:
-                    weights = unpack_weights((folder / "slice.safetensors").read_bytes())
-                    raw = json.loads((folder / "index.json").read_text(encoding="utf-8"))
-                except (OSError, ValueError, ArtifactError) as exc:
-                    log.error("previous slice in %s is unreadable: %s", folder, exc)
-                    return None
+            if int(name) > int(self._last) or not (folder / "slice.safetensors").exists():
+                continue
+            try:
+                raw = json.loads((folder / "index.json").read_text(encoding="utf-8"))
+                if task_id is not None and (not isinstance(raw.get("task"), list) or raw["task"][3:] != [task_id]):
+                    continue
+                weights = unpack_weights((folder / "slice.safetensors").read_bytes())
                 axes = {t: [AxisUnits(axis=a, group=g, unit_size=u) for a, g, u in v] for t, v in raw["axes"].items()}
                 return weights, slice_index(raw["units"], axes)
+            except (OSError, ValueError, KeyError, TypeError, ArtifactError) as exc:
+                log.error("previous slice in %s is unreadable: %s", folder, exc)
+                return None
+        if task_id is not None:
+            log.info("no slice of task %s in %s: training against the global sub-model", task_id, self.dir)
         return None
 
     def _reply_dirs_newest_first(self) -> list[str]:
@@ -128,8 +150,18 @@ class Ledger:
         slice_bytes: bytes | None = None,
         units: Mapping[str, Sequence[int]] | None = None,
         axes: Mapping[str, Sequence[AxisUnits]] | None = None,
+        keep_task_id: str = "",
     ) -> None:
-        """Remember a reply (and its slice, which becomes the previous local slice) atomically."""
+        """Remember a reply (and its slice, which becomes the previous local slice) atomically.
+
+        Args:
+            key: the task's key.
+            reply: the encoded reply.
+            slice_bytes: the packed slice of a result.
+            units, axes: the slice's units and split axes (to re-slice it later).
+            keep_task_id: a task whose slice is kept as well as the newest one (the task's
+                negative: a retry of the round names it again).
+        """
         names = self._reply_dirs_newest_first()
         name = str(int(names[0]) + 1 if names else 0)
         folder = self.dir / "replies" / name
@@ -139,6 +171,7 @@ class Ledger:
             index = {
                 "units": {g: [int(u) for u in us] for g, us in (units or {}).items()},
                 "axes": {t: [[a.axis, a.group, a.unit_size] for a in v] for t, v in (axes or {}).items()},
+                "task": list(key),
             }
             atomic_write(folder / "index.json", json.dumps(index).encode("utf-8"))
             atomic_write(folder / "slice.safetensors", slice_bytes)
@@ -147,15 +180,30 @@ class Ledger:
         state = {"handled": [list(k) for k in handled], "last": name}
         atomic_write(self.dir / LEDGER_FILE, json.dumps(state).encode("utf-8"))
         self._handled, self._last = handled, name
-        self._prune(keep=name)
+        self._prune(keep=name, keep_task_id=keep_task_id)
 
-    def _prune(self, keep: str) -> None:
-        """Keep the newest reply folder and the newest one holding a slice; drop the rest."""
-        newest_slice = None
+    def _prune(self, keep: str, keep_task_id: str = "") -> None:
+        """Keep the newest reply folder, the newest one holding a slice and that of `keep_task_id`; drop the rest."""
+        kept = {keep}
+        newest_slice_found = False
         for name in self._reply_dirs_newest_first():
-            if (self.dir / "replies" / name / "slice.safetensors").exists():
-                newest_slice = name
-                break
+            folder = self.dir / "replies" / name
+            if not (folder / "slice.safetensors").exists():
+                continue
+            if not newest_slice_found:
+                kept.add(name)
+                newest_slice_found = True
+            elif keep_task_id and _task_of(folder) == keep_task_id:
+                kept.add(name)
         for name in self._reply_dirs_newest_first():
-            if name not in (keep, newest_slice):
+            if name not in kept:
                 shutil.rmtree(self.dir / "replies" / name, ignore_errors=True)
+
+
+def _task_of(folder: Path) -> str:
+    """The task id a reply folder's slice was trained for ("" when unknown)."""
+    try:
+        raw = json.loads((folder / "index.json").read_text(encoding="utf-8"))
+        return str(raw["task"][3])
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return ""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
@@ -33,6 +34,7 @@ from msfusion.errors import (
     ConfigError,
     MemoryBudgetExceeded,
     MsfusionError,
+    ProtocolError,
 )
 from msfusion.wire.artifacts import (
     MANIFEST_NAME,
@@ -40,7 +42,8 @@ from msfusion.wire.artifacts import (
     reference_weights,
     unpack_artifact,
 )
-from msfusion.wire.bulk import make_manifest, transfer_id
+from msfusion.wire.bulk import make_manifest
+from msfusion.wire.bulk import slice_transfer_id as bulk_slice_transfer_id
 from msfusion.wire.protocol import (
     BulkRef,
     SliceResult,
@@ -95,6 +98,7 @@ def train_local(
     progress: Callable[[float], None] | None = None,
     memory_budget_bytes: int = 0,
     release_weights: bool = False,
+    stop: threading.Event | None = None,
 ) -> LocalResult:
     """Train a loaded backend over a local shard, as the reference engine's `local_train` does.
 
@@ -118,6 +122,7 @@ def train_local(
             the backend holds its own copies, so the arrays are freed during
             training unless the caller keeps other references to them (at a
             101M-parameter char-LM: 0.8 GB less at the peak).
+        stop: when set (SIGTERM), the loop ends at the next step boundary with `TrainingStopped`.
 
     Returns:
         The trained slice and its figures.
@@ -127,6 +132,7 @@ def train_local(
             fewer samples than one batch.
         ArtifactError: the backend refused the weights or a batch.
         MemoryBudgetExceeded: the guard stopped the run (the caller frees the backend).
+        TrainingStopped: `stop` was set.
     """
     if lr_schedule != "none":
         raise ConfigError(f"lr_schedule {lr_schedule!r} is not supported (only 'none')")
@@ -152,6 +158,8 @@ def train_local(
             losses.append(backend.train_step(x_batch, y_batch, lr))
             step_total += time.perf_counter() - step_start
             _check_budget(sampler, memory_budget_bytes, f"step {done} of {len(order)}")
+            if stop is not None and stop.is_set():
+                raise TrainingStopped(f"stopped after step {done} of {len(order)}")
             if progress is not None:
                 progress(done / len(order))
         weights = backend.weights()
@@ -207,6 +215,31 @@ class _DeadlinePassed(MsfusionError):
     """Local training outlasted the task's deadline (counted from receipt: clocks are not shared)."""
 
 
+class TrainingStopped(MsfusionError):
+    """The daemon was told to stop (SIGTERM) during a task: it has no reply, and is not recorded."""
+
+
+def check_task_sizes(task: TrainTask, memory_budget_bytes: int) -> None:
+    """Refuse a task whose transfers could not fit this device, before any of them is fetched.
+
+    The schema bounds every size (`protocol.MAX_TRANSFER_BYTES`); a device bounds them by what
+    it can hold: the artifact and the weights are in memory at once, so together they must fit
+    its memory budget.
+
+    Raises:
+        ProtocolError: the transfers declare more bytes than the budget, or are not of their kinds.
+    """
+    for ref, kind in ((task.artifact, "artifact"), (task.weights, "weights")):
+        if ref.kind != kind:
+            raise ProtocolError(f"the task's {kind} transfer {ref.transfer_id} is of kind {ref.kind!r}")
+    declared = task.artifact.total_bytes + task.weights.total_bytes
+    if declared > memory_budget_bytes:
+        raise ProtocolError(
+            f"the task's transfers declare {declared} bytes (artifact {task.artifact.total_bytes}, weights "
+            f"{task.weights.total_bytes}), over this device's memory budget of {memory_budget_bytes} bytes"
+        )
+
+
 def warm_up(backends: tuple[str, ...]) -> None:
     """Import each backend's runtime now, so the first task does not pay for it (ONNX Runtime: ~2 s).
 
@@ -251,8 +284,8 @@ class _Progress:
 
 
 def slice_transfer_id(task: TrainTask) -> str:
-    """The upload id of a task's trained slice (unique per run, round, device and task)."""
-    return transfer_id("s", task.task_id, task.device_id)
+    """The upload id of a task's trained slice (unique per run, round, device and task; the coordinator expects it)."""
+    return bulk_slice_transfer_id(task.task_id, task.device_id)
 
 
 def train_task(
@@ -262,6 +295,7 @@ def train_task(
     config: DeviceConfig,
     on_progress: Callable[[float], None] | None = None,
     source: Source | None = None,
+    stop: threading.Event | None = None,
 ) -> TaskOutcome:
     """Run one fleet task: artifact, weights, the re-sliced negative, local training, the packed slice.
 
@@ -272,15 +306,20 @@ def train_task(
         config: the device's config (data, state folder, budget, backends, threads).
         on_progress: called with the share of steps done.
         source: the device's data, opened (None: open `config`'s data now).
+        stop: set by the daemon's SIGTERM handler: training ends at the next step boundary.
 
     Returns:
         The reply to send: a SliceResult with its packed slice, or a TaskFailed
         naming why (memory budget, artifact, data, protocol, internal).
+
+    Raises:
+        TrainingStopped: `stop` was set during training (no reply: the task was not done).
     """
     started = time.perf_counter()
     try:
         if task.backend not in config.backends:
             raise ArtifactError(f"task needs backend {task.backend!r}; this device runs {list(config.backends)}")
+        check_task_sizes(task, config.memory_budget_bytes)
         # The artifact: fetched once per content sha256, then from the device's cache.
         artifact_dir = config.state_dir / "artifacts" / task.artifact.sha256
         if not (artifact_dir / MANIFEST_NAME).exists():
@@ -328,6 +367,7 @@ def train_task(
                 max_samples=task.max_samples,
                 memory_budget_bytes=config.memory_budget_bytes,
                 release_weights=True,
+                stop=stop,
             )
         finally:
             backend.close()
@@ -357,6 +397,8 @@ def train_task(
             wall_s=time.perf_counter() - started,
         )
         return TaskOutcome(reply, packed)
+    except TrainingStopped:
+        raise
     except Exception as exc:  # noqa: BLE001 - the task's boundary: every failure becomes one TaskFailed
         if isinstance(exc, (MsfusionError, OSError)):
             log.warning("task %s failed: %s", task.task_id, exc)
@@ -371,7 +413,7 @@ def train_task(
             device_id=task.device_id,
             task_id=task.task_id,
             code="deadline" if isinstance(exc, _DeadlinePassed) else failure_code(exc),
-            reason=str(exc)[:4000],
+            reason=(str(exc) or type(exc).__name__)[:4000],  # MemoryError() has no message
             details=details,
         )
         return TaskOutcome(failed, None)

@@ -1,7 +1,7 @@
 """A training run's recipe: what the reference engine and the fleet both run, as plain data (no torch).
 
 `EngineConfig` is one federated training (model, plan, overlap, local
-training, objective, rounds, seed); `device_seed` the seed of one device's
+training, objective, merge, rounds, seed); `device_seed` the seed of one device's
 local run in one round, the same on every engine. The run file's `[engine]`
 table parses into exactly these classes (`coordinator/fleet/config.py`).
 """
@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from msfusion.algorithm.merging import MergeConfig
 from msfusion.algorithm.overlap import OverlapConfig
 from msfusion.algorithm.planning import PlanConfig, Strategy
 from msfusion.errors import ConfigError
@@ -22,7 +23,15 @@ from msfusion.wire.artifacts import OptimizerConfig
 # MSfusion's full method, the MOON term at mu 0.1 (msfusion.md, section 5).
 _METHOD_LOSS = LossConfig()
 
-__all__ = ["EngineConfig", "LocalTrainConfig", "LossConfig", "OptimizerConfig", "device_id", "device_seed"]
+__all__ = [
+    "EngineConfig",
+    "LocalTrainConfig",
+    "LossConfig",
+    "MergeConfig",
+    "OptimizerConfig",
+    "device_id",
+    "device_seed",
+]
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,8 @@ class EngineConfig:
         local: local training knobs.
         loss: contrastive term knobs; left at its default, MOON at mu 0.1 for msfusion (the
             full method) and plain cross-entropy for the baselines.
+        merge: how each round's slices are merged and the defences against poisoned ones (the run
+            file's `[engine.merge]`; default: the sample-weighted mean with the 10x update-norm bound).
         rounds: number of rounds.
         seed: seeds the global model's initialization and every local run.
         eval_batch_size: batch size for evaluation.
@@ -76,6 +87,7 @@ class EngineConfig:
     overlap: OverlapConfig = field(default_factory=OverlapConfig)
     local: LocalTrainConfig = field(default_factory=LocalTrainConfig)
     loss: LossConfig = field(default_factory=lambda: _METHOD_LOSS)
+    merge: MergeConfig = field(default_factory=MergeConfig)
     rounds: int = 10
     seed: int = 0
     eval_batch_size: int = 500

@@ -35,6 +35,7 @@ from msfusion.coordinator.cli.common import (
 )
 from msfusion.coordinator.cli.devices import devices_app
 from msfusion.coordinator.cli.runs import runs_app
+from msfusion.coordinator.cli.security import security_app
 from msfusion.errors import (
     ConfigError,
 )
@@ -58,6 +59,7 @@ coordinator_app = typer.Typer(no_args_is_help=True, help="The coordinator servic
 app.add_typer(coordinator_app, name="coordinator")
 app.add_typer(devices_app, name="devices")
 app.add_typer(runs_app, name="runs")
+app.add_typer(security_app, name="security")
 
 
 @coordinator_app.command("run")
@@ -78,6 +80,12 @@ def coordinator_run(
     ),
     dashboard_cert: Optional[Path] = typer.Option(None, "--dashboard-cert", help="TLS certificate (PEM) for it"),
     dashboard_key: Optional[Path] = typer.Option(None, "--dashboard-key", help="TLS key (PEM) for it"),
+    security: Optional[Path] = typer.Option(
+        None, "--security", help="a folder made by `msfusion security init`: TLS identity, signed tasks, result keys"
+    ),
+    insecure: bool = typer.Option(
+        False, "--insecure", help="allow plain mqtt:// to a broker on another machine (tasks and weights in clear)"
+    ),
 ) -> None:
     """Run rounds over the registered fleet until done; write metrics, checkpoints, model and summary.
 
@@ -97,6 +105,8 @@ def coordinator_run(
             "fleet.min_devices": min_devices,
             "round.deadline_s": deadline_s,
             "round.quorum": quorum,
+            "security": str(security) if security else None,
+            "insecure": True if insecure else None,
         }
         cfg = load_config(config, overrides)
         setup_logging(log_level, cfg.out / "logs" / "coordinator.log")
@@ -272,6 +282,11 @@ def simulate(
     rounds: int = typer.Option(10),
     out: Path = typer.Option(Path("runs/simulate"), help="output folder"),
     broker: Optional[str] = typer.Option(None, help="use this broker (mqtt://host:port) instead of a private one"),
+    insecure: bool = typer.Option(
+        False,
+        "--insecure",
+        help="the private broker without TLS, ACL, signed tasks or result keys (default: throw-away credentials)",
+    ),
     model: str = typer.Option("cnn", help="cnn or resnet (images), charlm (text)"),
     channels: Optional[str] = typer.Option(None, help="conv widths, e.g. 8,16,32"),
     data: Optional[Path] = typer.Option(
@@ -330,6 +345,7 @@ def simulate(
             memory_budget_bytes=budget_mb << 20,
             max_width_ratio=min(caps) if caps else None,
             round=RoundConfig(deadline_s=deadline_s),
+            secure=not insecure,
         )
         setup_logging(log_level, out / "logs" / "coordinator.log")
         with serve_dashboard(dashboard, out) as watch, RichProgress(rounds) as progress:

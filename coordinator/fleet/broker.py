@@ -1,4 +1,11 @@
-"""A private MQTT broker for a simulated fleet: Mosquitto when installed, else amqtt, on 127.0.0.1 only."""
+"""A private MQTT broker for a simulated fleet: Mosquitto when installed, else amqtt, on 127.0.0.1 only.
+
+`start_secure_broker` is what `msfusion simulate` runs by default: throw-away
+credentials made by `coordinator/security` (a CA, a certificate per device,
+the coordinator's identity, task-signing and result keys) in a temporary
+folder, and Mosquitto on a free port with mutual TLS and the direction-specific
+ACL of that run; `stop()` deletes the folder.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +19,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
 from msfusion.errors import ConfigError
 
@@ -61,18 +68,35 @@ def mosquitto_binary() -> str | None:
 class MosquittoBroker:
     """Mosquitto with its own config and persistence folder on a free local port."""
 
-    def __init__(self, binary: str, log_path: Path, timeout_s: float = 10.0) -> None:
-        self.port = free_port()
-        # A root Mosquitto drops to user `mosquitto`, which must read the config and write the database.
-        self.dir = Path(tempfile.mkdtemp(prefix="msfusion-broker-"))
-        self.dir.chmod(0o777)
-        conf = self.dir / "mosquitto.conf"
-        conf.write_text(
-            f"listener {self.port} {HOST}\nallow_anonymous true\n"
-            f"persistence true\npersistence_location {self.dir}/\n"
-            "log_dest stdout\nlog_type error\nlog_type warning\nlog_type notice\n"
-        )
-        conf.chmod(0o644)
+    def __init__(
+        self,
+        binary: str,
+        log_path: Path,
+        timeout_s: float = 10.0,
+        conf: Path | None = None,
+        port: int | None = None,
+        folder: Path | None = None,
+    ) -> None:
+        """Anonymous plain TCP on a free port, or (`conf`, `port`, `folder`) a config made elsewhere.
+
+        `folder` is deleted by `stop`.
+        """
+        if conf is None:
+            self.port = free_port()
+            # A root Mosquitto drops to user `mosquitto`, which must read the config and write the database.
+            self.dir = Path(tempfile.mkdtemp(prefix="msfusion-broker-"))
+            self.dir.chmod(0o777)
+            conf = self.dir / "mosquitto.conf"
+            conf.write_text(
+                f"listener {self.port} {HOST}\nallow_anonymous true\n"
+                f"persistence true\npersistence_location {self.dir}/\n"
+                "log_dest stdout\nlog_type error\nlog_type warning\nlog_type notice\n"
+            )
+            conf.chmod(0o644)
+            self.scheme = "mqtt"
+        else:
+            assert port is not None and folder is not None, "a config made elsewhere names its port and folder"
+            self.port, self.dir, self.scheme = port, folder, "mqtts"
         with open(log_path, "ab") as out:
             self._proc = subprocess.Popen([binary, "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT)
         try:
@@ -84,7 +108,11 @@ class MosquittoBroker:
 
     @property
     def url(self) -> str:
-        return f"mqtt://{HOST}:{self.port}"
+        return f"{self.scheme}://{HOST}:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
 
     def stop(self) -> None:
         if self._proc.poll() is None:
@@ -150,3 +178,38 @@ def start_private_broker(log_path: Path, prefer: str = "auto") -> Broker:
     if prefer == "mosquitto":
         raise ConfigError("mosquitto is not installed (Debian: apt-get install mosquitto)")
     return AmqttBroker()
+
+
+class SecureBroker(MosquittoBroker):
+    """A private Mosquitto with mutual TLS and an ACL, its credentials in `security` (a temporary folder)."""
+
+    def __init__(self, binary: str, log_path: Path, run_id: str, device_ids: Sequence[str]) -> None:
+        from msfusion.coordinator.security import SecurityDir
+
+        folder = Path(tempfile.mkdtemp(prefix="msfusion-secure-"))
+        folder.chmod(0o711)  # a root Mosquitto runs as user mosquitto: it must reach its files inside
+        try:
+            port = free_port()
+            self.security = SecurityDir.init(
+                folder / "security", [HOST, "localhost"], port=port, password_port=None, bind=HOST, run_id=run_id
+            )
+            self.credentials = {device: self.security.enroll(device) for device in device_ids}
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        super().__init__(binary, log_path, conf=self.security.conf, port=port, folder=folder)
+
+
+def start_secure_broker(log_path: Path, run_id: str, device_ids: Sequence[str]) -> SecureBroker:
+    """Throw-away credentials for `device_ids` and a private Mosquitto with TLS + ACL for `run_id`.
+
+    Raises:
+        ConfigError: Mosquitto is not installed (amqtt has no TLS + ACL here: pass --insecure), or it did not start.
+    """
+    binary = mosquitto_binary()
+    if binary is None:
+        raise ConfigError(
+            "a secure simulation runs Mosquitto with TLS and an ACL, and mosquitto is not installed "
+            "(Debian: apt-get install mosquitto); or pass --insecure for an anonymous plain-TCP broker"
+        )
+    return SecureBroker(binary, log_path, run_id, device_ids)

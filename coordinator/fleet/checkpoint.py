@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Mapping
 
@@ -48,6 +48,8 @@ class RunState:
             the next round adapts it from `disagreement` (`algorithm.overlap.next_overlap`).
         disagreement: measured at the last merge (None before the first).
         backend: the artifact kind of the run.
+        negatives: per device, the task whose slice was merged in the last merged round it had one in:
+            its next task names that slice as its contrastive negative (a slice of a discarded attempt never).
     """
 
     run_id: str
@@ -56,6 +58,7 @@ class RunState:
     overlap: float
     disagreement: float | None
     backend: str
+    negatives: Mapping[str, str] = field(default_factory=dict)
 
 
 def weights_digest(weights: Mapping[str, npt.NDArray[np.float32]]) -> str:

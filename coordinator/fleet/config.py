@@ -9,6 +9,11 @@ A run file looks like this (every table and key is optional except `model`)::
     eval_shard = "runs/fmnist/shards/test"   # held-out data in any format msfusion/data/sources.py reads
     validation_shard = "runs/fmnist/shards/validation"   # optional: chooses the deployable model
     # artifact_cache = "~/.cache/msfusion/artifacts"
+    # security = "secure/"     # a folder made by `msfusion security init`: TLS client identity, task
+                               # signing, the devices' result keys (broker = "mqtts://host:8883")
+    # task_signing_key = "secure/task-signing.key"   # sign without a security folder (devices hold the .pub)
+    # insecure = false         # true: allow plain mqtt:// to a broker that is not on this machine
+    # mqtt = "3.1.1"           # or "5" (the broker reports refused publishes)
 
     [engine]                   # the algorithm: exactly the reference engine's knobs
     rounds = 10
@@ -21,6 +26,8 @@ A run file looks like this (every table and key is optional except `model`)::
     [engine.local]             # epochs, batch_size, lr, max_samples
     [engine.local.optimizer]   # name ("sgd", "adamw"), momentum, weight_decay, betas, eps, scaler_compensation
     [engine.loss]              # variant ("off", "positive", "moon"), mu, tau
+    [engine.merge]             # norm_bound (x the round's median update norm; 0: off), norm_action ("reject",
+                               # "clip"), aggregate ("mean", "trimmed_mean", "median"), trim
 
     [data]                     # pin the run's preprocessing instead of agreeing it from the devices' reports:
                                # mean, std (per channel, of pixels in [0, 1]), classes, vocab
@@ -47,8 +54,8 @@ import tomllib
 
 from msfusion.errors import ConfigError
 from msfusion.recipe import EngineConfig
-from msfusion.wire.protocol import ID_PATTERN, Preprocessing
-from msfusion.wire.transport import parse_broker_url
+from msfusion.wire.protocol import ID_PATTERN, MAX_DEADLINE_S, Preprocessing
+from msfusion.wire.transport import is_loopback, parse_broker
 
 BACKENDS = ("ort", "executorch")
 
@@ -73,6 +80,10 @@ class RoundConfig:
     def __post_init__(self) -> None:
         if self.deadline_s <= 0 or self.stall_s <= 0:
             raise ConfigError("round.deadline_s and round.stall_s must be > 0")
+        if self.deadline_s > MAX_DEADLINE_S:  # devices refuse a task beyond the schema's maximum
+            raise ConfigError(
+                f"round.deadline_s must be at most {MAX_DEADLINE_S:.0f} s (a week), got {self.deadline_s}"
+            )
         if not 0.0 < self.quorum <= 1.0:
             raise ConfigError(f"round.quorum must be in (0, 1], got {self.quorum}")
         if self.max_attempts < 1:
@@ -145,6 +156,14 @@ class CoordinatorConfig:
         round: per-round knobs.
         fleet: fleet knobs.
         data: preprocessing pinned by the user (the rest is agreed from the devices' data reports).
+        task_signing_key: the coordinator's Ed25519 private key (PEM): every task, welcome and stop is
+            signed with it (`msfusion/wire/signing.py`; None: the security folder's, else unsigned).
+        security: a folder made by `msfusion security init` (coordinator/security): the coordinator
+            connects with its client certificate over TLS, signs with its task-signing key and accepts
+            a device's results only under that device's result key.
+        insecure: allow a plain-TCP ``mqtt://`` broker that is not on this machine (refused otherwise:
+            tasks, weights and results would cross the network in clear and unauthenticated).
+        mqtt: the MQTT protocol, "3.1.1" or "5".
     """
 
     engine: EngineConfig
@@ -160,6 +179,10 @@ class CoordinatorConfig:
     round: RoundConfig = field(default_factory=RoundConfig)
     fleet: FleetConfig = field(default_factory=FleetConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    task_signing_key: Path | None = None
+    security: Path | None = None
+    insecure: bool = False
+    mqtt: str = "3.1.1"
 
     def __post_init__(self) -> None:
         import re
@@ -168,9 +191,19 @@ class CoordinatorConfig:
             raise ConfigError(f"run_id {self.run_id!r} is not a safe id ({ID_PATTERN})")
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        parse_broker_url(self.broker)
+        address = parse_broker(self.broker)
+        if not address.tls and not self.insecure and not is_loopback(address.host):
+            raise ConfigError(
+                f"refusing plain mqtt:// to {address.host}, which is not this machine: tasks, weights and results "
+                "would cross the network in clear; use mqtts:// with a security folder (`msfusion security init`), "
+                "or pass --insecure (insecure = true) on a network you trust"
+            )
+        if self.security is not None and not address.tls:
+            raise ConfigError(f"a security folder needs a TLS broker URL (mqtts://host:port), got {self.broker!r}")
+        if self.mqtt not in ("3.1.1", "5"):
+            raise ConfigError(f"mqtt must be '3.1.1' or '5', got {self.mqtt!r}")
         object.__setattr__(self, "out", Path(self.out))
-        for name in ("eval_shard", "validation_shard", "artifact_cache"):
+        for name in ("eval_shard", "validation_shard", "artifact_cache", "task_signing_key", "security"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, Path(getattr(self, name)))
 

@@ -14,11 +14,11 @@ import logging
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
-from typing import Union
+from typing import Mapping, Union
 
 from msfusion.errors import ArtifactError, MsfusionError, ProtocolError
 from msfusion.wire import topics
-from msfusion.wire.bulk import BulkReceiver, BulkSender
+from msfusion.wire.bulk import BulkReceiver, BulkSender, ServeLimit
 from msfusion.wire.protocol import (
     BulkRef,
     Chunk,
@@ -27,12 +27,15 @@ from msfusion.wire.protocol import (
     Message,
     ProfileReport,
     Registration,
+    RunControl,
     SliceResult,
     TaskFailed,
     TrainTask,
+    Welcome,
     decode,
     encode,
 )
+from msfusion.wire.signing import MessageSigner, ResultAuthenticator
 from msfusion.wire.transport import ConnectionChanged, MqttTransport, Received
 
 log = logging.getLogger(__name__)
@@ -79,6 +82,18 @@ class _Pending:
     requests: int = 0
 
 
+@dataclass
+class _Offer:
+    """A transfer devices may ask chunks of: only the devices it was sent to (their tasks name it)."""
+
+    manifest: BulkRef
+    data: bytes
+    devices: set[str]
+
+
+MAX_PENDING_PER_DEVICE = 4  # slices of one device received at once; a newer result evicts its oldest
+
+
 class CoordinatorLink:
     """Sends tasks, serves bulk data and collects slices over one transport.
 
@@ -87,10 +102,24 @@ class CoordinatorLink:
         run_id: the run.
         stall_s: seconds without a new chunk of a slice before asking for the missing ones.
         max_requests: requests per slice without progress before it is given up.
+        signer: signs every task and control message (None: unsigned, for devices without the key).
+        results: each device's result key (`wire/signing.py`): when given, a `SliceResult` or
+            `TaskFailed` whose MAC does not check out under its device's key (or from a device
+            with none) is dropped with a log line and counted nowhere. None: results unauthenticated.
     """
 
-    def __init__(self, transport: MqttTransport, run_id: str, stall_s: float = 5.0, max_requests: int = 3) -> None:
+    def __init__(
+        self,
+        transport: MqttTransport,
+        run_id: str,
+        stall_s: float = 5.0,
+        max_requests: int = 3,
+        signer: MessageSigner | None = None,
+        results: Mapping[str, ResultAuthenticator] | None = None,
+    ) -> None:
         self.transport = transport
+        self.signer = signer
+        self.results = results
         self.run_id = run_id
         self.stall_s = stall_s
         self.max_requests = max_requests
@@ -98,8 +127,11 @@ class CoordinatorLink:
         self.bytes_up: Counter[str] = Counter()  # per device, payload bytes received from it
         self._receiver = BulkReceiver()
         self._pending: dict[str, _Pending] = {}  # transfer id -> slice awaiting chunks
-        self._offers: dict[str, tuple[BulkRef, bytes]] = {}  # transfer id -> what devices may request
+        self._offers: dict[str, _Offer] = {}  # transfer id -> what devices may request
+        self._limits: dict[tuple[str, str], ServeLimit] = {}  # (device, transfer) -> its re-sends so far
+        self._refusals: set[tuple[str, str]] = set()  # (device, transfer) requests refused (logged once)
         self._ready: deque[SliceArrived] = deque()  # slices complete when their result came, emitted next
+        self._retained: set[str] = set()  # devices whose registration or status the broker may retain
 
     def subscribe(self) -> None:
         """Subscribe to everything devices send in this run."""
@@ -114,20 +146,35 @@ class CoordinatorLink:
         self.transport.publish(topic, payload, retain=retain)
 
     def send(self, device_id: str, msg: Message) -> None:
-        """A control message (Welcome, RunControl) to one device."""
+        """A control message (Welcome, RunControl) to one device, signed when the link has a signer."""
+        if self.signer is not None and isinstance(msg, (Welcome, RunControl)):
+            msg = self.signer.sign(msg)
         self.publish(device_id, topics.ctl(self.run_id, device_id), encode(msg))
 
     def offer(self, manifest: BulkRef, data: bytes) -> None:
-        """Make a transfer available to devices that ask for it (artifacts are pulled, not pushed)."""
-        self._offers[manifest.transfer_id] = (manifest, data)
+        """Make a transfer available (artifacts are pulled, not pushed) to the devices whose task names it."""
+        known = self._offers.get(manifest.transfer_id)
+        self._offers[manifest.transfer_id] = _Offer(manifest, data, known.devices if known is not None else set())
 
     def withdraw(self, transfer_id: str) -> None:
         """Stop serving a transfer (its round is over)."""
         self._offers.pop(transfer_id, None)
+        for key in [k for k in self._limits if k[1] == transfer_id]:
+            del self._limits[key]
 
     def send_task(self, task: TrainTask, weights: bytes) -> None:
-        """Publish a task, then push its weight chunks; the weights stay offered for re-requests."""
+        """Publish a task, then push its weight chunks; the weights stay offered for re-requests.
+
+        The task's artifact and weights become requestable by its device, each chunk a few times
+        (`bulk.ServeLimit`), counted afresh from each task sent.
+        """
         self.offer(task.weights, weights)
+        for transfer in (task.weights, task.artifact):
+            if transfer.transfer_id in self._offers:
+                self._offers[transfer.transfer_id].devices.add(task.device_id)
+            self._limits.pop((task.device_id, transfer.transfer_id), None)
+        if self.signer is not None:
+            task = self.signer.sign(task)
         self.publish(task.device_id, topics.task(self.run_id, task.device_id), encode(task))
         self._push(task.device_id, task.weights, weights)
 
@@ -151,6 +198,26 @@ class CoordinatorLink:
         ready = list(self._ready)
         self._ready.clear()
         return ready
+
+    def clear_retained(self, timeout_s: float = 5.0) -> int:
+        """Delete what the broker retains of this run: every seen device's registration and status.
+
+        Publishes an empty retained message to each such topic (MQTT's way to delete a retained
+        message). Call it at the end of a run, once the devices were told to stop: a daemon told
+        to stop clears its own topics too, so one still finishing a task leaves nothing behind.
+
+        Returns:
+            How many topics were cleared.
+        """
+        cleared = 0
+        for device_id in sorted(self._retained):
+            for topic in (topics.register(self.run_id, device_id), topics.status(self.run_id, device_id)):
+                try:
+                    self.transport.publish(topic, b"", retain=True, timeout_s=timeout_s)
+                    cleared += 1
+                except MsfusionError as exc:
+                    log.warning("could not clear the retained %s: %s", topic, exc)
+        return cleared
 
     def forget_slices(self) -> None:
         """Drop every half-received slice (the round closed)."""
@@ -188,6 +255,10 @@ class CoordinatorLink:
             return None
         device_id = where.device_id
         self.bytes_up[device_id] += len(event.payload)
+        if where.kind in (topics.REGISTER, topics.STATUS):
+            self._retained.add(device_id)
+        if not event.payload:  # a retained message deleted (the end of a run, or a device's exit)
+            return None
         try:
             msg = decode(event.payload)
         except ProtocolError as exc:
@@ -203,9 +274,25 @@ class CoordinatorLink:
                 reason = f"{type(msg).__name__} for {msg.run_id}/{msg.device_id} on the topic of {device_id}"
                 log.warning("refused: %s", reason)
                 return Malformed(device_id, reason)
+            if isinstance(msg, (SliceResult, TaskFailed)) and not self._authentic(msg):
+                return None
             return Inbound(device_id, msg, event.retained)
         log.warning("unexpected %s from %s on %s", type(msg).__name__, device_id, where.kind)
         return None
+
+    def _authentic(self, msg: SliceResult | TaskFailed) -> bool:
+        """Whether a reply carries its device's MAC (always, without result keys). Logs why not."""
+        if self.results is None:
+            return True
+        authenticator = self.results.get(msg.device_id)
+        try:
+            if authenticator is None:
+                raise ProtocolError("no result key is enrolled for this device")
+            authenticator.check(msg)
+        except ProtocolError as exc:
+            log.warning("dropped a %s for task %s under %s: %s", type(msg).__name__, msg.task_id, msg.device_id, exc)
+            return False
+        return True
 
     def expect_slice(self, result: SliceResult) -> None:
         """Start receiving a result's slice; `poll` emits a `SliceArrived` once all its chunks are in.
@@ -214,6 +301,11 @@ class CoordinatorLink:
         event, whether its chunks came before its result or after.
         """
         transfer_id = result.weights.transfer_id
+        held = [t for t, p in self._pending.items() if p.device_id == result.device_id and t != transfer_id]
+        for oldest in held[: max(0, len(held) - MAX_PENDING_PER_DEVICE + 1)]:
+            log.warning("dropped slice transfer %s of %s: a newer one came", oldest, result.device_id)
+            self._receiver.drop(oldest)
+            del self._pending[oldest]
         self._pending[transfer_id] = _Pending(result.device_id, result, time.monotonic())
         try:
             payload = self._receiver.expect(result.weights)
@@ -249,25 +341,34 @@ class CoordinatorLink:
         return SliceArrived(pending.device_id, pending.result, payload)
 
     def _serve(self, device_id: str, request: ChunkRequest) -> None:
+        """Re-send requested chunks of a transfer to the device it was sent to, each a few times at most."""
         offer = self._offers.get(request.transfer_id)
-        if offer is None:
-            log.warning("%s asked for unknown transfer %s", device_id, request.transfer_id)
+        key = (device_id, request.transfer_id)
+        if offer is None or device_id not in offer.devices or request.device_id != device_id:
+            if key not in self._refusals:  # once: a flood of requests must not flood the log
+                if len(self._refusals) >= 10_000:
+                    self._refusals.clear()
+                self._refusals.add(key)
+                log.warning("refused %s chunks of transfer %s: it was not sent to it", device_id, request.transfer_id)
             return
-        manifest, data = offer
+        limit = self._limits.setdefault(key, ServeLimit())
+        indices = limit.take(i for i in request.missing if i < offer.manifest.n_chunks)
+        if not indices:
+            return
         try:
-            self._push(device_id, manifest, data, sorted(set(request.missing)))
+            self._push(device_id, offer.manifest, offer.data, indices)
         except MsfusionError as exc:
             log.warning("could not serve %s to %s: %s", request.transfer_id, device_id, exc)
 
-    def request_stalled(self) -> list[str]:
-        """Ask devices for the missing chunks of stalled slices; returns devices given up on."""
+    def request_stalled(self) -> list[SliceResult]:
+        """Ask devices for the missing chunks of stalled slices; returns the results whose slices were given up on."""
         now = time.monotonic()
         lost = []
         for transfer_id, pending in list(self._pending.items()):
             if now - pending.last_progress < self.stall_s:
                 continue
             if pending.requests >= self.max_requests:
-                lost.append(pending.device_id)
+                lost.append(pending.result)
                 self._receiver.drop(transfer_id)
                 del self._pending[transfer_id]
                 continue

@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from msfusion.coordinator.fleet.broker import start_private_broker
+from msfusion.coordinator.fleet.broker import Broker, SecureBroker, start_private_broker, start_secure_broker
 from msfusion.coordinator.fleet.config import (
     CoordinatorConfig,
     FleetConfig,
@@ -270,8 +270,9 @@ def write_device_configs(
     memory_budget_bytes: int,
     max_width_ratio: float | None,
     heartbeat_s: float = 2.0,
+    secure: SecureBroker | None = None,
 ) -> list[Path]:
-    """One device.toml per shard, in out/devices/devNNN/."""
+    """One device.toml per shard, in out/devices/devNNN/ (with `secure`: its TLS identity and keys)."""
     paths = []
     for index in range(len(shards.devices)):
         folder = out / "devices" / device_id(index)
@@ -289,11 +290,24 @@ def write_device_configs(
             max_width_ratio=max_width_ratio,
             heartbeat_s=heartbeat_s,
             keepalive_s=5,
+            **(_secure_fields(secure, device_id(index)) if secure is not None else {}),
         )
         path = folder / "device.toml"
         path.write_text(to_toml(config), encoding="utf-8")
         paths.append(path)
     return paths
+
+
+def _secure_fields(secure: SecureBroker, device: str) -> dict[str, str]:
+    creds = secure.credentials[device]
+    return {
+        "ca_cert": str(creds.ca),
+        "tls_cert": str(creds.cert),
+        "tls_key": str(creds.key),
+        "mqtt": "5",
+        "task_signing_public_key": str(secure.security.task_signing_public_key),
+        "result_key": str(creds.result_key),
+    }
 
 
 def stop_processes(processes: Sequence[subprocess.Popen[bytes]], timeout_s: float = 10.0) -> list[int | None]:
@@ -327,6 +341,8 @@ class SimulationConfig:
         memory_budget_bytes: every simulated device's memory budget.
         max_width_ratio: an optional width cap every device reports.
         round: per-round knobs.
+        secure: with no `broker` given, run the private Mosquitto with throw-away credentials, mutual
+            TLS and the run's ACL, signed tasks and authenticated results (False: anonymous plain TCP).
     """
 
     engine: EngineConfig
@@ -338,6 +354,7 @@ class SimulationConfig:
     memory_budget_bytes: int = 1 << 30
     max_width_ratio: float | None = None
     round: RoundConfig = field(default_factory=RoundConfig)
+    secure: bool = True
 
 
 def simulate(
@@ -354,14 +371,20 @@ def simulate(
     out = config.out
     (out / "logs").mkdir(parents=True, exist_ok=True)
     shards = config.shards if config.shards is not None else partition_data(config.partition, out / "shards")
-    broker = None
+    run_id = f"sim-{secrets.token_hex(3)}"  # fresh topics even on a shared broker
+    broker: Broker | None = None
+    secure: SecureBroker | None = None
     url = config.broker
-    if url is None:
+    if url is None and config.secure:
+        broker = secure = start_secure_broker(
+            out / "logs" / "broker.log", run_id, [device_id(i) for i in range(len(shards.devices))]
+        )
+        url = broker.url
+    elif url is None:
         broker = start_private_broker(out / "logs" / "broker.log")
         url = broker.url
-    run_id = f"sim-{secrets.token_hex(3)}"  # fresh topics even on a shared broker
     paths = write_device_configs(
-        out, shards, run_id, url, config.backend, config.memory_budget_bytes, config.max_width_ratio
+        out, shards, run_id, url, config.backend, config.memory_budget_bytes, config.max_width_ratio, secure=secure
     )
     processes = [start_device(path, out / "logs" / f"{device_id(i)}.log") for i, path in enumerate(paths)]
     coordinator = CoordinatorConfig(
@@ -374,6 +397,8 @@ def simulate(
         backend=config.backend,
         round=config.round,
         fleet=FleetConfig(min_devices=len(shards.devices), wait_s=120.0),
+        security=secure.security.path if secure is not None else None,
+        mqtt="5" if secure is not None else "3.1.1",
     )
     try:
         summary = run_coordinator(coordinator, artifacts, progress=progress, on_events=on_events)

@@ -16,7 +16,7 @@ from typing import Callable, Mapping, Protocol, Sequence
 import numpy as np
 
 from msfusion.algorithm.inference import CoHoldStats
-from msfusion.algorithm.merging import MergeAccumulator, SliceUpdate
+from msfusion.algorithm.merging import MergeAccumulator, MergeReport, SliceUpdate
 from msfusion.algorithm.overlap import next_overlap
 from msfusion.algorithm.planning import effective_ratios, plan_round
 from msfusion.algorithm.slicing import Weights, slice_weights
@@ -39,7 +39,7 @@ from msfusion.errors import ArtifactError, InvalidSlice
 from msfusion.models.evaluate import evaluate
 from msfusion.models.registry import input_scales
 from msfusion.recipe import EngineConfig, device_seed
-from msfusion.wire.bulk import make_manifest, transfer_id
+from msfusion.wire.bulk import make_manifest, slice_transfer_id, transfer_id
 from msfusion.wire.protocol import (
     AxisUnits,
     BulkRef,
@@ -54,6 +54,9 @@ from msfusion.wire.transport import ConnectionChanged
 from msfusion.wire.weights import nbytes, pack_weights, unpack_weights
 
 log = logging.getLogger(__name__)
+
+# A trained slice packs the sub-model's tensors again: its header may differ from the sent one's by a little.
+SLICE_HEADER_SLACK_BYTES = 64 << 10
 
 
 class ArtifactSource(Protocol):
@@ -122,6 +125,8 @@ class RoundOutcome:
     width_ratios: dict[str, float] = field(default_factory=dict)  # the ratio each device trained at
     start_sha256: str = ""  # weights_digest of the global weights the round started from
     end_sha256: str = ""  # ... and of the merged weights (empty when not merged)
+    clipped: dict[str, str] = field(default_factory=dict)  # device -> why its update was scaled to the norm bound
+    update_norms: dict[str, float] = field(default_factory=dict)  # RMS of (returned - sent) of each valid slice
 
 
 def tensor_axes(spec: ModelSpec) -> dict[str, list[AxisUnits]]:
@@ -142,8 +147,9 @@ def make_task(
     units: Mapping[str, IndexArray],
     artifact: BulkRef,
     weights: BulkRef,
+    negative_task_id: str = "",
 ) -> TrainTask:
-    """The task telling one device what to train this round."""
+    """The task telling one device what to train this round (`negative_task_id`: whose slice is its negative)."""
     cfg = ctx.engine
     return TrainTask(
         run_id=ctx.run_id,
@@ -166,6 +172,7 @@ def make_task(
         seed=device_seed(cfg.seed, round_idx, index),
         deadline_s=ctx.round.deadline_s,
         preprocessing=ctx.preprocessing,
+        negative_task_id=negative_task_id,
     )
 
 
@@ -250,7 +257,9 @@ def run_round(
         packed = pack_weights(sub)
         manifest = make_manifest(transfer_id("w", task_id, device.device_id), "weights", packed)
         artifact = artifacts[tuple(sorted(plan.widths(device.device_id).items()))][0]
-        task = make_task(ctx, round_idx, task_id, device.device_id, index, units, artifact, manifest)
+        # Its negative: its slice merged in the last merged round, never one of a discarded attempt.
+        negative = state.negatives.get(device.device_id, "")
+        task = make_task(ctx, round_idx, task_id, device.device_id, index, units, artifact, manifest, negative)
         sent[device.device_id] = _Sent(task, packed, units, nbytes(sub), ratios[device.device_id])
     lap("slice_s")
 
@@ -261,9 +270,11 @@ def run_round(
         ctx.link.send_task(item.task, item.weights)
     lap("publish_s")
 
-    # Collect until all are in or the deadline, merging each valid slice as it arrives
-    # (collect_s includes those streamed merges; merge_s counts them again, with the final pass).
-    accumulator = MergeAccumulator(weights, ctx.spec, round_idx)
+    # Collect until all are in or the deadline, validating each slice as it arrives and merging it then
+    # (collect_s includes those streamed merges; merge_s counts them again, with the final pass). With the
+    # update-norm bound on (the default) the valid slices are kept until collection ends instead, since the
+    # bound is relative to the round's median: memory is then the sum of the slice sizes.
+    accumulator = MergeAccumulator(weights, ctx.spec, round_idx, ctx.engine.merge)
     replies, results, merge_s = _collect(ctx, sent, accumulator, time.monotonic() + ctx.round.deadline_s)
     lap("collect_s")
     for item in sent.values():
@@ -288,6 +299,11 @@ def run_round(
     )
 
     # Merge what arrived, if enough did; a round below quorum is retried, not merged.
+    # The update-norm bound compares the round's slices with each other, so it refuses or clips here.
+    clock = time.perf_counter()
+    new_weights, report = accumulator.result()
+    _screened(ctx, replies, report)
+    outcome.clipped, outcome.update_norms = dict(report.clipped), dict(report.update_norms)
     merged = [d for d, reply in replies.items() if reply == "merged"]
     needed = max(1, int(np.ceil(ctx.round.quorum * len(sent))))
     if len(merged) < needed:
@@ -300,8 +316,6 @@ def run_round(
             needed,
         )
         return outcome, weights, state
-    clock = time.perf_counter()
-    new_weights, report = accumulator.result()
     if ctx.cohold is not None:  # what the merged slices held, for the co-hold weighted model
         for device_id in merged:
             ctx.cohold.add(sent[device_id].units, input_scales(ctx.engine.model, plan.widths(device_id)))
@@ -313,7 +327,11 @@ def run_round(
     lap("eval_s")
 
     # The next round adapts the overlap from this one's target and measured disagreement.
-    next_state = replace(state, next_round=round_idx + 1, overlap=overlap, disagreement=report.disagreement)
+    # Each device whose slice was merged trains against that slice next (the others keep their last one).
+    negatives = {**state.negatives, **{d: sent[d].task.task_id for d in merged}}
+    next_state = replace(
+        state, next_round=round_idx + 1, overlap=overlap, disagreement=report.disagreement, negatives=negatives
+    )
 
     # Checkpoint: weights and state, so --resume continues bit for bit.
     save_checkpoint(ctx.checkpoint_dir, new_weights, next_state, ctx.cohold.state() if ctx.cohold else None)
@@ -336,6 +354,7 @@ def _collect(
         "no reply"), the result each slice came with (its peak RSS and step time), and the seconds spent merging.
     """
     replies: dict[str, str] = {}
+    rejected: dict[str, str] = {}  # the last refused reply of a device whose slot stays open (the reply if none comes)
     results: dict[str, SliceResult] = {}
     merge_s = 0.0
     last_tick = 0.0
@@ -343,10 +362,10 @@ def _collect(
         if ctx.on_tick is not None and now - last_tick >= 0.5:
             ctx.on_tick(sent[next(iter(sent))].task.round_idx, replies)
             last_tick = now
-        for device_id in ctx.link.request_stalled():
+        for stalled in ctx.link.request_stalled():
+            device_id = stalled.device_id
             if device_id in sent and device_id not in replies:
-                replies[device_id] = "failed: slice transfer incomplete"
-                ctx.fleet.note_failure(device_id, "slice transfer incomplete")
+                _refuse(ctx, sent[device_id], replies, rejected, stalled, "slice transfer incomplete", "failed")
         match ctx.link.poll(min(0.5, deadline - now)):
             case None:
                 pass
@@ -357,11 +376,11 @@ def _collect(
             case Malformed(device_id=device_id):
                 ctx.fleet.seen(device_id, time.monotonic())
             case SliceArrived() as arrived if arrived.device_id in sent and arrived.device_id not in replies:
-                merge_s += _take_slice(ctx, sent, accumulator, replies, results, arrived)
+                merge_s += _take_slice(ctx, sent, accumulator, replies, rejected, results, arrived)
             case SliceArrived():
                 pass  # a slice already answered for
             case Inbound(message=SliceResult() | TaskFailed()) as inbound:
-                _on_reply(ctx, sent, replies, inbound)
+                _on_reply(ctx, sent, replies, rejected, inbound)
             case Inbound() as inbound:
                 came_back = isinstance(inbound.message, Registration) and not inbound.retained
                 came_back = came_back and not ctx.fleet.online(inbound.device_id, time.monotonic())
@@ -370,12 +389,12 @@ def _collect(
                     _resend(ctx, sent, [inbound.device_id])  # it restarted: whatever it held of this task is gone
     for arrived in ctx.link.take_ready():  # complete as the deadline passed: as good as any other
         if arrived.device_id in sent and arrived.device_id not in replies:
-            merge_s += _take_slice(ctx, sent, accumulator, replies, results, arrived)
+            merge_s += _take_slice(ctx, sent, accumulator, replies, rejected, results, arrived)
     ctx.link.forget_slices()
     for device_id in sent:
         if device_id not in replies:
-            ctx.fleet.note_failure(device_id, "no reply before the round's deadline")
-    return {d: replies.get(d, "no reply") for d in sent}, results, merge_s
+            ctx.fleet.note_failure(device_id, rejected.get(device_id, "no reply before the round's deadline"))
+    return {d: replies.get(d) or rejected.get(d, "no reply") for d in sent}, results, merge_s
 
 
 def _take_slice(
@@ -383,16 +402,55 @@ def _take_slice(
     sent: Mapping[str, _Sent],
     accumulator: MergeAccumulator,
     replies: dict[str, str],
+    rejected: dict[str, str],
     results: dict[str, SliceResult],
     arrived: SliceArrived,
 ) -> float:
-    """Merge one arrived slice (or reject it with the reason); returns the seconds spent merging."""
+    """Merge one arrived slice (or refuse it with the reason); returns the seconds spent merging."""
     started = time.perf_counter()
-    replies[arrived.device_id] = _merge_slice(accumulator, sent[arrived.device_id], arrived)
-    results[arrived.device_id] = arrived.result
-    if replies[arrived.device_id] != "merged":
-        ctx.fleet.note_failure(arrived.device_id, replies[arrived.device_id])
+    item = sent[arrived.device_id]
+    verdict = _merge_slice(accumulator, item, arrived)
+    if verdict == "merged":
+        replies[arrived.device_id] = verdict
+        results[arrived.device_id] = arrived.result
+    else:
+        _refuse(ctx, item, replies, rejected, arrived.result, verdict.removeprefix("rejected: "))
+        if arrived.device_id in replies:  # its own slice: its figures are the device's
+            results[arrived.device_id] = arrived.result
     return time.perf_counter() - started
+
+
+def _refuse(
+    ctx: RoundContext,
+    item: _Sent,
+    replies: dict[str, str],
+    rejected: dict[str, str],
+    result: SliceResult,
+    reason: str,
+    verdict: str = "rejected",
+) -> None:
+    """A refused result or slice. It answers for its device only when it came as the device's own upload.
+
+    A device's daemon sends one slice per task, under the transfer id it derives from the task
+    (`bulk.slice_transfer_id`). A refused one under any other id is someone else's (any client can
+    publish on a device's topics when the broker has no ACL), so the device's slot stays open for
+    its own slice until the deadline; the refusal is its reply only if nothing better comes.
+    """
+    device_id = result.device_id
+    rejected[device_id] = f"{verdict}: {reason}"
+    own = slice_transfer_id(item.task.task_id, device_id)
+    if result.weights.transfer_id == own:
+        replies[device_id] = rejected[device_id]
+        ctx.fleet.note_failure(device_id, rejected[device_id])
+        return
+    log.warning(
+        "%s the reply of %s under transfer %s (its own is %s): %s; its slot stays open",
+        verdict,
+        device_id,
+        result.weights.transfer_id,
+        own,
+        reason,
+    )
 
 
 def _resend(ctx: RoundContext, sent: Mapping[str, _Sent], device_ids: Sequence[str]) -> None:
@@ -402,8 +460,14 @@ def _resend(ctx: RoundContext, sent: Mapping[str, _Sent], device_ids: Sequence[s
         ctx.link.send_task(item.task, item.weights)
 
 
-def _on_reply(ctx: RoundContext, sent: Mapping[str, _Sent], replies: dict[str, str], inbound: Inbound) -> None:
-    """A device's reply: a failure is recorded; a result starts its slice's transfer (merged on `SliceArrived`)."""
+def _on_reply(
+    ctx: RoundContext, sent: Mapping[str, _Sent], replies: dict[str, str], rejected: dict[str, str], inbound: Inbound
+) -> None:
+    """A device's reply: a failure is recorded; a result starts its slice's transfer (merged on `SliceArrived`).
+
+    A result is judged before any of its slice is received: a manifest larger than the planned
+    sub-model packs to, or more samples than the task allows, refuses it with the reason.
+    """
     msg = inbound.message
     assert isinstance(msg, (SliceResult, TaskFailed))
     device_id = inbound.device_id
@@ -415,6 +479,11 @@ def _on_reply(ctx: RoundContext, sent: Mapping[str, _Sent], replies: dict[str, s
     if device_id in replies:
         return  # a redelivered reply: handled once
     if isinstance(msg, SliceResult):
+        why = _result_refusal(ctx, item, msg)
+        if why is not None:
+            log.warning("rejected the result of %s: %s", device_id, why)
+            _refuse(ctx, item, replies, rejected, msg, why)
+            return
         ctx.link.expect_slice(msg)
         return
     replies[device_id] = f"failed: {msg.code}: {msg.reason}"
@@ -423,8 +492,46 @@ def _on_reply(ctx: RoundContext, sent: Mapping[str, _Sent], replies: dict[str, s
         ctx.fleet.memory_exceeded(device_id, item.width_ratio)  # a narrower width from the next round on
 
 
+def _result_refusal(ctx: RoundContext, item: _Sent, result: SliceResult) -> str | None:
+    """Why a result is refused before its slice is fetched (None: it may come).
+
+    Its manifest may not declare more bytes than the sub-model the device was sent (a trained
+    slice holds the same tensors, or fewer) and its sample count, the merge weight, not exceed
+    what the task allows: its `max_samples`, and the samples the device registered.
+    """
+    manifest = result.weights
+    if manifest.kind != "slice":
+        return f"its transfer {manifest.transfer_id} is of kind {manifest.kind!r}, not a slice"
+    limit = len(item.weights) + SLICE_HEADER_SLACK_BYTES
+    if manifest.total_bytes > limit:
+        return (
+            f"its slice declares {manifest.total_bytes} bytes; the sub-model it was sent packs to "
+            f"{len(item.weights)} bytes"
+        )
+    bounds = []
+    if item.task.max_samples > 0:
+        bounds.append((item.task.max_samples, "the task's max_samples"))
+    if (data := ctx.fleet.data.get(result.device_id)) is not None:
+        bounds.append((data.n_samples, "the samples it registered"))
+    for bound, what in bounds:
+        if result.n_samples > bound:
+            return f"n_samples {result.n_samples} over {what} ({bound})"
+    return None
+
+
+def _screened(ctx: RoundContext, replies: dict[str, str], report: MergeReport) -> None:
+    """Slices valid on arrival but refused by the round-wide update-norm bound become rejected replies."""
+    for device_id, reason in report.rejected.items():
+        if replies.get(device_id) == "merged" and device_id not in report.merged:
+            log.warning("rejected the slice of %s: %s", device_id, reason)
+            replies[device_id] = f"rejected: {reason}"
+            ctx.fleet.note_failure(device_id, replies[device_id])
+    for device_id, reason in report.clipped.items():
+        log.warning("clipped the update of %s: %s", device_id, reason)
+
+
 def _merge_slice(accumulator: MergeAccumulator, item: _Sent, arrived: SliceArrived) -> str:
-    """Validate one slice and fold it in; a bad slice is rejected and changes nothing."""
+    """Validate one slice and fold it in (or keep it for the norm bound); a bad slice is rejected, changes nothing."""
     try:
         trained = unpack_weights(arrived.payload)
         accumulator.add(

@@ -34,6 +34,7 @@ from msfusion.coordinator.fleet.rounds import (
     handle_fleet_message,
     run_round,
 )
+from msfusion.coordinator.security import SecurityDir
 from msfusion.data.datasets import ArrayDataset
 from msfusion.data.sources import DataSpec, Source, check_report, combine_reports, materialize, open_source
 from msfusion.errors import ConfigError, DataError, DeviceLost, MsfusionError
@@ -41,12 +42,14 @@ from msfusion.models.config import ModelConfig
 from msfusion.models.evaluate import evaluate
 from msfusion.models.registry import build_model, input_scales, model_spec, state_to_numpy
 from msfusion.wire.protocol import Preprocessing, RunControl
-from msfusion.wire.transport import MqttTransport, parse_broker_url
+from msfusion.wire.signing import MessageSigner, ResultAuthenticator
+from msfusion.wire.transport import MqttTransport
 from msfusion.wire.weights import pack_weights
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoint"
+ANSWERED_GRACE_S = 5.0  # with too few admitted and the rest refused, how long nothing new must arrive before giving up
 
 
 class RunProgress(Protocol):
@@ -223,14 +226,15 @@ def wait_for_devices(ctx: RoundContext, needed: int, wait_s: float, progress: Ru
     Devices left out for their data count towards `needed` (they registered; the run goes on
     without them), but at least one device must be live. Devices refused for anything else (a
     budget too small, another backend) do not count: once every expected device has answered
-    (live + refused >= needed, no admitted device offline, nothing more arriving) and too few are
-    live, waiting longer cannot help.
+    (live + refused >= needed, no admitted device offline, nothing new for `ANSWERED_GRACE_S`, so
+    that boards still booting can register) and too few are live, waiting longer cannot help.
 
     Raises:
         NotEnoughDevices: not within `wait_s`, or at once when every expected device has answered
             and too few were admitted; the message gives each refusal's reason.
     """
     deadline = time.monotonic() + wait_s
+    quiet_since = time.monotonic()
     fleet = ctx.fleet
 
     def live() -> int:
@@ -247,8 +251,15 @@ def wait_for_devices(ctx: RoundContext, needed: int, wait_s: float, progress: Ru
             handle_fleet_message(ctx, event, time.monotonic())
         if not short():
             break
-        # The refused include those left out for their data; an admitted device gone quiet may come back.
-        answered = event is None and live() == len(fleet.devices) and live() + len(fleet.refused) >= needed
+        # The refused include those left out for their data; an admitted device gone quiet may come back;
+        # and a board still booting may register yet: nothing new for ANSWERED_GRACE_S first.
+        if event is not None:
+            quiet_since = time.monotonic()
+        answered = (
+            time.monotonic() - quiet_since >= min(ANSWERED_GRACE_S, wait_s)
+            and live() == len(fleet.devices)
+            and live() + len(fleet.refused) >= needed
+        )
         if answered or time.monotonic() > deadline:
             by_reason: dict[str, list[str]] = {}
             for device_id, why in sorted(fleet.refused.items()):
@@ -257,6 +268,33 @@ def wait_for_devices(ctx: RoundContext, needed: int, wait_s: float, progress: Ru
             refused = f"; {len(fleet.refused)} refused ({refusals})" if fleet.refused else ""
             when = "and every expected device has answered" if answered else f"after {wait_s:.0f} s"
             raise NotEnoughDevices(f"{live()} of {needed} devices online {when}{refused}")
+
+
+def connect_securely(
+    config: CoordinatorConfig,
+) -> tuple[MqttTransport, MessageSigner | None, dict[str, ResultAuthenticator] | None]:
+    """The coordinator's broker connection, its task signer and the devices' result keys.
+
+    With a security folder: mutual TLS under the coordinator's certificate, its task-signing key
+    and every enrolled device's result key. Without one: the configured credentials, the
+    `task_signing_key` if any, and unauthenticated results.
+
+    Raises:
+        ConfigError: an unreadable security folder or key.
+        BrokerUnavailable: the broker cannot be reached.
+    """
+    options: dict[str, Any] = {"username": config.username, "password": config.password, "protocol": config.mqtt}
+    signing_key = config.task_signing_key
+    results = None
+    if config.security is not None:
+        security = SecurityDir(config.security)
+        options.update(security.coordinator_credentials().transport_options())
+        signing_key = signing_key or security.task_signing_key
+        results = security.result_authenticators()
+    transport = MqttTransport.from_url(f"coordinator-{config.run_id}", config.broker, **options)
+    signer = MessageSigner.from_file(signing_key) if signing_key is not None else None
+    transport.connect()
+    return transport, signer, results
 
 
 def run_coordinator(
@@ -291,12 +329,8 @@ def run_coordinator(
     eval_source = open_eval_data(config.eval_shard, config.engine.model)  # fails before connecting
     spec = model_spec(config.engine.model)
     weights, state = initial_state(config, resume)
-    host, port = parse_broker_url(config.broker)
-    transport = MqttTransport(
-        f"coordinator-{config.run_id}", host, port, username=config.username, password=config.password
-    )
-    transport.connect()
-    link = CoordinatorLink(transport, config.run_id, stall_s=config.round.stall_s)
+    transport, signer, results = connect_securely(config)
+    link = CoordinatorLink(transport, config.run_id, stall_s=config.round.stall_s, signer=signer, results=results)
     link.subscribe()
     fleet = Fleet(
         spec,
@@ -395,6 +429,9 @@ def run_coordinator(
                     )
                 except MsfusionError as exc:
                     log.warning("could not tell %s to stop: %s", device_id, exc)
+            # Nothing of the run stays on the broker: the devices clear their own topics when told to stop,
+            # this clears those of devices that are gone (their last will) or never heard it.
+            link.clear_retained()
         transport.close()
     if test is None and agreed:
         test = materialize(eval_source, prep)

@@ -64,12 +64,14 @@ class RoundRecord:
     disagreement: float
     coverage: float
     merged: tuple[str, ...]
-    rejected: Mapping[str, str]
+    rejected: Mapping[str, str]  # device -> why its slice was left out (invalid, or above the update-norm bound)
     mean_local_loss: float
     wall_s: float
     variant_metrics: Mapping[str, Mapping[str, float]] = field(default_factory=dict)  # test figures per variant
     validation_metrics: Mapping[str, Mapping[str, float]] = field(default_factory=dict)  # ... on validation data
     deployable: str = "merged"  # the variant the run would output now (docs/algorithm.md, "The deployable model")
+    clipped: Mapping[str, str] = field(default_factory=dict)  # device -> why its update was scaled to the bound
+    update_norms: Mapping[str, float] = field(default_factory=dict)  # RMS of (returned - sent) of each valid slice
 
     @property
     def metrics(self) -> Mapping[str, float]:
@@ -214,7 +216,7 @@ class ReferenceEngine:
             memory.weights, memory.index = result.weights, index_now
             updates.append(SliceUpdate(device.device_id, round_idx, units, result.weights, result.n_samples))
             local_losses.extend(result.loss_curve)
-        self.weights, report = merge_slices(self.weights, self.spec, updates, round_idx)
+        self.weights, report = merge_slices(self.weights, self.spec, updates, round_idx, self.config.merge)
         for update in updates:  # what the merged slices held (the fleet counts the same)
             if update.device_id in report.merged:
                 self.cohold.add(update.units, input_scales(self.config.model, plan.widths(update.device_id)))
@@ -237,6 +239,8 @@ class ReferenceEngine:
             variant_metrics=scored,
             validation_metrics=checked,
             deployable=choose_deployable(checked),
+            clipped=dict(report.clipped),
+            update_norms=dict(report.update_norms),
         )
         self.history.append(record)
         log.info(

@@ -384,7 +384,7 @@ class ImageFolderSource:
         index = _label_index(prep)
         if index is None:
             names = sorted(set(self._names))
-            if prep is not None and all(n.isdigit() for n in names):
+            if prep is not None and all(_numeric(n) for n in names):
                 index = {n: int(n) for n in names}  # the run keeps integer labels (`combine_reports`: classes = [])
             else:
                 index = {n: i for i, n in enumerate(names)}
@@ -599,9 +599,14 @@ def check_report(report: DataReport, model: ModelInputs) -> str:
     return ""
 
 
+def _numeric(name: str) -> bool:
+    """Whether a class name is an integer label: ASCII digits only (`str.isdigit` also takes '²', which `int` refuses)."""
+    return name.isascii() and name.isdigit()
+
+
 def _class_order(names: Iterable[str]) -> list[str]:
     names = sorted(set(names))
-    if all(n.isdigit() for n in names):
+    if all(_numeric(n) for n in names):
         return sorted(names, key=int)
     return names
 
@@ -647,7 +652,7 @@ def combine_reports(
         mean = stats.mean
         std = [max(math.sqrt(m2 / stats.count), 1e-6) for m2 in stats.m2]
     classes = list(pinned.classes) or _class_order(n for r in usable for n in r.class_counts)
-    if all(c.isdigit() for c in classes) and not pinned.classes:
+    if all(_numeric(c) for c in classes) and not pinned.classes:
         if max(int(c) for c in classes) >= model.num_classes:
             raise DataError(f"label {max(int(c) for c in classes)} is out of range for {model.num_classes} outputs")
         classes = []  # integer labels: kept as they are

@@ -214,7 +214,8 @@ class ArtifactManifest:
             )
         except ArtifactError:
             raise
-        except (ValueError, KeyError, TypeError, AttributeError, ConfigError) as exc:
+        # OverflowError: int() of an infinite size (JSON's 1e999); RecursionError: arrays nested thousands deep.
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError, ConfigError) as exc:
             raise ArtifactError(f"malformed artifact manifest: {exc!r}") from exc
 
 

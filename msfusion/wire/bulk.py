@@ -63,6 +63,11 @@ def transfer_id(prefix: str, *parts: str) -> str:
     return text if len(text) <= 64 else f"{prefix}-" + hashlib.sha256(text.encode()).hexdigest()[:40]
 
 
+def slice_transfer_id(task_id: str, device_id: str) -> str:
+    """The upload id of a device's trained slice for one task: what its daemon uses, and the coordinator expects."""
+    return transfer_id("s", task_id, device_id)
+
+
 def make_manifest(transfer_id: str, kind: BulkKind, data: bytes, chunk_bytes: int = MAX_CHUNK_BYTES) -> BulkRef:
     """Describe `data` as a transfer of chunks of `chunk_bytes` (the last may be shorter).
 
@@ -117,8 +122,8 @@ class Reassembly:
 
     def __init__(self, manifest: BulkRef) -> None:
         self.manifest = manifest
-        self._chunks: list[bytes | None] = [None] * manifest.n_chunks
-        self._n_received = 0
+        # Only what arrived is held: the manifest's chunk count (a peer's claim) sizes nothing here.
+        self._chunks: dict[int, bytes] = {}
 
     def add(self, chunk: Chunk) -> bool:
         """Store a chunk.
@@ -138,7 +143,7 @@ class Reassembly:
             )
         if chunk.index >= m.n_chunks:
             raise ArtifactError(f"chunk {chunk.index} outside 0..{m.n_chunks - 1}")
-        if self._chunks[chunk.index] is not None:
+        if chunk.index in self._chunks:
             return False
         if len(chunk.data) != chunk_size(m, chunk.index):
             raise ArtifactError(
@@ -148,19 +153,18 @@ class Reassembly:
         if sha256_hex(chunk.data) != chunk.sha256:
             raise ArtifactError(f"chunk {chunk.index} of {m.transfer_id!r} fails its sha256")
         self._chunks[chunk.index] = chunk.data
-        self._n_received += 1
         return True
 
     def missing(self) -> list[int]:
         """Indices of the chunks not received yet, ascending."""
-        return [i for i, piece in enumerate(self._chunks) if piece is None]
+        return [i for i in range(self.manifest.n_chunks) if i not in self._chunks]
 
     def complete(self) -> bool:
-        return self._n_received == self.manifest.n_chunks
+        return len(self._chunks) == self.manifest.n_chunks
 
     @property
     def received_bytes(self) -> int:
-        return sum(len(piece) for piece in self._chunks if piece is not None)
+        return sum(len(piece) for piece in self._chunks.values())
 
     def payload(self) -> bytes:
         """The whole payload, checked against the manifest's sha256.
@@ -176,7 +180,7 @@ class Reassembly:
                 transfer_id=self.manifest.transfer_id,
                 missing=missing,
             )
-        data = b"".join(piece for piece in self._chunks if piece is not None)
+        data = b"".join(self._chunks[i] for i in range(self.manifest.n_chunks))
         if sha256_hex(data) != self.manifest.sha256:
             raise ArtifactError(f"transfer {self.manifest.transfer_id!r} does not match its manifest sha256")
         return data
@@ -252,6 +256,40 @@ class BulkReceiver:
             log.warning("dropped %d early chunks of unknown transfer %s", len(dropped), transfer_id)
 
 
+class ServeLimit:
+    """How often the chunks of one transfer are sent again on request, to one receiver.
+
+    Each chunk is re-sent at most `max_copies` times, and not again within
+    `min_gap_s` of its last send (it is still on its way: a burst of requests
+    costs one copy). A receiver's genuine re-requests come a stall apart
+    (seconds), so they are served; a flood of requests cannot make the sender
+    publish more than `max_copies` copies of the transfer.
+
+    Args:
+        max_copies: re-sends per chunk.
+        min_gap_s: seconds before a chunk is re-sent again.
+    """
+
+    def __init__(self, max_copies: int = 4, min_gap_s: float = 0.25) -> None:
+        self.max_copies = max_copies
+        self.min_gap_s = min_gap_s
+        self._sent: dict[int, tuple[int, float]] = {}  # chunk index -> (re-sends, when last)
+        self.refused = 0  # chunk re-sends refused so far
+
+    def take(self, indices: Iterable[int], now: float | None = None) -> list[int]:
+        """The chunks of `indices` to re-send now (ascending, no duplicates); counts them as sent."""
+        now = time.monotonic() if now is None else now
+        allowed = []
+        for index in sorted(set(indices)):
+            copies, last = self._sent.get(index, (0, -float("inf")))
+            if copies >= self.max_copies or now - last < self.min_gap_s:
+                self.refused += 1
+                continue
+            self._sent[index] = (copies + 1, now)
+            allowed.append(index)
+        return allowed
+
+
 class BulkSender:
     """Publishes one transfer's chunks to a topic and serves `ChunkRequest`s for it.
 
@@ -263,9 +301,18 @@ class BulkSender:
         manifest: from `make_manifest(data)`.
         data: the payload.
         window: publishes awaiting their PUBACK at once (bounds paho's queue).
+        limit: how often `serve` re-sends each chunk (a fresh `ServeLimit` when None).
     """
 
-    def __init__(self, transport: BulkTransport, topic: str, manifest: BulkRef, data: bytes, window: int = 8) -> None:
+    def __init__(
+        self,
+        transport: BulkTransport,
+        topic: str,
+        manifest: BulkRef,
+        data: bytes,
+        window: int = 8,
+        limit: ServeLimit | None = None,
+    ) -> None:
         if len(data) != manifest.total_bytes:
             raise ProtocolError(f"{len(data)} bytes do not match manifest of {manifest.total_bytes}")
         self.transport = transport
@@ -273,6 +320,7 @@ class BulkSender:
         self.manifest = manifest
         self.data = data
         self.window = window
+        self.limit = limit if limit is not None else ServeLimit()
 
     def send(self, indices: Iterable[int] | None = None, timeout_s: float = 30.0) -> int:
         """Publish all chunks (or those in `indices`), waiting for every PUBACK.
@@ -296,7 +344,10 @@ class BulkSender:
         return sent
 
     def serve(self, request: ChunkRequest, timeout_s: float = 30.0) -> int:
-        """Republish the chunks a receiver asked for.
+        """Republish the chunks a receiver asked for, as far as `limit` allows.
+
+        Returns:
+            How many chunks were published (0 when the limit refused them all).
 
         Raises:
             ProtocolError: the request is for another transfer or names no such chunk.
@@ -305,8 +356,17 @@ class BulkSender:
             raise ProtocolError(f"request for {request.transfer_id!r} sent to {self.manifest.transfer_id!r}")
         bad = [i for i in request.missing if i >= self.manifest.n_chunks]
         if bad:
-            raise ProtocolError(f"request names chunks {bad} of a {self.manifest.n_chunks}-chunk transfer")
-        return self.send(sorted(set(request.missing)), timeout_s)
+            raise ProtocolError(f"request names chunks {bad[:8]} of a {self.manifest.n_chunks}-chunk transfer")
+        indices = self.limit.take(request.missing)
+        if len(indices) < len(set(request.missing)):
+            log.debug(  # debug: a flood of requests must not flood the log too
+                "transfer %s: re-sending %d of %d requested chunks (each at most %d times)",
+                self.manifest.transfer_id,
+                len(indices),
+                len(set(request.missing)),
+                self.limit.max_copies,
+            )
+        return self.send(indices, timeout_s) if indices else 0
 
 
 def receive(

@@ -35,12 +35,25 @@ from msfusion.errors import (
 
 SCHEMA_VERSION = 1
 MAX_CHUNK_BYTES = 1 << 20  # 1 MiB: larger MQTT publishes were slower and less reliable
+# The largest sizes a peer may declare, checked on decode before anything is allocated for them. A receiver
+# bounds them further by what it expects: the coordinator a slice by its planned sub-model's size, a device
+# a task's transfers by its memory budget.
+MAX_TRANSFER_BYTES = 16 << 30  # one artifact, weights or slice transfer (a 1.2 GB char-LM bundle fits 13 times)
+MAX_CHUNKS = 1 << 16  # chunks in one transfer: the largest transfer in chunks of 256 KiB at least
+MAX_LOCAL_EPOCHS = 100
+MAX_BATCH_SIZE = 1 << 16
+MAX_SAMPLES = 1 << 31  # samples per epoch a task may ask for or a result may claim
+MAX_DEADLINE_S = 7 * 24 * 3600.0  # a week: a task's deadline from receipt
+MAX_STEPS = 1 << 22  # loss values a result may carry (one per local step)
+MAX_GROUPS = 4096  # width groups of a task's sub-model (and tensors with split axes)
+MAX_UNITS = 1 << 24  # hidden units of one width group (and the largest unit index or unit size)
 
 # Ids go into topic names, so no '/', '+', '#', '$' or whitespace. `\Z`, not `$`:
 # `$` also matches before a trailing newline.
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z"
 
 Id = Annotated[str, Meta(pattern=ID_PATTERN)]
+OptionalId = Annotated[str, Meta(pattern=r"^(?:[A-Za-z0-9][A-Za-z0-9_.-]{0,63})?\Z")]  # an id, or "" for none
 Name = Annotated[str, Meta(min_length=1, max_length=256)]  # tensor and group names
 Sha256Hex = Annotated[str, Meta(pattern=r"^[0-9a-f]{64}\Z")]
 Count = Annotated[int, Meta(ge=0)]
@@ -50,7 +63,7 @@ Ratio = Annotated[float, Meta(gt=0.0, le=1.0)]
 
 DeviceState = Literal["idle", "training", "uploading", "offline"]
 BulkKind = Literal["artifact", "weights", "slice"]
-FailureCode = Literal["memory_budget", "artifact", "data", "protocol", "deadline", "internal"]
+FailureCode = Literal["memory_budget", "artifact", "data", "protocol", "deadline", "internal", "bad_signature"]
 
 
 class _Struct(msgspec.Struct, frozen=True, kw_only=True):
@@ -68,9 +81,11 @@ class BulkRef(_Struct, frozen=True):
 
     transfer_id: Id
     kind: BulkKind
-    total_bytes: Count
+    # The sizes are bounded on decode only (a struct built here is trusted); n_chunks comes first on the
+    # wire, so a manifest that claims a huge chunk count is refused before anything is sized by it.
+    n_chunks: Annotated[int, Meta(ge=1, le=MAX_CHUNKS)]
+    total_bytes: Annotated[int, Meta(ge=0, le=MAX_TRANSFER_BYTES)]
     sha256: Sha256Hex
-    n_chunks: Positive
     chunk_bytes: Annotated[int, Meta(ge=1, le=MAX_CHUNK_BYTES)]
 
     def __post_init__(self) -> None:
@@ -106,9 +121,9 @@ class ProfileEntry(_Struct, frozen=True):
 class AxisUnits(_Struct, frozen=True):
     """One split axis of a tensor: which width group indexes it, in blocks of `unit_size`."""
 
-    axis: Count
+    axis: Annotated[int, Meta(ge=0, le=7)]
     group: Name
-    unit_size: Positive
+    unit_size: Annotated[int, Meta(ge=1, le=MAX_UNITS)]
 
 
 class ChannelStats(_Struct, frozen=True):
@@ -183,6 +198,7 @@ class Welcome(_Message, frozen=True, tag="welcome"):
     device_id: Id
     accepted: bool
     reason: str = ""
+    signature: bytes = b""  # the coordinator's (`wire/signing.py`); devices with its key refuse unsigned ones
 
 
 class RunControl(_Message, frozen=True, tag="control"):
@@ -190,6 +206,7 @@ class RunControl(_Message, frozen=True, tag="control"):
     device_id: Id
     command: Literal["stop"]
     reason: str = ""
+    signature: bytes = b""  # the coordinator's (`wire/signing.py`)
 
 
 class Heartbeat(_Message, frozen=True, tag="heartbeat"):
@@ -213,20 +230,29 @@ class TrainTask(_Message, frozen=True, tag="task"):
     backend: Id  # artifact kind, one of the device's Capacity.backends
     artifact: BulkRef
     weights: BulkRef  # the global sub-model to start from
-    units: dict[Name, list[Count]]  # width group -> global unit indices, sub-model order
-    tensor_axes: dict[Name, list[AxisUnits]]  # tensor -> its split axes
-    local_epochs: Positive
-    batch_size: Positive
+    # width group -> global unit indices, sub-model order
+    units: Annotated[
+        dict[Name, Annotated[list[Annotated[int, Meta(ge=0, lt=MAX_UNITS)]], Meta(max_length=MAX_UNITS)]],
+        Meta(max_length=MAX_GROUPS),
+    ]
+    # tensor -> its split axes
+    tensor_axes: Annotated[dict[Name, Annotated[list[AxisUnits], Meta(max_length=8)]], Meta(max_length=MAX_GROUPS)]
+    local_epochs: Annotated[int, Meta(ge=1, le=MAX_LOCAL_EPOCHS)]
+    batch_size: Annotated[int, Meta(ge=1, le=MAX_BATCH_SIZE)]
     lr: Annotated[float, Meta(ge=0.0)]
-    max_samples: Count  # 0 = all of the device's shard
+    max_samples: Annotated[int, Meta(ge=0, le=MAX_SAMPLES)]  # 0 = all of the device's shard
     mu: Annotated[float, Meta(ge=0.0)]
     tau: Annotated[float, Meta(gt=0.0)]
     contrastive: Annotated[str, Meta(min_length=1, max_length=32)]
     optimizer: Annotated[str, Meta(min_length=1, max_length=32)]
     seed: Annotated[int, Meta(ge=0, le=2**63 - 1)]
-    deadline_s: Annotated[float, Meta(gt=0.0)]  # from receipt: clocks are not shared
-    signature: bytes = b""  # reserved for signed tasks
+    deadline_s: Annotated[float, Meta(gt=0.0, le=MAX_DEADLINE_S)]  # from receipt: clocks are not shared
+    signature: bytes = b""  # the coordinator's Ed25519 signature (`wire/signing.py`)
     preprocessing: Preprocessing | None = None  # None: the data is used as stored
+    # The task whose trained slice is this one's contrastive negative: this device's slice that was merged
+    # in the last merged round ("": none, train against the global sub-model). Never a slice of a discarded
+    # attempt, nor of another coordinator session.
+    negative_task_id: OptionalId = ""
 
     def __post_init__(self) -> None:
         for tensor, axes in self.tensor_axes.items():
@@ -248,11 +274,12 @@ class SliceResult(_Message, frozen=True, tag="result"):
     device_id: Id
     task_id: Id
     weights: BulkRef
-    n_samples: Count
-    loss_curve: list[float]  # may hold NaN: the coordinator judges the slice
+    n_samples: Annotated[int, Meta(ge=0, le=MAX_SAMPLES)]  # the coordinator bounds it by the task further
+    loss_curve: Annotated[list[float], Meta(max_length=MAX_STEPS)]  # may hold NaN: the coordinator judges the slice
     step_time_s: Seconds
     peak_rss_bytes: Count
     wall_s: Seconds
+    mac: Annotated[bytes, Meta(max_length=64)] = b""  # the device's HMAC over the rest (`wire/signing.py`)
 
     @property
     def key(self) -> tuple[str, int, str, str]:
@@ -269,6 +296,7 @@ class TaskFailed(_Message, frozen=True, tag="failed"):
     code: FailureCode
     reason: Annotated[str, Meta(max_length=4096)]
     details: dict[Name, Union[int, float, str]] = {}
+    mac: Annotated[bytes, Meta(max_length=64)] = b""  # the device's HMAC over the rest (`wire/signing.py`)
 
     @property
     def key(self) -> tuple[str, int, str, str]:
@@ -363,9 +391,11 @@ def decode(data: bytes) -> Message:
         ProtocolError: malformed bytes, a different schema version, an unknown
             message type, or a field that fails validation (the reason says which).
     """
+    # RecursionError: msgspec refuses nesting deeper than Python's recursion limit (a hostile peer's
+    # thousands of nested arrays), after unwinding cleanly.
     try:
         envelope = _envelope_decoder.decode(data)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, RecursionError) as exc:
         raise ProtocolError(f"malformed message: {exc}") from exc
     if envelope.schema_version != SCHEMA_VERSION:
         raise ProtocolError(
@@ -376,7 +406,7 @@ def decode(data: bytes) -> Message:
         raise ProtocolError(f"unknown message type {envelope.type!r}")
     try:
         return _decoder.decode(data)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, RecursionError) as exc:
         raise ProtocolError(f"invalid {envelope.type!r} message: {exc}") from exc
 
 

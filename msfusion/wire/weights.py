@@ -82,7 +82,7 @@ def _read_metadata(data: bytes) -> dict[str, str]:
         raise ArtifactError(f"weights header length {header_len} exceeds the payload")
     try:
         header = json.loads(data[8 : 8 + header_len])
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: arrays nested thousands deep
         raise ArtifactError(f"weights header is not JSON: {exc}") from exc
     metadata = header.get("__metadata__") if isinstance(header, dict) else None
     if not isinstance(metadata, dict):

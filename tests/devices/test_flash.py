@@ -36,7 +36,7 @@ from msfusion.errors import ConfigError
 PC = BUILTIN_PROFILES["x86_64-generic"]
 RPI = BUILTIN_PROFILES["rpi4-4gb"]
 DEVICE = DeviceSettings("dev003", "fmnist", "mqtt://192.0.2.10:1883", username="dev003", password="pa ss'word")
-CORE = {"msfusion", "numpy", "psutil", "paho_mqtt", "msgspec", "safetensors", "pillow", "pip"}
+CORE = {"msfusion", "numpy", "psutil", "paho_mqtt", "msgspec", "safetensors", "pillow", "cryptography", "cffi", "pycparser", "pip"}
 
 
 def _mode(path: Path) -> int:

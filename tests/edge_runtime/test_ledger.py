@@ -71,3 +71,31 @@ def test_slice_index_matches_the_spec_expansion() -> None:
     index = slice_index({"a": [3, 0]}, AXES)
     np.testing.assert_array_equal(index["l1.weight"][0], [3, 0])
     np.testing.assert_array_equal(index["l2.weight"][1], [6, 7, 0, 1])
+
+
+def test_a_task_gets_as_negative_only_the_slice_it_names(tmp_path: Path) -> None:
+    # Prepare: a killed session's slices, then a retried round of another session
+    ledger = Ledger(tmp_path)
+    ledger.record(("run", 0, "d", "old-r0-a0"), b"r0", _slice(0), {"a": [0, 1]}, AXES)
+    ledger.record(("run", 1, "d", "old-r1-a0"), b"r1", _slice(1), {"a": [1, 2]}, AXES)
+    # Execute / Assert: a fresh session names none (its round 0), or one of its own
+    assert ledger.previous_slice("") is None
+    assert ledger.previous_slice("new-r0-a0") is None
+    named = ledger.previous_slice("old-r1-a0")
+    assert named is not None
+    np.testing.assert_array_equal(named[1]["l1.weight"][0], [1, 2])
+
+
+def test_the_named_negative_survives_the_slices_of_discarded_attempts(tmp_path: Path) -> None:
+    # Prepare: round 0 merged s-r0-a0; round 1's attempts 0 and 1 were discarded, each naming s-r0-a0
+    ledger = Ledger(tmp_path)
+    ledger.record(("run", 0, "d", "s-r0-a0"), b"r0", _slice(0), {"a": [0, 1]}, AXES)
+    for attempt in (0, 1):
+        key = ("run", 1, "d", f"s-r1-a{attempt}")
+        ledger.record(key, b"r1", _slice(1 + attempt), {"a": [1, 2]}, AXES, keep_task_id="s-r0-a0")
+    # Execute: attempt 2 names it again
+    named = Ledger(tmp_path).previous_slice("s-r0-a0")
+    # Assert: still there, and only it and the newest slice are kept
+    assert named is not None
+    np.testing.assert_array_equal(named[1]["l1.weight"][0], [0, 1])
+    assert len(list((tmp_path / "replies").iterdir())) == 2

@@ -15,6 +15,7 @@ from msfusion.models.config import ContrastiveVariant
 RUN = """
 run_id = "fmnist"
 broker = "mqtt://10.0.0.2:1884"
+insecure = true
 out = "runs/x"
 [engine]
 rounds = 7
@@ -66,6 +67,38 @@ def test_a_bad_run_file_is_refused_with_the_reason(tmp_path: Path, edit: tuple[s
         load_config(_write(tmp_path, RUN.replace(*edit)))
 
 
+@pytest.mark.parametrize(
+    ("broker", "insecure", "refused"),
+    [
+        ("mqtt://10.0.0.2:1884", False, True),
+        ("mqtt://broker.lan", False, True),
+        ("mqtt://10.0.0.2:1884", True, False),
+        ("mqtts://10.0.0.2:8883", False, False),
+        ("mqtt://127.0.0.1:1883", False, False),
+        ("mqtt://localhost:1883", False, False),
+        ("mqtt://[::1]:1883", False, False),
+    ],
+)
+def test_plain_mqtt_to_another_machine_is_refused_unless_insecure(
+    tmp_path: Path, broker: str, insecure: bool, refused: bool
+) -> None:
+    # Prepare: the run file with this broker and no insecure key
+    text = RUN.replace('broker = "mqtt://10.0.0.2:1884"\ninsecure = true', f'broker = "{broker}"')
+    overrides = {"insecure": True} if insecure else {}
+    # Execute / Assert
+    if refused:
+        with pytest.raises(ConfigError, match="refusing plain mqtt://.*--insecure"):
+            load_config(_write(tmp_path, text), overrides)
+    else:
+        assert load_config(_write(tmp_path, text), overrides).broker == broker
+
+
+def test_a_security_folder_needs_a_tls_broker_url(tmp_path: Path) -> None:
+    text = RUN.replace('broker = "mqtt://10.0.0.2:1884"', 'broker = "mqtt://127.0.0.1:1883"\nsecurity = "secure"')
+    with pytest.raises(ConfigError, match="mqtts://"):
+        load_config(_write(tmp_path, text))
+
+
 def test_a_run_file_without_a_model_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="engine.model"):
         load_config(_write(tmp_path, 'run_id = "x"\n'))
@@ -106,3 +139,25 @@ def test_a_data_table_pins_the_runs_preprocessing_and_the_rest_is_agreed_from_th
     with pytest.raises(ConfigError, match="one value per channel"):
         path.write_text('[engine.model]\narch = "cnn"\n[data]\nmean = [0.5]\n')
         load_config(path)
+
+
+def test_an_engine_merge_table_sets_the_merge_defences_and_a_bad_value_is_named(tmp_path: Path) -> None:
+    from msfusion.algorithm.merging import Aggregate, MergeConfig, NormAction
+
+    # Prepare
+    base = '[engine.model]\narch = "cnn"\n'
+    table = '[engine.merge]\nnorm_bound = 5\nnorm_action = "clip"\naggregate = "trimmed_mean"\ntrim = 0.1\n'
+    # Execute
+    default = load_config(_write(tmp_path, base)).engine.merge
+    merge = load_config(_write(tmp_path, base + table)).engine.merge
+    # Assert: left out, the default merge (the mean, the 10x reject bound); every key typed
+    assert default == MergeConfig()
+    assert merge == MergeConfig(norm_bound=5.0, norm_action=NormAction.CLIP, aggregate=Aggregate.TRIMMED_MEAN, trim=0.1)
+    for edit, message in (
+        (('"trimmed_mean"', '"mode"'), "must be one of"),
+        (("norm_bound = 5", "norm_bound = 0.5"), "norm_bound"),
+        (("trim = 0.1", "trim = 0.7"), "trim"),
+        (("trim = 0.1", "trimm = 0.1"), "unknown key"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            load_config(_write(tmp_path, base + table.replace(*edit)))

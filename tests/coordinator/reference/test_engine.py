@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
 
 from msfusion.algorithm.batches import batch_indices
 from msfusion.algorithm.inference import choose_deployable
+from msfusion.algorithm.merging import Aggregate, MergeConfig, NormAction
 from msfusion.algorithm.overlap import OverlapConfig, OverlapMode
 from msfusion.algorithm.planning import PlanConfig, Strategy
 from msfusion.coordinator.reference.engine import ReferenceEngine, device_cost
@@ -177,3 +181,61 @@ def test_cuda_is_refused_clearly_where_torch_sees_none(fmnist: tuple[ArrayDatase
     cfg = EngineConfig(model=SMALL_CNN, rounds=1)
     with pytest.raises(ConfigError, match="no CUDA device"):
         ReferenceEngine(cfg, [train.subset(np.arange(32))], test.subset(np.arange(32)), [1.0], device="cuda")
+
+
+@pytest.mark.parametrize(
+    "merge",
+    [
+        MergeConfig(),
+        MergeConfig(norm_bound=4.0, norm_action=NormAction.CLIP),
+        MergeConfig(norm_bound=0),
+        MergeConfig(norm_bound=0, aggregate=Aggregate.MEDIAN),
+    ],
+    ids=["default-reject", "clip", "off", "median"],
+)
+def test_the_engine_merges_with_the_defences_its_config_names(
+    fmnist: tuple[ArrayDataset, ArrayDataset], monkeypatch: pytest.MonkeyPatch, merge: MergeConfig
+) -> None:
+    # Prepare: four devices; dev003's local run returns -20x its update (a test-side hook, as bench/poisoning.py's)
+    from msfusion.algorithm.merging import SliceUpdate, merge_slices
+    from msfusion.algorithm.planning import plan_round
+    from msfusion.coordinator.reference import engine as engine_module
+
+    train, test = fmnist
+    shards = [train.subset(np.arange(i * 128, (i + 1) * 128)) for i in range(4)]
+    returned: dict[int, Any] = {}
+    honest_train = engine_module.local_train
+
+    def local_train(*args: Any, **kwargs: Any) -> Any:
+        result = honest_train(*args, **kwargs)
+        index = next(i for i, shard in enumerate(shards) if shard is args[4])
+        if index == 3:
+            start = args[2]
+            poisoned = {k: start[k] - 20.0 * (v - start[k]) for k, v in result.weights.items()}
+            result = replace(result, weights=poisoned)
+        returned[index] = result
+        return result
+
+    monkeypatch.setattr(engine_module, "local_train", local_train)
+    cfg = EngineConfig(model=SMALL_CNN, local=LocalTrainConfig(max_samples=64), rounds=1, seed=4, merge=merge)
+    engine = ReferenceEngine(cfg, shards, test.subset(np.arange(100)), [0.5] * 4)
+    initial = {k: v.copy() for k, v in engine.weights.items()}
+    # Execute
+    (record,) = engine.run()
+    # Assert: the engine's merge is merge_slices under its config, and the round record says what it refused
+    plan = plan_round(engine.spec, engine.devices, 0, record.overlap, cfg.plan)
+    updates = [
+        SliceUpdate(d.device_id, 0, plan.units(d.device_id), returned[i].weights, returned[i].n_samples)
+        for i, d in enumerate(engine.devices)
+    ]
+    expected, report = merge_slices(initial, engine.spec, updates, 0, merge)
+    for name, value in expected.items():
+        assert engine.weights[name].tobytes() == value.tobytes(), name
+    assert record.merged == report.merged and dict(record.rejected) == dict(report.rejected)
+    assert dict(record.clipped) == dict(report.clipped)
+    if merge.norm_bound == 10.0:
+        assert record.merged == ("dev000", "dev001", "dev002") and "update norm" in record.rejected["dev003"]
+    elif merge.norm_action is NormAction.CLIP:
+        assert len(record.merged) == 4 and set(record.clipped) == {"dev003"}
+    else:
+        assert len(record.merged) == 4 and not record.rejected and not record.clipped

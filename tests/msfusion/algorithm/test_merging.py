@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import pytest
 
-from msfusion.algorithm.merging import MergeAccumulator, SliceUpdate, merge_slices
+from msfusion.algorithm.merging import (
+    Aggregate,
+    MergeAccumulator,
+    MergeConfig,
+    NormAction,
+    SliceUpdate,
+    merge_slices,
+)
 from msfusion.algorithm.planning import DeviceSlot, PlanConfig, Strategy, plan_round
 from msfusion.algorithm.slicing import slice_weights
 from msfusion.algorithm.spec import ModelSpec
-from msfusion.errors import InvalidSlice
+from msfusion.errors import ConfigError, InvalidSlice
 
 
 def units_of(plan, device):  # type: ignore[no-untyped-def]
@@ -132,3 +141,328 @@ def test_duplicate_result_is_merged_once(tiny_spec: ModelSpec, tiny_weights: dic
     np.testing.assert_allclose(merged["l1.bias"], tiny_weights["l1.bias"] + 1.0, rtol=1e-6)
     assert report.merged == ("d", "e")
     assert "duplicate" in report.rejected["d"]
+
+
+# --- Every index is validated before anything is accumulated -------------------------------------------------
+
+
+def _slice(tiny_spec: ModelSpec, device: str, units, shift: float, n: int = 5):  # type: ignore[no-untyped-def]
+    """A slice shaped for `units` (whatever they hold), its values the global ones plus `shift`."""
+    widths = {g.name: 2 for g in tiny_spec.groups}  # a group it lacks: any width
+    widths.update({g: len(np.asarray(u).reshape(-1)) for g, u in units.items() if g in widths})
+    sub = {n_: np.zeros(tiny_spec.sub_shape(n_, widths), np.float32) + shift for n_ in tiny_spec.shapes}
+    return SliceUpdate(device, 0, units, sub, n)
+
+
+def _good_pair(tiny_spec: ModelSpec, tiny_weights: dict[str, np.ndarray]) -> list[SliceUpdate]:
+    rng = np.random.default_rng(7)
+    out = []
+    for device, units in (
+        ("g1", {"a": np.array([6, 7, 0, 1]), "b": np.array([3, 0])}),
+        ("g2", {"a": np.arange(1, 5), "b": np.array([1, 2])}),
+    ):
+        sub = slice_weights(tiny_weights, tiny_spec, units)
+        out.append(
+            SliceUpdate(
+                device, 0, units, {k: v + rng.standard_normal(v.shape).astype(np.float32) for k, v in sub.items()}, 7
+            )
+        )
+    return out
+
+
+BAD_UNITS = [
+    ({"a": np.array([0, 1, 1, 3]), "b": np.array([0, 1])}, "repeat"),
+    ({"a": np.array([0, 1, 2, 3]), "b": np.array([2, 2])}, "repeat"),
+    ({"a": np.array([-1, 0, 1, 2]), "b": np.array([0, 1])}, "negative"),
+    ({"a": np.array([0, 1, 2, 3]), "b": np.array([-4, 1])}, "negative"),
+    ({"a": np.array([0, 1, 2, 3]), "b": np.array([2, 3, 4])}, "out of range"),
+    ({"a": np.array([5, 6, 7, 8]), "b": np.array([0, 1])}, "out of range"),
+    ({"a": np.array([0, 1, 2, 3], dtype=np.uint8), "b": np.array([4], dtype=np.uint64)}, "out of range"),
+    ({"a": np.array([0.0, 1.0, 2.0, 3.0]), "b": np.array([0, 1])}, "integers"),
+    ({"a": np.array([True, False, True]), "b": np.array([0, 1])}, "integers"),
+    ({"a": np.array([[0, 1], [2, 3]]), "b": np.array([0, 1])}, "1-D"),
+    ({"a": [0, 1, 2, 3], "b": np.array([0, 1])}, "numpy array"),
+    ({"a": np.array([], dtype=np.int64), "b": np.array([0, 1])}, "no units"),
+    ({"a": np.array([0, 1, 2, 3])}, "missing \\['b'\\]"),
+    ({"a": np.array([0, 1, 2, 3]), "b": np.array([0, 1]), "c": np.array([0])}, "unexpected \\['c'\\]"),
+]
+
+
+@pytest.mark.parametrize("config", [MergeConfig(norm_bound=0), MergeConfig()], ids=["streaming", "kept"])
+@pytest.mark.parametrize("units,reason", BAD_UNITS)
+def test_bad_unit_indices_are_rejected_before_anything_is_accumulated(
+    tiny_spec: ModelSpec,
+    tiny_weights: dict[str, np.ndarray],
+    units,  # type: ignore[no-untyped-def]
+    reason: str,
+    config: MergeConfig,
+) -> None:
+    # Prepare: two good slices, and a bad one shaped for its (bad) units, so only the index check can catch it
+    good = _good_pair(tiny_spec, tiny_weights)
+    bad = _slice(tiny_spec, "bad", units, 100.0)
+    before = {k: v.copy() for k, v in tiny_weights.items()}
+    expected, expected_report = merge_slices(tiny_weights, tiny_spec, good, 0, config)
+    # Execute: the bad slice between the good ones, through the accumulator and through merge_slices
+    acc = MergeAccumulator(tiny_weights, tiny_spec, 0, config)
+    acc.add(good[0])
+    with pytest.raises(InvalidSlice, match=reason):
+        acc.add(bad)
+    acc.add(good[1])
+    merged, report = acc.result()
+    merged_again, report_again = merge_slices(tiny_weights, tiny_spec, [good[0], bad, good[1]], 0, config)
+    # Assert: byte-identical to the merge of the good slices alone; the model itself untouched
+    for name in expected:
+        assert merged[name].tobytes() == expected[name].tobytes(), name
+        assert merged_again[name].tobytes() == expected[name].tobytes(), name
+        assert tiny_weights[name].tobytes() == before[name].tobytes(), name
+    assert report.merged == report_again.merged == expected_report.merged == ("g1", "g2")
+    assert report.disagreement == expected_report.disagreement and report.coverage == expected_report.coverage
+    assert "bad" in report.rejected and "bad" in report_again.rejected
+
+
+@pytest.mark.parametrize(
+    "values,reason",
+    [
+        (lambda a: a.astype(np.int32), "floating-point"),
+        (lambda a: a.astype(np.complex64), "floating-point"),
+        (lambda a: a.astype(object), "floating-point"),
+        (lambda a: a.tolist(), "floating-point"),
+        (lambda a: a.reshape(-1), "shape"),
+        (lambda a: np.full(a.shape, np.inf, np.float32), "non-finite"),
+    ],
+    ids=["int32", "complex", "object", "list", "flattened", "inf"],
+)
+def test_values_of_a_wrong_dtype_or_shape_are_rejected_and_change_nothing(
+    tiny_spec: ModelSpec,
+    tiny_weights: dict[str, np.ndarray],
+    values,  # type: ignore[no-untyped-def]
+    reason: str,
+) -> None:
+    # Prepare: the bad slice's last tensor is wrong, so a half-done accumulation would show in the others
+    good = _good_pair(tiny_spec, tiny_weights)
+    units = {"a": np.array([0, 1, 2, 3]), "b": np.array([1, 2])}
+    sub = {k: v + 9.0 for k, v in slice_weights(tiny_weights, tiny_spec, units).items()}
+    last = list(tiny_spec.shapes)[-2]  # head.weight: split on group b
+    bad = SliceUpdate("bad", 0, units, {**sub, last: values(sub[last])}, 5)
+    expected, _ = merge_slices(tiny_weights, tiny_spec, good, 0)
+    # Execute
+    acc = MergeAccumulator(tiny_weights, tiny_spec, 0, MergeConfig(norm_bound=0))
+    acc.add(good[0])
+    with pytest.raises(InvalidSlice, match=reason):
+        acc.add(bad)
+    acc.add(good[1])
+    merged, report = acc.result()
+    # Assert
+    for name in expected:
+        assert merged[name].tobytes() == expected[name].tobytes(), name
+    assert report.merged == ("g1", "g2") and reason.split()[0] in report.rejected["bad"]
+
+
+@pytest.mark.parametrize("n_samples", [2.5, float("nan"), True, "64"])
+def test_a_sample_count_that_is_not_an_integer_is_rejected(
+    tiny_spec: ModelSpec, tiny_weights: dict[str, np.ndarray], n_samples: object
+) -> None:
+    units = {"a": np.arange(4), "b": np.arange(2)}
+    bad = SliceUpdate("bad", 0, units, slice_weights(tiny_weights, tiny_spec, units), n_samples)  # type: ignore[arg-type]
+    acc = MergeAccumulator(tiny_weights, tiny_spec, 0)
+    with pytest.raises(InvalidSlice, match="n_samples must be an integer"):
+        acc.add(bad)
+    merged, report = acc.result()
+    assert report.merged == () and all(merged[n].tobytes() == tiny_weights[n].tobytes() for n in merged)
+
+
+# --- Poisoning bounds -----------------------------------------------------------------------------------------
+
+
+def _full_round(
+    tiny_weights: dict[str, np.ndarray], scales: list[float], samples: list[int] | None = None
+) -> list[SliceUpdate]:
+    """Devices holding the whole model, each returning global + scale x (its own random unit-RMS update)."""
+    rng = np.random.default_rng(11)
+    units = {"a": np.arange(8), "b": np.arange(4)}
+    out = []
+    for i, scale in enumerate(scales):
+        update = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in tiny_weights.items()}
+        weights = {k: tiny_weights[k] + np.float32(scale) * update[k] for k in tiny_weights}
+        out.append(SliceUpdate(f"d{i}", 0, units, weights, (samples or [10] * len(scales))[i]))
+    return out
+
+
+def _rms(update: SliceUpdate, tiny_weights: dict[str, np.ndarray]) -> float:
+    diffs = np.concatenate([(update.weights[k].astype(np.float64) - tiny_weights[k]).ravel() for k in tiny_weights])
+    return float(np.sqrt(np.mean(diffs**2)))
+
+
+def test_the_update_norm_bound_is_on_by_default_and_rejects_a_boosted_slice(
+    tiny_spec: ModelSpec, tiny_weights: dict[str, np.ndarray]
+) -> None:
+    # Prepare: three honest devices (update norms within 3x of each other) and one 50x boosted
+    updates = _full_round(tiny_weights, [0.01, 0.02, 0.03, 0.5])
+    # Execute
+    merged, report = merge_slices(tiny_weights, tiny_spec, updates, 0)
+    honest, honest_report = merge_slices(tiny_weights, tiny_spec, updates[:3], 0, MergeConfig(norm_bound=0))
+    # Assert: the boosted slice is out with its reason; the rest is byte-identical to the honest three's merge
+    assert report.merged == ("d0", "d1", "d2")
+    assert "update norm" in report.rejected["d3"] and "median" in report.rejected["d3"], report.rejected
+    for name in merged:
+        assert merged[name].tobytes() == honest[name].tobytes()
+    assert report.disagreement == honest_report.disagreement
+    norms = [_rms(u, tiny_weights) for u in updates]
+    assert report.update_norms == pytest.approx(dict(zip(("d0", "d1", "d2", "d3"), norms)), rel=1e-6)
+
+
+def test_the_engine_config_merges_with_the_mean_and_the_10x_reject_bound_by_default() -> None:
+    from msfusion.models.config import ModelConfig
+    from msfusion.recipe import EngineConfig
+
+    merge = EngineConfig(model=ModelConfig(arch="cnn")).merge
+    assert merge == MergeConfig(norm_bound=10.0, norm_action=NormAction.REJECT, aggregate=Aggregate.MEAN)
+    assert merge.keeps_slices and not MergeConfig(norm_bound=0).keeps_slices
+
+
+def test_honest_spread_fewer_than_three_slices_or_a_bound_of_zero_reject_nothing(
+    tiny_spec: ModelSpec, tiny_weights: dict[str, np.ndarray]
+) -> None:
+    spread = _full_round(tiny_weights, [0.01, 0.02, 0.05, 0.09])  # 9x the smallest, 2.6x the median
+    pair = _full_round(tiny_weights, [0.01, 5.0])
+    boosted = _full_round(tiny_weights, [0.01, 0.01, 0.01, 5.0])
+    assert merge_slices(tiny_weights, tiny_spec, spread, 0)[1].merged == ("d0", "d1", "d2", "d3")
+    assert merge_slices(tiny_weights, tiny_spec, pair, 0)[1].merged == ("d0", "d1")
+    off = merge_slices(tiny_weights, tiny_spec, boosted, 0, MergeConfig(norm_bound=0))[1]
+    assert off.merged == ("d0", "d1", "d2", "d3") and not off.rejected and not off.clipped
+
+
+def test_clip_scales_a_boosted_update_down_to_the_bound(
+    tiny_spec: ModelSpec, tiny_weights: dict[str, np.ndarray]
+) -> None:
+    # Prepare
+    updates = _full_round(tiny_weights, [0.01, 0.02, 0.03, 0.5], samples=[10, 20, 30, 40])
+    config = MergeConfig(norm_bound=4.0, norm_action=NormAction.CLIP)
+    # Execute
+    merged, report = merge_slices(tiny_weights, tiny_spec, updates, 0, config)
+    # Assert: plain numpy: the boosted update scaled to 4x the median norm, then the sample-weighted mean
+    norms = [_rms(u, tiny_weights) for u in updates]
+    bound = 4.0 * float(np.median(norms))
+    assert report.merged == ("d0", "d1", "d2", "d3") and not report.rejected
+    assert set(report.clipped) == {"d3"} and "update norm" in report.clipped["d3"]
+    for name, old in tiny_weights.items():
+        old64 = old.astype(np.float64)
+        values = [u.weights[name].astype(np.float64) for u in updates]
+        values[3] = old64 + bound / norms[3] * (values[3] - old64)
+        expected = sum(n * v for n, v in zip([10, 20, 30, 40], values)) / 100.0
+        np.testing.assert_allclose(merged[name], expected, rtol=1e-5, atol=1e-6)
+    clipped = np.concatenate(
+        [(bound / norms[3] * (updates[3].weights[n] - old)).ravel() for n, old in tiny_weights.items()]
+    )
+    clipped_rms = float(np.sqrt(np.mean(clipped.astype(np.float64) ** 2)))
+    assert clipped_rms == pytest.approx(bound, rel=1e-4)
+
+
+def _holders_round(tiny_spec: ModelSpec, tiny_weights: dict[str, np.ndarray]) -> list[SliceUpdate]:
+    """Seven devices with windows of different widths and starts (elements held by 0 to 7), unequal samples."""
+    rng = np.random.default_rng(5)
+    out = []
+    for i in range(7):
+        units = {"a": (np.arange(i + 2) + i) % 8, "b": (np.arange(1 + i % 4) + i) % 4}
+        sub = slice_weights(tiny_weights, tiny_spec, units)
+        out.append(
+            SliceUpdate(
+                f"d{i}",
+                0,
+                units,
+                {k: v + rng.standard_normal(v.shape).astype(np.float32) for k, v in sub.items()},
+                5 + 20 * i,
+            )
+        )
+    return out
+
+
+def _per_element(
+    tiny_spec: ModelSpec,
+    tiny_weights: dict[str, np.ndarray],
+    updates: list[SliceUpdate],
+    statistic: Callable[[list[float]], float],
+) -> dict[str, np.ndarray]:
+    """Plain numpy, element by element: `statistic(list of the holders' values)`, or the old value when unheld."""
+    out = {}
+    for name, old in tiny_weights.items():
+        held: dict[tuple[int, ...], list[float]] = {}
+        for up in updates:
+            index = tiny_spec.tensor_index(name, up.units)
+            axes = [index.get(axis, np.arange(n)) for axis, n in enumerate(old.shape)]
+            for sub_pos in np.ndindex(*up.weights[name].shape):
+                full_pos = tuple(int(axes[a][p]) for a, p in enumerate(sub_pos))
+                held.setdefault(full_pos, []).append(float(up.weights[name][sub_pos]))
+        expected = old.astype(np.float64).copy()
+        for pos, values in held.items():
+            expected[pos] = statistic(values)
+        out[name] = expected
+    return out
+
+
+def _trimmed(values: list[float], trim: float = 0.25) -> float:
+    cut = int(np.floor(trim * len(values)))
+    ordered = sorted(values)
+    return float(np.mean(ordered[cut : len(ordered) - cut]))
+
+
+@pytest.mark.parametrize(
+    "config,statistic",
+    [
+        (MergeConfig(norm_bound=0, aggregate=Aggregate.TRIMMED_MEAN, trim=0.25), _trimmed),
+        (MergeConfig(norm_bound=0, aggregate=Aggregate.MEDIAN), lambda v: float(np.median(v))),
+        (MergeConfig(norm_bound=0, aggregate=Aggregate.TRIMMED_MEAN, trim=0.0), lambda v: float(np.mean(v))),
+    ],
+    ids=["trimmed-mean", "median", "trim-0-is-the-unweighted-mean"],
+)
+def test_robust_aggregates_equal_plain_numpy_over_each_elements_holders(
+    tiny_spec: ModelSpec,
+    tiny_weights: dict[str, np.ndarray],
+    config: MergeConfig,
+    statistic: Callable[[list[float]], float],
+) -> None:
+    # Prepare
+    updates = _holders_round(tiny_spec, tiny_weights)
+    # Execute
+    merged, report = merge_slices(tiny_weights, tiny_spec, updates, 0, config)
+    # Assert
+    expected = _per_element(tiny_spec, tiny_weights, updates, statistic)
+    for name in expected:
+        np.testing.assert_allclose(merged[name], expected[name], rtol=1e-5, atol=1e-6)
+    mean, mean_report = merge_slices(tiny_weights, tiny_spec, updates, 0, MergeConfig(norm_bound=0))
+    assert report.merged == mean_report.merged and report.coverage == mean_report.coverage
+    assert report.disagreement == pytest.approx(mean_report.disagreement)  # measured on the weighted statistics
+    assert not np.allclose(merged["head.bias"], mean["head.bias"])
+
+
+def test_the_median_outvotes_a_poisoned_holder_the_mean_does_not(
+    tiny_spec: ModelSpec, tiny_weights: dict[str, np.ndarray]
+) -> None:
+    # Prepare: five devices on the whole model; d4 returns -1000x its update, claiming many samples
+    updates = _full_round(tiny_weights, [0.01] * 4 + [-10.0], samples=[10, 10, 10, 10, 1000])
+    honest, _ = merge_slices(tiny_weights, tiny_spec, updates[:4], 0, MergeConfig(norm_bound=0))
+    # Execute
+    mean, _ = merge_slices(tiny_weights, tiny_spec, updates, 0, MergeConfig(norm_bound=0))
+    median, _ = merge_slices(tiny_weights, tiny_spec, updates, 0, MergeConfig(norm_bound=0, aggregate=Aggregate.MEDIAN))
+    trimmed, _ = merge_slices(
+        tiny_weights, tiny_spec, updates, 0, MergeConfig(norm_bound=0, aggregate=Aggregate.TRIMMED_MEAN, trim=0.2)
+    )
+    # Assert: every element stays within the honest updates' reach under the robust aggregates
+    for name, old in tiny_weights.items():
+        assert np.max(np.abs(mean[name] - old)) > 1.0
+        for robust in (median, trimmed):
+            assert np.max(np.abs(robust[name] - honest[name])) < 0.1
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"norm_bound": 0.5}, "norm_bound"),
+        ({"norm_bound": float("inf")}, "norm_bound"),
+        ({"trim": 0.5}, "trim"),
+        ({"trim": -0.1}, "trim"),
+    ],
+)
+def test_a_bad_merge_config_is_refused(kwargs: dict[str, float], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        MergeConfig(**kwargs)  # type: ignore[arg-type]

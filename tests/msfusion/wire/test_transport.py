@@ -224,3 +224,26 @@ def test_parse_broker_url() -> None:
     for bad in ("http://x:1", "mqtt://:1883", "mqtt://x:notaport", "mqtt://x:1883/path"):
         with pytest.raises(ConfigError):
             parse_broker_url(bad)
+
+
+def test_an_mqtt5_session_expires_after_its_interval(mosquitto: object, make_client) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: two MQTT 5 subscribers go away, one with a 1 s session expiry, one with the default (a day)
+    short = make_client(mosquitto, client_id="expiry-short", protocol="5", session_expiry_s=1)
+    kept = make_client(mosquitto, client_id="expiry-kept", protocol="5")
+    for client in (short, kept):
+        client.subscribe("msfusion/exp/dev/d1/task")
+        client.close()
+    make_client(mosquitto).publish("msfusion/exp/dev/d1/task", b"queued")
+    # Execute: both come back after the short interval passed
+    time.sleep(2.5)
+    short_back = make_client(mosquitto, client_id="expiry-short", protocol="5", session_expiry_s=1)
+    kept_back = make_client(mosquitto, client_id="expiry-kept", protocol="5")
+    # Assert: the broker forgot the expired session (and what it queued), and kept the other
+    assert not wait_connection(short_back, True, 1).session_present
+    assert wait_connection(kept_back, True, 1).session_present
+    assert next_received(kept_back).payload == b"queued"
+
+
+def test_the_session_expiry_is_bounded() -> None:
+    with pytest.raises(ConfigError, match="session_expiry_s"):
+        MqttTransport("x", "127.0.0.1", session_expiry_s=-1)
