@@ -14,7 +14,13 @@ SSE stream open, the run's picture fetched after every event). It prints the
 coordinator's own time per round (everything but waiting for devices) and the
 wall time per round, off and on; the target is within 1%.
 
-    .venv/bin/python bench/fleet.py --devices 8 --rounds 4 --out bench/results/fleet [--dashboard]
+`--secure` runs it twice per mode, alternated: `msfusion simulate --insecure`
+(anonymous plain TCP) and the default (throw-away credentials, mutual TLS,
+the run's ACL, MQTT 5, signed tasks, MACed results). It prints the wall time
+of each run and per round, the coordinator's own time per round, and the final
+accuracy of both (the same seeds: it must be the same).
+
+    .venv/bin/python bench/fleet.py --devices 8 --rounds 4 --out bench/results/fleet [--dashboard | --secure]
 """
 
 from __future__ import annotations
@@ -136,6 +142,37 @@ def dashboard_overhead(args: argparse.Namespace, config: SimulationConfig, engin
     )
 
 
+def security_overhead(args: argparse.Namespace, config: SimulationConfig, engine: EngineConfig) -> None:
+    """The simulation insecure and secure (TLS + ACL + signatures + MACs), alternated: wall times and accuracy."""
+    from dataclasses import replace
+
+    runs: dict[str, list[float]] = {"insecure": [], "secure": []}
+    rounds: dict[str, list[float]] = {"insecure": [], "secure": []}
+    own: dict[str, list[float]] = {"insecure": [], "secure": []}
+    final: dict[str, set[str]] = {"insecure": set(), "secure": set()}
+    for i, mode in enumerate(["insecure", "secure"] * args.repeats):
+        out = args.out / f"{mode}-{i}"
+        shutil.rmtree(out, ignore_errors=True)
+        cfg = replace(config, out=out, secure=mode == "secure")
+        artifacts = ExportedArtifacts(engine, args.backend, cache_dir=args.out / "artifact-cache")
+        start = time.perf_counter()
+        summary = simulate(cfg, artifacts)
+        runs[mode].append(time.perf_counter() - start)
+        lines = [line for line in read_metrics(out) if line["merged"]][1:]  # round 1 exports: left out
+        rounds[mode] += [line["wall_s"] for line in lines]
+        own[mode] += [sum(v for k, v in line["timings_s"].items() if k != "collect_s") for line in lines]
+        final[mode].add(json.dumps(summary.final_metrics, sort_keys=True))
+    print(f"\nsecurity overhead, {args.devices} devices, {args.rounds} rounds, {args.repeats} runs each, alternated")
+    for mode in ("insecure", "secure"):
+        print(
+            f"  {mode:>8}: run wall {np.mean(runs[mode]):.2f} s (runs {', '.join(f'{r:.2f}' for r in runs[mode])}), "
+            f"round wall (rounds 2..) {np.mean(rounds[mode]):.3f} s, coordinator {1e3 * np.mean(own[mode]):.1f} ms/round, "
+            f"final {sorted(final[mode])}"
+        )
+    ratio = np.mean(rounds["secure"]) / np.mean(rounds["insecure"])
+    print(f"  secure / insecure round wall: {ratio:.3f}x; same final metrics: {final['secure'] == final['insecure']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--devices", type=int, default=8)
@@ -146,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", default="ort")
     parser.add_argument("--out", type=Path, default=Path("bench/results/fleet"))
     parser.add_argument("--dashboard", action="store_true", help="compare rounds with the dashboard off and on")
-    parser.add_argument("--repeats", type=int, default=2, help="--dashboard: runs per mode, alternated")
+    parser.add_argument("--secure", action="store_true", help="compare runs insecure and secure (TLS, ACL, keys)")
+    parser.add_argument("--repeats", type=int, default=2, help="--dashboard, --secure: runs per mode, alternated")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     model = ModelConfig(arch="cnn", channels=tuple(int(c) for c in args.channels.split(",")))
@@ -165,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.dashboard:
         dashboard_overhead(args, config, engine)
+        return 0
+    if args.secure:
+        security_overhead(args, config, engine)
         return 0
     summary = simulate(config, ExportedArtifacts(engine, args.backend, cache_dir=args.out / "artifact-cache"))
     lines = [line for line in read_metrics(args.out) if line["merged"]]

@@ -3,7 +3,8 @@
 A bundle is one folder::
 
     wheelhouse/                 every wheel the runtime needs, for the board's platform and Python
-    device.toml                 the device config (mode 0600: it holds the broker password)
+    device.toml                 the device config (mode 0600: it holds the broker password, the result key)
+    secrets/                    optional (0700, files 0600): the broker's CA, the device's TLS certificate and key
     msfusion-device.service     the daemon's systemd unit
     msfusion-firstboot.service  finishes an offline install at the first boot
     install.sh                  builds /opt/msfusion/venv from the wheelhouse, offline
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 MANIFEST_FORMAT = 1
 MANIFEST = "manifest.json"
 CONFIG = "device.toml"
+SECRETS = "secrets"
 INSTALL_SCRIPT = "install.sh"
 _ELF_MACHINE = {0xB7: "aarch64", 0x3E: "x86_64"}  # e_machine of an ELF file
 
@@ -69,6 +71,11 @@ class DeviceSettings:
         data_dir: the shard folder on the board.
         state_dir: the state folder on the board.
         max_width_ratio: optional cap the device reports.
+        ca_cert: the broker's CA certificate (a local file; shipped in secrets/) for an mqtts:// broker.
+        tls_cert, tls_key: the device's client certificate and key (local files; shipped in secrets/).
+        task_signing_public_key: the coordinator's task-signing public key (PEM text, written into
+            device.toml: the device then obeys only signed tasks, welcomes and stops).
+        result_key: the device's result key (hex, written into device.toml: its results are MACed).
     """
 
     device_id: str
@@ -80,6 +87,16 @@ class DeviceSettings:
     data_dir: str = str(units.STATE_ROOT / "shard")
     state_dir: str = str(units.STATE_ROOT / "state")
     max_width_ratio: float | None = None
+    ca_cert: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    task_signing_public_key: str = ""
+    result_key: str = ""
+
+    def secrets(self) -> dict[str, Path]:
+        """The files shipped in secrets/, by their name on the board."""
+        named = {"ca.pem": self.ca_cert, "device.pem": self.tls_cert, "device.key": self.tls_key}
+        return {name: path for name, path in named.items() if path is not None}
 
 
 @dataclass(frozen=True)
@@ -174,6 +191,12 @@ def device_config(profile: BoardProfile, device: DeviceSettings) -> DeviceConfig
         max_width_ratio=device.max_width_ratio,
         threads=profile.cores,
         board=profile.name,
+        ca_cert=str(units.SECRETS_DIR / "ca.pem") if device.ca_cert is not None else "",
+        tls_cert=str(units.SECRETS_DIR / "device.pem") if device.tls_cert is not None else "",
+        tls_key=str(units.SECRETS_DIR / "device.key") if device.tls_key is not None else "",
+        mqtt="5" if device.ca_cert is not None else "3.1.1",
+        task_signing_public_key=device.task_signing_public_key,
+        result_key=device.result_key,
     )
 
 
@@ -281,6 +304,14 @@ def _build(
             PurePosixPath(device.state_dir),
         )
         _write(out_dir / INSTALL_SCRIPT, script, 0o755)
+    if device.secrets():
+        with step(progress, "copy the device's TLS files"):
+            (out_dir / SECRETS).mkdir(mode=0o700)
+            for name, source in device.secrets().items():
+                try:
+                    _write_bytes(out_dir / SECRETS / name, source.read_bytes(), 0o600)
+                except OSError as exc:
+                    raise ConfigError(f"cannot read {source}: {exc}") from exc
     if options.shard_dir is not None:
         with step(progress, f"copy the shard {options.shard_dir}"):
             shutil.copytree(options.shard_dir, out_dir / "shard")
@@ -426,6 +457,13 @@ def install_over_ssh(
 
 def _inside(rootfs: Path, path: PurePosixPath) -> Path:
     return rootfs / path.relative_to("/")
+
+
+def _write_bytes(path: Path, data: bytes, mode: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    os.chmod(path, mode)
 
 
 def _write(path: Path, text: str, mode: int) -> None:

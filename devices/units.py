@@ -25,6 +25,7 @@ VENV = PREFIX / "venv"
 BUNDLE_ON_BOARD = PREFIX / "bundle"
 CONFIG_PATH = PurePosixPath("/etc/msfusion/device.toml")
 STATE_ROOT = PurePosixPath("/var/lib/msfusion")
+SECRETS_DIR = PurePosixPath("/etc/msfusion/secrets")  # the broker's CA, the device's TLS certificate and key
 SERVICE_USER = "msfusion"
 DEVICE_UNIT = "msfusion-device.service"
 FIRSTBOOT_UNIT = "msfusion-firstboot.service"
@@ -153,6 +154,12 @@ install -m 0600 "$BUNDLE/device.toml" "$CONFIG"
 install -d -m 0750 "$ROOT"{q(str(STATE_ROOT))}
 install -d -m 0700 "$DATA_DIR" "$STATE_DIR"
 if [ -d "$BUNDLE/shard" ]; then cp -R "$BUNDLE/shard/." "$DATA_DIR/"; fi
+SECRETS="$ROOT"{q(str(SECRETS_DIR))}
+if [ -d "$BUNDLE/secrets" ]; then
+  install -d -m 0700 "$SECRETS"
+  install -m 0600 "$BUNDLE/secrets/"* "$SECRETS/"
+  [ "$SYSTEM" = 0 ] || chown -R {SERVICE_USER}:{SERVICE_USER} "$SECRETS"
+fi
 if [ "$SYSTEM" = 1 ]; then
   chown {SERVICE_USER}:{SERVICE_USER} "$CONFIG"
   chown -R {SERVICE_USER}:{SERVICE_USER} {q(str(STATE_ROOT))} "$DATA_DIR" "$STATE_DIR"

@@ -36,6 +36,7 @@ Example `device.toml`::
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -189,5 +190,6 @@ def repr_toml(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
-    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{text}"'
+    # A JSON string is a TOML basic string: quotes, backslashes, line breaks (a PEM key) and other
+    # control characters escaped the same way (\n, \uXXXX).
+    return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.text import Text
@@ -67,6 +67,26 @@ def _install(bundle: Path, rootfs: Optional[Path], ssh: Optional[str], ssh_port:
     return "built only (install it with `msfusion devices install`)"
 
 
+def _secured(directory: Path, device_id: str) -> dict[str, Any]:
+    """DeviceSettings fields from a security folder; enrolls the device (a certificate) if it is not yet."""
+    from msfusion.coordinator.security import SecurityDir
+
+    security = SecurityDir(directory)
+    if device_id in security.devices():
+        creds = security.device_credentials(device_id)
+    else:
+        creds = security.enroll(device_id)
+        console.print(Text(f"enrolled {device_id} in {security.path}: SIGHUP a running broker to let it in"))
+    assert creds.result_key is not None
+    return {
+        "ca_cert": creds.ca,
+        "tls_cert": creds.cert,
+        "tls_key": creds.key,
+        "task_signing_public_key": security.task_signing_public_key.read_text(encoding="utf-8"),
+        "result_key": creds.result_key.read_text(encoding="utf-8").strip(),
+    }
+
+
 @devices_app.command("flash")
 def devices_flash(
     profile: str = typer.Option(..., "--profile", help="board profile (see `msfusion devices list`)"),
@@ -76,6 +96,12 @@ def devices_flash(
     out: Path = typer.Option(..., "--out", help="the bundle folder to create"),
     username: Optional[str] = typer.Option(None, "--username", help="the device's broker user"),
     password_file: Optional[Path] = typer.Option(None, "--password-file", help="a file holding its broker password"),
+    security: Optional[Path] = typer.Option(
+        None,
+        "--security",
+        help="a folder made by `msfusion security init`: the bundle gets the broker's CA, the device's certificate "
+        "(enrolled now if it is not yet), the task-signing public key and its result key",
+    ),
     memory_budget: Optional[str] = typer.Option(
         None, "--memory-budget", help="e.g. '1.5 GiB' (default: the profile's)"
     ),
@@ -111,6 +137,7 @@ def devices_flash(
             raise ConfigError("give --rootfs or --ssh, not both")
         board = get_profile(profile, profiles)
         password = password_file.read_text(encoding="utf-8").strip() if password_file is not None else None
+        secured = _secured(security, device_id) if security is not None else {}
         settings = DeviceSettings(
             device_id=device_id,
             run_id=run_id,
@@ -119,6 +146,7 @@ def devices_flash(
             password=password,
             memory_budget_bytes=parse_bytes(memory_budget, "--memory-budget") if memory_budget else None,
             max_width_ratio=max_width_ratio,
+            **secured,
         )
         options = BundleOptions(
             sources=WheelSources(extra_index_urls=tuple(extra_index_url), find_links=tuple(find_links)),

@@ -147,7 +147,9 @@ class CoordinatorLink:
 
     def send(self, device_id: str, msg: Message) -> None:
         """A control message (Welcome, RunControl) to one device, signed when the link has a signer."""
-        if self.signer is not None and isinstance(msg, (Welcome, RunControl)):
+        if self.signer is not None and isinstance(msg, Welcome):
+            msg = self.signer.sign(msg)
+        elif self.signer is not None and isinstance(msg, RunControl):
             msg = self.signer.sign(msg)
         self.publish(device_id, topics.ctl(self.run_id, device_id), encode(msg))
 

@@ -31,26 +31,46 @@ from msfusion.devices.flash import (
 from msfusion.devices.profiles import BUILTIN_PROFILES, MIB
 from msfusion.devices.wheelhouse import BundleError
 from msfusion.edge_runtime.config import load_device_config
+from msfusion.coordinator.security import SecurityDir
 from msfusion.errors import ConfigError
 
 PC = BUILTIN_PROFILES["x86_64-generic"]
 RPI = BUILTIN_PROFILES["rpi4-4gb"]
 DEVICE = DeviceSettings("dev003", "fmnist", "mqtt://192.0.2.10:1883", username="dev003", password="pa ss'word")
-CORE = {"msfusion", "numpy", "psutil", "paho_mqtt", "msgspec", "safetensors", "pillow", "cryptography", "cffi", "pycparser", "pip"}
+CORE = {"msfusion", "numpy", "psutil", "paho_mqtt", "msgspec", "safetensors", "pillow", "cryptography", "cffi"}
+CORE |= {"pycparser", "pip"}
+SECRET_FILES = ("ca.pem", "device.pem", "device.key")
 
 
 def _mode(path: Path) -> int:
     return stat.S_IMODE(path.lstat().st_mode)
 
 
+def secure_device(security: SecurityDir) -> DeviceSettings:
+    """DEVICE over TLS with everything `msfusion devices flash --security` puts in a bundle."""
+    creds = security.enroll("dev003")
+    assert creds.result_key is not None
+    return DeviceSettings(
+        "dev003",
+        "fmnist",
+        "mqtts://192.0.2.10:8883",
+        ca_cert=creds.ca,
+        tls_cert=creds.cert,
+        tls_key=creds.key,
+        task_signing_public_key=security.task_signing_public_key.read_text(),
+        result_key=creds.result_key.read_text().strip(),
+    )
+
+
 @pytest.fixture(scope="module")
 def pc_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, BundleManifest]:
-    """An x86_64 core-only bundle that ships a small data shard."""
+    """An x86_64 core-only bundle for a TLS broker (CA, certificate, keys) that ships a small data shard."""
     base = tmp_path_factory.mktemp("pc")
     x = np.arange(6 * 28 * 28, dtype=np.float32).reshape(6, 1, 28, 28)
     write_shard(base / "shard", x, np.arange(6, dtype=np.int64), {"name": "dev003", "task": "classification"})
     out = base / "bundle"
-    return out, build_bundle(PC, DEVICE, out, BundleOptions(include_backend=False, shard_dir=base / "shard"))
+    device = secure_device(SecurityDir.init(base / "security", ["192.0.2.10"]))
+    return out, build_bundle(PC, device, out, BundleOptions(include_backend=False, shard_dir=base / "shard"))
 
 
 @pytest.fixture(scope="module")
@@ -90,15 +110,27 @@ def test_aarch64_bundle_wheels_are_for_the_board(rpi_bundle: tuple[Path, BundleM
 
 
 def test_device_config_is_what_the_daemon_loads(pc_bundle: tuple[Path, BundleManifest]) -> None:
+    # A bundle for a TLS broker: the TLS files in secrets/ (0700, each 0600), the keys in device.toml (0600).
     bundle, manifest = pc_bundle
     config = load_device_config(bundle / "device.toml")
-    assert (config.device_id, config.run_id, config.broker) == ("dev003", "fmnist", "mqtt://192.0.2.10:1883")
-    assert (config.username, config.password, config.backends) == ("dev003", "pa ss'word", ("ort",))
+    assert (config.device_id, config.run_id, config.broker) == ("dev003", "fmnist", "mqtts://192.0.2.10:8883")
+    assert (config.username, config.password, config.backends, config.mqtt) == (None, None, ("ort",), "5")
     assert config.memory_budget_bytes == PC.default_memory_budget_bytes == manifest.memory_budget_bytes
-    text = (bundle / "device.toml").read_text()
-    # Reserved for TLS and signed tasks (a later issue): present, empty, and read by the loader.
-    assert 'ca_cert = ""\n' in text and 'task_signing_public_key = ""\n' in text
-    assert (config.ca_cert, config.task_signing_public_key) == ("", "")
+    on_board = {name: f"{units.SECRETS_DIR}/{name}" for name in SECRET_FILES}
+    assert (config.ca_cert, config.tls_cert, config.tls_key) == tuple(on_board.values())
+    assert config.task_signing_public_key.startswith("-----BEGIN PUBLIC KEY-----") and len(config.result_key) == 64
+    assert _mode(bundle / "device.toml") == 0o600 and _mode(bundle / "secrets") == 0o700
+    assert all(_mode(bundle / "secrets" / name) == 0o600 for name in SECRET_FILES)
+    assert b"PRIVATE KEY" in (bundle / "secrets" / "device.key").read_bytes()
+    assert "PRIVATE" not in (bundle / "manifest.json").read_text()
+
+
+def test_a_password_bundle_has_no_tls_files(rpi_bundle: tuple[Path, BundleManifest]) -> None:
+    bundle, _ = rpi_bundle
+    config = load_device_config(bundle / "device.toml")
+    assert (config.broker, config.username, config.password) == ("mqtt://192.0.2.10:1883", "dev003", "pa ss'word")
+    assert (config.ca_cert, config.task_signing_public_key, config.result_key) == ("", "", "")
+    assert not (bundle / "secrets").exists()
 
 
 def test_device_config_checks_the_budget_and_ids() -> None:
@@ -167,6 +199,10 @@ def test_install_into_rootfs_then_build_the_venv_offline(
     assert read_manifest(installed) == manifest and _mode(installed) == 0o700
     config = rootfs / "etc/msfusion/device.toml"
     assert _mode(config) == 0o600 and config.read_text() == (bundle / "device.toml").read_text()
+    secrets = rootfs / "etc/msfusion/secrets"
+    assert _mode(secrets) == 0o700 and sorted(p.name for p in secrets.iterdir()) == sorted(SECRET_FILES)
+    for name in SECRET_FILES:
+        assert _mode(secrets / name) == 0o600 and (secrets / name).read_bytes() == (bundle / "secrets" / name).read_bytes()
     for unit in (units.DEVICE_UNIT, units.FIRSTBOOT_UNIT):
         assert (rootfs / "etc/systemd/system" / unit).read_text() == (bundle / unit).read_text()
         link = rootfs / "etc/systemd/system/multi-user.target.wants" / unit
@@ -179,6 +215,9 @@ def test_install_into_rootfs_then_build_the_venv_offline(
         "from msfusion.edge_runtime.config import load_device_config\n"
         "from msfusion.data.shards import read_shard\n"
         "c = load_device_config(sys.argv[1]); print(c.device_id, protocol.SCHEMA_VERSION)\n"
+        "from msfusion.wire.signing import MessageVerifier, ResultAuthenticator\n"
+        "MessageVerifier.from_pem(c.task_signing_public_key); ResultAuthenticator.from_text(c.result_key)\n"
+        "assert c.ca_cert == '/etc/msfusion/secrets/ca.pem' and c.broker.startswith('mqtts://'), c\n"
         "x, y, meta = read_shard(sys.argv[2] + str(c.data_dir)); assert x.shape == (6, 1, 28, 28), x.shape\n"
         "assert importlib.util.find_spec('torch') is None\n"
         "print(sys.prefix)\n"

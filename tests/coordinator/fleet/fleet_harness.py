@@ -35,6 +35,8 @@ from msfusion.coordinator.reference.engine import ReferenceEngine
 from msfusion.models.config import ContrastiveVariant, LossConfig, ModelConfig
 from msfusion.models.registry import model_spec
 from msfusion.recipe import EngineConfig, LocalTrainConfig
+from msfusion.wire import topics
+from msfusion.wire.transport import MqttTransport, Received
 
 MODEL = ModelConfig(arch="cnn", channels=(8, 16, 32))
 ENGINE = EngineConfig(
@@ -183,3 +185,20 @@ def max_abs_diff(a: Weights, b: Weights) -> float:
 
 def python() -> str:
     return sys.executable
+
+
+def retained(broker: Any, run_id: str, wait_s: float = 1.0) -> dict[str, bytes]:
+    """What a new subscriber to the whole run gets at once: the broker's retained messages of the run."""
+    probe = MqttTransport(f"probe-{run_id}-{time.monotonic_ns()}", broker.host, broker.port)
+    probe.connect()
+    try:
+        probe.subscribe(f"{topics.run_prefix(run_id)}/#")
+        found: dict[str, bytes] = {}
+        deadline = time.monotonic() + wait_s
+        while (left := deadline - time.monotonic()) > 0:
+            event = probe.get(left)
+            if isinstance(event, Received) and event.retained:
+                found[event.topic] = event.payload
+        return found
+    finally:
+        probe.close()

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fleet_harness import N_DEVICES, Fleet, coordinator_config, max_abs_diff, reference_engine
+from fleet_harness import N_DEVICES, Fleet, coordinator_config, max_abs_diff, reference_engine, retained
 
 from msfusion.algorithm.inference import choose_deployable
 from msfusion.coordinator.fleet.report import read_metrics
@@ -68,3 +68,5 @@ def test_four_devices_three_rounds_equal_the_reference_engine(
     for name in ("summary.json", "metrics.jsonl", "model.safetensors", "accuracy.png"):
         assert (tmp_path / name).exists(), name
     assert all(summary.devices[d]["bytes_down"] > 0 and summary.devices[d]["bytes_up"] > 0 for d in DEVICES)
+    # Nothing of the run stays retained on the broker (registrations, statuses).
+    assert retained(mosquitto, "e2e") == {}

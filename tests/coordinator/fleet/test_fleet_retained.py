@@ -13,32 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fleet_harness import retained
 
 from msfusion.coordinator.fleet.link import CoordinatorLink
 from msfusion.edge_runtime.config import DeviceConfig
 from msfusion.edge_runtime.daemon import Daemon, ExitCode, offline_beat
 from msfusion.wire import topics
 from msfusion.wire.protocol import Capacity, Registration, RunControl, decode, encode
-from msfusion.wire.transport import ConnectionChanged, MqttTransport, Received
+from msfusion.wire.transport import ConnectionChanged, MqttTransport
 
 pytestmark = pytest.mark.e2e
-
-
-def retained(broker: Any, run_id: str, wait_s: float = 1.0) -> dict[str, bytes]:
-    """What a new subscriber to the whole run gets at once: the broker's retained messages of the run."""
-    probe = MqttTransport(f"probe-{run_id}-{time.monotonic_ns()}", broker.host, broker.port)
-    probe.connect()
-    try:
-        probe.subscribe(f"{topics.run_prefix(run_id)}/#")
-        found: dict[str, bytes] = {}
-        deadline = time.monotonic() + wait_s
-        while (left := deadline - time.monotonic()) > 0:
-            event = probe.get(left)
-            if isinstance(event, Received) and event.retained:
-                found[event.topic] = event.payload
-        return found
-    finally:
-        probe.close()
 
 
 def _registration(run_id: str, device_id: str) -> bytes:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import tomllib
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
-from fleet_harness import ENGINE, Fleet, coordinator_config, max_abs_diff, merged_rounds
+from fleet_harness import BUDGET_BYTES, ENGINE, MAX_RATIO, Fleet, coordinator_config, max_abs_diff, merged_rounds
 
 from msfusion.coordinator.fleet.runner import run_coordinator
 from msfusion.edge_runtime.config import load_device_config, to_toml
@@ -116,3 +117,34 @@ def test_a_signed_fleet_trains_what_an_unsigned_one_does(
     assert len(lines) == ENGINE.rounds and all(set(line["replies"].values()) == {"merged"} for line in lines)
     merged = tmp_path / ("model-merged.safetensors" if summary.deployable != "merged" else "model.safetensors")
     assert max_abs_diff(unpack_weights(merged.read_bytes()), fleet_reference[0]) < ATOL
+
+
+def test_a_secure_simulation_trains_the_reference_model_over_tls_with_acls(
+    fleet_shards: Any, fleet_reference: Any, fleet_artifacts: Any, tmp_path: Path
+) -> None:
+    # Prepare: `msfusion simulate`'s default: throw-away credentials, a private Mosquitto with mutual TLS
+    # and the run's ACL, signed tasks, MACed results.
+    from msfusion.coordinator.fleet.local_fleet import SimulationConfig, simulate
+
+    config = SimulationConfig(
+        engine=ENGINE,
+        shards=fleet_shards,
+        out=tmp_path / "run",
+        memory_budget_bytes=BUDGET_BYTES,
+        max_width_ratio=MAX_RATIO,
+    )
+    # Execute
+    summary = simulate(config, fleet_artifacts)
+    # Assert: every slice merged, the model is the reference engine's (as an insecure fleet's is), and the
+    # devices ran over TLS with keys; the throw-away credentials are gone.
+    assert summary.ok, summary.reason
+    lines = merged_rounds(tmp_path / "run")
+    assert len(lines) == ENGINE.rounds and all(set(line["replies"].values()) == {"merged"} for line in lines)
+    out = tmp_path / "run"
+    merged = out / ("model-merged.safetensors" if summary.deployable != "merged" else "model.safetensors")
+    assert max_abs_diff(unpack_weights(merged.read_bytes()), fleet_reference[0]) < ATOL
+    device = tomllib.loads((out / "devices" / "dev000" / "device.toml").read_text())  # its key files are gone
+    assert device["broker"].startswith("mqtts://") and device["tls_cert"] and device["result_key"]
+    assert device["task_signing_public_key"] and not Path(device["tls_key"]).exists()
+    log = (out / "logs" / "broker.log").read_text()
+    assert "u'dev000'" in log and "u'coordinator'" in log  # identities from the certificates' CNs
