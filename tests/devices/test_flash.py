@@ -13,6 +13,7 @@ import pytest
 from packaging.tags import compatible_tags, cpython_tags
 from packaging.utils import parse_wheel_filename
 
+from msfusion.coordinator.security import SecurityDir
 from msfusion.data.shards import write_shard
 from msfusion.devices import units
 from msfusion.devices.flash import (
@@ -31,7 +32,6 @@ from msfusion.devices.flash import (
 from msfusion.devices.profiles import BUILTIN_PROFILES, MIB
 from msfusion.devices.wheelhouse import BundleError
 from msfusion.edge_runtime.config import load_device_config
-from msfusion.coordinator.security import SecurityDir
 from msfusion.errors import ConfigError
 
 PC = BUILTIN_PROFILES["x86_64-generic"]
@@ -202,7 +202,9 @@ def test_install_into_rootfs_then_build_the_venv_offline(
     secrets = rootfs / "etc/msfusion/secrets"
     assert _mode(secrets) == 0o700 and sorted(p.name for p in secrets.iterdir()) == sorted(SECRET_FILES)
     for name in SECRET_FILES:
-        assert _mode(secrets / name) == 0o600 and (secrets / name).read_bytes() == (bundle / "secrets" / name).read_bytes()
+        assert (
+            _mode(secrets / name) == 0o600 and (secrets / name).read_bytes() == (bundle / "secrets" / name).read_bytes()
+        )
     for unit in (units.DEVICE_UNIT, units.FIRSTBOOT_UNIT):
         assert (rootfs / "etc/systemd/system" / unit).read_text() == (bundle / unit).read_text()
         link = rootfs / "etc/systemd/system/multi-user.target.wants" / unit

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
+import tomllib
 from fleet_harness import BUDGET_BYTES, ENGINE, MAX_RATIO, Fleet, coordinator_config, max_abs_diff, merged_rounds
 
 from msfusion.coordinator.fleet.runner import run_coordinator

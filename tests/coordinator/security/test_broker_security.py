@@ -9,18 +9,17 @@ comes back with reason code 135.
 from __future__ import annotations
 
 import socket
-from dataclasses import replace
 import ssl
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
 
 from msfusion.coordinator.fleet.broker import MosquittoBroker, free_port, mosquitto_binary
-from msfusion.coordinator.security import Credentials, SecurityDir, reload_broker
-from msfusion.coordinator.security import pki
+from msfusion.coordinator.security import Credentials, SecurityDir, pki, reload_broker
 from msfusion.errors import ConfigError, DeviceLost
 from msfusion.wire import topics
 from msfusion.wire.transport import MqttTransport, PublishRefused, Received
