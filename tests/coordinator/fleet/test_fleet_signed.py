@@ -39,8 +39,6 @@ def test_forged_controls_and_tasks_are_refused_and_signed_ones_obeyed(
     probe = MqttTransport("probe-signed", mosquitto.host, mosquitto.port)
     probe.connect()
     probe.subscribe(topics.result(run, "dev000"))
-    fleet.start(0)
-    fleet.wait_log(0, "connected to", timeout_s=60)
     ref = BulkRef(transfer_id="x-1", kind="weights", total_bytes=10, sha256="b" * 64, n_chunks=1, chunk_bytes=10)
     forged = TrainTask(
         run_id=run,
@@ -63,7 +61,9 @@ def test_forged_controls_and_tasks_are_refused_and_signed_ones_obeyed(
         seed=1,
         deadline_s=3600.0,
     )
+    fleet.start(0)
     try:
+        fleet.wait_log(0, "connected to", timeout_s=60)
         # Execute: an unsigned stop, a forged refusal, an unsigned task, a task signed by another key.
         probe.publish(topics.ctl(run, "dev000"), encode(RunControl(run_id=run, device_id="dev000", command="stop")))
         probe.publish(
@@ -82,8 +82,8 @@ def test_forged_controls_and_tasks_are_refused_and_signed_ones_obeyed(
         # The coordinator's own signed stop is obeyed.
         stop = signer.sign(RunControl(run_id=run, device_id="dev000", command="stop", reason="test over"))
         probe.publish(topics.ctl(run, "dev000"), encode(stop))
-        codes = fleet.stop()
     finally:
+        codes = fleet.stop()  # also when the test fails: no daemon is left behind
         probe.close()
     # Assert: still running after the forgeries, each refused with a reason; the signed stop ends it cleanly.
     assert alive
