@@ -37,6 +37,7 @@ Example `device.toml`::
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -148,6 +149,7 @@ def load_device_config(path: str | Path, **overrides: Any) -> DeviceConfig:
         table: dict[str, Any] = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError) as exc:
         raise ConfigError(f"cannot read device config {path}: {exc}") from exc
+    _check_types(table, path)
     table.update({k: v for k, v in overrides.items() if v is not None})
     if isinstance(table.get("data"), dict):
         try:
@@ -162,6 +164,33 @@ def load_device_config(path: str | Path, **overrides: Any) -> DeviceConfig:
         return DeviceConfig(**table)
     except TypeError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
+
+
+_TEXT_KEYS = frozenset(
+    {"device_id", "run_id", "state_dir", "data_dir", "broker", "username", "password", "board"}
+    | {"ca_cert", "tls_cert", "tls_key", "mqtt", "task_signing_public_key", "result_key"}
+)
+_INTEGER_KEYS = frozenset({"memory_budget_bytes", "keepalive_s", "threads"})
+_NUMBER_KEYS = frozenset({"max_width_ratio", "heartbeat_s", "stall_s"})
+
+
+def _check_types(table: dict[str, Any], path: str | Path) -> None:
+    """Refuse a TOML value of the wrong type (a bool for a count, NaN for seconds) before anything uses it."""
+    for key, value in table.items():
+        if key in _TEXT_KEYS:
+            ok = isinstance(value, str)
+        elif key in _INTEGER_KEYS:
+            ok = type(value) is int
+        elif key in _NUMBER_KEYS:
+            ok = type(value) in (int, float) and math.isfinite(value)
+        elif key == "backends":
+            ok = isinstance(value, list) and all(isinstance(b, str) for b in value)
+        elif key == "data":
+            ok = isinstance(value, dict)  # a [data] table
+        else:
+            continue
+        if not ok:
+            raise ConfigError(f"{path}: {key} = {value!r} is not a valid value for {key}")
 
 
 def to_toml(config: DeviceConfig) -> str:

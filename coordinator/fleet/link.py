@@ -4,7 +4,8 @@
 messages (`Inbound`), completed slice transfers (`SliceArrived`) and
 connection changes. Chunks and chunk requests are handled inside: slice
 chunks are reassembled (any order, duplicates dropped, checksums verified),
-and requests for artifact or weight chunks are served from what was offered.
+and requests for artifact or weight chunks are served from what was offered,
+only to the devices it was sent to and each chunk a few times (`bulk.ServeLimit`).
 Per-device byte counters are the only state that lives as long as the run.
 """
 

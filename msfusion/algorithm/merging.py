@@ -67,13 +67,15 @@ class MergeConfig:
             robust ones ignore sample counts (a count is only the device's
             claim) and need at least three holders to outvote anyone.
         trim: share of an element's holders dropped at each end by the
-            trimmed mean (floor(trim x holders) each side), in [0, 0.5).
+            trimmed mean (floor(trim x holders) each side), in [0, 0.5); the
+            default 0.25 drops one of four holders each side (msfusion's
+            windows give few holders per element: 0.2 would trim none of four).
     """
 
     norm_bound: float = 10.0
     norm_action: NormAction = NormAction.REJECT
     aggregate: Aggregate = Aggregate.MEAN
-    trim: float = 0.2
+    trim: float = 0.25
 
     def __post_init__(self) -> None:
         if not (self.norm_bound == 0 or (math.isfinite(self.norm_bound) and self.norm_bound >= 1)):
@@ -260,6 +262,8 @@ class MergeAccumulator:
                 raise InvalidSlice(f"{name}: shape {tuple(arr.shape)}, expected {expected}")
             if not np.all(np.isfinite(arr)):
                 raise InvalidSlice(f"{name}: non-finite values")
+            if arr.dtype.itemsize > 4 and arr.size and float(np.abs(arr).max()) > float(np.finfo(np.float32).max):
+                raise InvalidSlice(f"{name}: values beyond float32's range (infinite in the merged model)")
             positions[name] = open_index(self._spec.shapes[name], self._spec.tensor_index(name, units))
             update_values = arr.astype(np.float64) - self._old[name][positions[name]]
             square_sum += float(np.square(update_values).sum())
@@ -276,7 +280,8 @@ class MergeAccumulator:
             InvalidSlice: wrong round, duplicate device, no or non-integer
                 samples, unit indices that are missing, not a 1-D integer
                 array, negative, out of range or repeated, wrong tensor names,
-                dtypes or shapes, or non-finite values. The reason is also
+                dtypes or shapes, or non-finite values (or, in a wider float,
+                values beyond float32's range). The reason is also
                 kept in the report.
         """
         try:
@@ -384,7 +389,8 @@ def _robust(
         row[valid.positions[name]] = _returned(valid, name, {name: old})
     ordered = np.sort(stack, axis=0)  # per element: its holders' values ascending, then NaN (not held)
     if config.aggregate is Aggregate.MEDIAN:
-        cut = (holders - 1) // 2  # leaves the middle one (odd) or two (even)
+        # leaves the middle one (odd) or two (even); an element no one held (-1 // 2 = -1) keeps nothing
+        cut = np.maximum((holders - 1) // 2, 0)
     else:
         cut = np.floor(config.trim * holders).astype(np.int64)
     rank = np.arange(len(survivors)).reshape((-1,) + (1,) * old.ndim)

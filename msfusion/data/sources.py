@@ -84,7 +84,10 @@ class DataSpec:
     image_size: int = 32
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "path", Path(self.path).expanduser())
+        try:
+            object.__setattr__(self, "path", Path(self.path).expanduser())
+        except RuntimeError as exc:  # `~user/...` of no such user
+            raise DataError(f"data path {self.path!r}: {exc}") from exc
         if self.format not in FORMATS:
             raise DataError(f"data format must be one of {FORMATS}, got {self.format!r}")
         if self.split not in ("train", "test"):
@@ -103,6 +106,10 @@ class DataSpec:
             raise DataError(f"unknown key(s) {unknown} in {where}; known: {sorted(known)}")
         if "path" not in table:
             raise DataError(f"{where} needs a 'path'")
+        kinds: dict[str, Any] = {"path": (str, Path), "format": str, "split": str, "channels": int, "image_size": int}
+        wrong = sorted(k for k, v in table.items() if not (isinstance(v, kinds[k]) and not isinstance(v, bool)))
+        if wrong:
+            raise DataError(f"{where}: {', '.join(f'{k} = {table[k]!r}' for k in wrong)} of the wrong type")
         try:
             return cls(**table)
         except TypeError as exc:
@@ -594,6 +601,12 @@ def check_report(report: DataReport, model: ModelInputs) -> str:
             )
         if len(report.class_counts) > model.num_classes:
             return f"the device holds {len(report.class_counts)} classes, the model has {model.num_classes} outputs"
+        stats = report.channel_stats
+        if stats is not None and stats.count:
+            if len(stats.mean) != model.sample_shape[0]:
+                return f"the device's pixel statistics have {len(stats.mean)} channels, the model takes {model.sample_shape[0]}"
+            if not all(math.isfinite(v) for v in (*stats.mean, *stats.m2)) or min(stats.m2) < 0:
+                return "the device's pixel statistics are not finite (or a sum of squares is negative)"
     if model.task == "lm" and report.encoded and tuple(report.sample_shape) != (model.context,):
         return f"the device's encoded windows are {report.sample_shape}, the model's context is {model.context}"
     return ""
@@ -649,6 +662,8 @@ def combine_reports(
                 stats = merge_stats(stats, r.channel_stats)
         if not stats.count:
             raise DataError("no device reported pixel statistics")
+        if not all(math.isfinite(v) for v in (*stats.mean, *stats.m2)):
+            raise DataError("the devices' pooled pixel statistics overflow (a device reported values far out of range)")
         mean = stats.mean
         std = [max(math.sqrt(m2 / stats.count), 1e-6) for m2 in stats.m2]
     classes = list(pinned.classes) or _class_order(n for r in usable for n in r.class_counts)

@@ -199,7 +199,7 @@ class ArtifactManifest:
                 kind=ArtifactKind(data["kind"]),
                 key=str(data["key"]),
                 arch=str(data["arch"]),
-                files=tuple(ArtifactFile(**f) for f in data["files"]),
+                files=tuple(_file_entry(f) for f in data["files"]),
                 params=tuple(TensorInfo(**t) for t in data["params"]),
                 frozen=tuple(TensorInfo(**t) for t in data["frozen"]),
                 inputs=tuple(TensorInfo(**t) for t in data["inputs"]),
@@ -217,6 +217,25 @@ class ArtifactManifest:
         # OverflowError: int() of an infinite size (JSON's 1e999); RecursionError: arrays nested thousands deep.
         except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError, ConfigError) as exc:
             raise ArtifactError(f"malformed artifact manifest: {exc!r}") from exc
+
+
+def _file_entry(raw: Mapping[str, Any]) -> ArtifactFile:
+    """One `files` entry of a manifest, checked: a plain name in the artifact's one folder, a size, a sha256.
+
+    Raises:
+        ArtifactError: a name with a path in it (``../x``, ``/etc/x``), or a size or checksum of the wrong type.
+        TypeError: missing or unknown keys (`from_json` reports it).
+    """
+    entry = ArtifactFile(**raw)
+    if not isinstance(entry.name, str) or entry.name in ("", ".", "..", MANIFEST_NAME) or "/" in entry.name:
+        raise ArtifactError(f"artifact file name {entry.name!r} is not a plain file name")
+    if "\0" in entry.name:
+        raise ArtifactError(f"artifact file name {entry.name!r} holds a NUL")
+    if type(entry.size_bytes) is not int or entry.size_bytes < 0 or not isinstance(entry.sha256, str):
+        raise ArtifactError(
+            f"artifact file {entry.name!r}: size {entry.size_bytes!r} or sha256 {entry.sha256!r} malformed"
+        )
+    return entry
 
 
 def sha256_file(path: Path) -> str:
@@ -343,7 +362,8 @@ def unpack_artifact(data: bytes, destination: Path) -> ArtifactManifest:
 
 
 def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
-    if not member.isfile():
+    # A sparse member declares its own size, holes included: reading it would allocate whatever it claims.
+    if not member.isfile() or member.issparse():
         raise ArtifactError(f"artifact member {member.name!r} is not a plain file")
     handle = tar.extractfile(member)
     if handle is None:

@@ -47,6 +47,8 @@ MAX_DEADLINE_S = 7 * 24 * 3600.0  # a week: a task's deadline from receipt
 MAX_STEPS = 1 << 22  # loss values a result may carry (one per local step)
 MAX_GROUPS = 4096  # width groups of a task's sub-model (and tensors with split axes)
 MAX_UNITS = 1 << 24  # hidden units of one width group (and the largest unit index or unit size)
+MAX_CHANNELS = 64  # input channels a data report or preprocessing describes
+MAX_CLASSES = 1 << 16  # class names (and vocabulary characters) of a data report or preprocessing
 
 # Ids go into topic names, so no '/', '+', '#', '$' or whitespace. `\Z`, not `$`:
 # `$` also matches before a trailing newline.
@@ -103,7 +105,7 @@ class Capacity(_Struct, frozen=True):
     memory_budget_bytes: Positive
     cores: Positive
     arch: Annotated[str, Meta(min_length=1, max_length=32)]  # "x86_64", "aarch64"
-    backends: Annotated[list[Id], Meta(min_length=1)]  # artifact kinds it can train
+    backends: Annotated[list[Id], Meta(min_length=1, max_length=8)]  # artifact kinds it can train
     max_width_ratio: Ratio | None = None
     board: Annotated[str, Meta(max_length=64)] = ""  # its board profile ("" when not flashed with one)
 
@@ -130,8 +132,8 @@ class ChannelStats(_Struct, frozen=True):
     """Per-channel pixel statistics of one device's images: pooled exactly by `data.sources.merge_stats`."""
 
     count: Count  # pixels per channel
-    mean: list[float]
-    m2: list[float]  # sum of squared deviations from the mean
+    mean: Annotated[list[float], Meta(max_length=MAX_CHANNELS)]
+    m2: Annotated[list[float], Meta(max_length=MAX_CHANNELS)]  # sum of squared deviations from the mean
 
     def __post_init__(self) -> None:
         if len(self.mean) != len(self.m2):
@@ -144,9 +146,10 @@ class DataReport(_Struct, frozen=True):
     format: Annotated[str, Meta(min_length=1, max_length=16)]
     task: Literal["classification", "lm"]
     n_samples: Count  # images, or characters of text
-    sample_shape: list[Count]  # (C, H, W) of images; (T,) of encoded windows; [] for text
+    # (C, H, W) of images; (T,) of encoded windows; [] for text
+    sample_shape: Annotated[list[Count], Meta(max_length=8)]
     channel_stats: ChannelStats | None = None
-    class_counts: dict[Name, Count] = {}
+    class_counts: Annotated[dict[Name, Count], Meta(max_length=MAX_CLASSES)] = {}
     char_counts: Annotated[dict[Annotated[str, Meta(min_length=1, max_length=1)], Count], Meta(max_length=65536)] = {}
     encoded: bool = False  # LM windows already in ids: no vocabulary needed
     problems: Annotated[list[Annotated[str, Meta(max_length=1024)]], Meta(max_length=64)] = []
@@ -156,10 +159,12 @@ class DataReport(_Struct, frozen=True):
 class Preprocessing(_Struct, frozen=True):
     """How every device turns its raw data into the model's inputs: agreed by the coordinator, sent in tasks."""
 
-    mean: list[float] = []  # per channel, of pixels in [0, 1]
-    std: list[Annotated[float, Meta(gt=0.0)]] = []
-    classes: list[Name] = []  # label names in label order ([]: integer labels as stored)
-    vocab: str = ""  # character ids by position; out-of-vocabulary characters get id len(vocab)
+    mean: Annotated[list[float], Meta(max_length=MAX_CHANNELS)] = []  # per channel, of pixels in [0, 1]
+    std: Annotated[list[Annotated[float, Meta(gt=0.0)]], Meta(max_length=MAX_CHANNELS)] = []
+    # label names in label order ([]: integer labels as stored)
+    classes: Annotated[list[Name], Meta(max_length=MAX_CLASSES)] = []
+    # character ids by position; out-of-vocabulary characters get id len(vocab)
+    vocab: Annotated[str, Meta(max_length=MAX_CLASSES)] = ""
     context: Count = 0  # window length of text
 
     def __post_init__(self) -> None:
@@ -176,7 +181,7 @@ class ProfileReport(_Message, frozen=True, tag="profile"):
 
     run_id: Id
     device_id: Id
-    entries: list[ProfileEntry]
+    entries: Annotated[list[ProfileEntry], Meta(max_length=1024)]
     # Names the model, loss and optimizer the profiled artifacts implement
     # (coordinator.artifacts.profile_key): a coordinator ignores a profile of another model.
     model_key: Annotated[str, Meta(max_length=64)] = ""
@@ -295,7 +300,7 @@ class TaskFailed(_Message, frozen=True, tag="failed"):
     task_id: Id
     code: FailureCode
     reason: Annotated[str, Meta(max_length=4096)]
-    details: dict[Name, Union[int, float, str]] = {}
+    details: Annotated[dict[Name, Union[int, float, Annotated[str, Meta(max_length=1024)]]], Meta(max_length=64)] = {}
     mac: Annotated[bytes, Meta(max_length=64)] = b""  # the device's HMAC over the rest (`wire/signing.py`)
 
     @property
@@ -323,7 +328,7 @@ class ChunkRequest(_Message, frozen=True, tag="chunk_request"):
     run_id: Id
     device_id: Id
     transfer_id: Id
-    missing: Annotated[list[Count], Meta(min_length=1)]
+    missing: Annotated[list[Annotated[int, Meta(ge=0, lt=MAX_CHUNKS)]], Meta(min_length=1, max_length=MAX_CHUNKS)]
 
 
 Message = Union[

@@ -139,7 +139,10 @@ def parse_broker(url: str) -> BrokerAddress:
     Raises:
         ConfigError: another scheme, no host, or a bad port.
     """
-    parts = urlsplit(url if "://" in url else f"mqtt://{url}")
+    try:
+        parts = urlsplit(url if "://" in url else f"mqtt://{url}")
+    except ValueError as exc:  # an unclosed or invalid [IPv6] host
+        raise ConfigError(f"broker URL {url!r}: {exc}") from exc
     schemes = {"mqtt": "mqtt", "tcp": "mqtt", "mqtts": "mqtts", "ssl": "mqtts", "tls": "mqtts"}
     scheme = schemes.get(parts.scheme)
     if scheme is None:

@@ -87,6 +87,11 @@ def _read_metadata(data: bytes) -> dict[str, str]:
     metadata = header.get("__metadata__") if isinstance(header, dict) else None
     if not isinstance(metadata, dict):
         raise ArtifactError("weights header has no metadata (not packed by pack_weights)")
+    # Before safetensors reads any tensor: it has no numpy dtype for some of its own (BF16: a KeyError).
+    for name, entry in header.items():
+        dtype = entry.get("dtype") if isinstance(entry, dict) else entry
+        if name != "__metadata__" and dtype != "F32":
+            raise ArtifactError(f"tensor {name!r} has dtype {dtype!r}, expected float32 ('F32')")
     return metadata
 
 

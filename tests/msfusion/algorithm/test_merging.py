@@ -466,3 +466,20 @@ def test_the_median_outvotes_a_poisoned_holder_the_mean_does_not(
 def test_a_bad_merge_config_is_refused(kwargs: dict[str, float], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         MergeConfig(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("aggregate", list(Aggregate))
+def test_unheld_elements_keep_their_values_under_every_aggregate(
+    tiny_spec: ModelSpec, tiny_weights: dict[str, np.ndarray], aggregate: Aggregate
+) -> None:
+    # Prepare: three devices on the same corner of the model; the rest of it is held by no one
+    units = {"a": np.array([0, 1, 2]), "b": np.array([0])}
+    sub = slice_weights(tiny_weights, tiny_spec, units)
+    updates = [SliceUpdate(f"d{i}", 0, units, {k: v + float(i) for k, v in sub.items()}, 5) for i in range(3)]
+    # Execute
+    merged, _ = merge_slices(tiny_weights, tiny_spec, updates, 0, MergeConfig(norm_bound=0, aggregate=aggregate))
+    # Assert: held elements move by the holders' middle (+1 for every aggregate here), unheld ones not at all
+    np.testing.assert_array_equal(merged["l1.weight"][3:], tiny_weights["l1.weight"][3:])
+    np.testing.assert_array_equal(merged["l2.bias"][2:], tiny_weights["l2.bias"][2:])
+    np.testing.assert_allclose(merged["l1.weight"][:3], tiny_weights["l1.weight"][:3] + 1.0, rtol=1e-6)
+    assert all(np.all(np.isfinite(a)) for a in merged.values())
