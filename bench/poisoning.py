@@ -7,16 +7,22 @@ dev003 by default) trains honestly, then returns global + k x (trained -
 global) instead of its trained slice: k = -10 ("scaled", the default attack)
 or k = -1 ("sign-flip"). Its sample count is its honest one. Rows: no attack;
 the attack with no defence; with the update-norm bound rejecting (the
-default merge) or clipping, rejecting at 5x, clipping at 2x; with the
-coordinate-wise trimmed mean (0.25); with the median. At the default budget 1/4 each unit has about 3.9
-holders a round; at 1/16 about 1.9, too few for a coordinate-wise statistic
-to outvote anyone (the median of two values is their mean). The figure is the merged full model's test accuracy after the last
-round (first `--test` test images), with the curve at every evaluated round beside it.
+default merge) or clipping at 10x, rejecting at 5x, clipping at 2x; with the
+coordinate-wise trimmed mean (0.25); with the median. The figure is the
+merged full model's test accuracy after the last round (first `--test` test
+images), with the curve at every evaluated round beside it.
+
+At the default budget 1/4 each unit has about 3.9 holders a round, but an
+element of a 2-D weight only as many as hold both its units: the table's
+header gives the share of held parameters by their number of holders. A
+coordinate-wise statistic cannot outvote one attacker on an element with
+two holders or fewer (the median of two values is their mean).
 
 The attacker is a bench-side hook around the engine's `local_train`, not a
 product option: nothing in msfusion/ or coordinator/ knows it.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/poisoning.py            # ~12 minutes on one core
+    OMP_NUM_THREADS=1 .venv/bin/python bench/poisoning.py            # 8-12 minutes on one core
+    OMP_NUM_THREADS=1 .venv/bin/python bench/poisoning.py --attack sign-flip --out bench/results/poisoning-signflip.json
     .venv/bin/python bench/poisoning.py --from-json bench/results/poisoning.json   # re-print
 
 Writes bench/results/poisoning.json (every run, with its curve and what the
