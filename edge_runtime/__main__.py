@@ -145,7 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         logging.getLogger("msfusion.device").error("%s", exc)
         return int(ExitCode.CONFIG)
-    return int(Daemon(config).run())
+    try:
+        daemon = Daemon(config)  # loads keys and TLS files
+    except ConfigError as exc:
+        logging.getLogger("msfusion.device").error("%s", exc)
+        return int(ExitCode.CONFIG)
+    return int(daemon.run())
 
 
 if __name__ == "__main__":

@@ -143,7 +143,7 @@ def _probe_ids(payload: bytes) -> tuple[int, str]:
 
     try:
         raw = msgspec.msgpack.decode(payload)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):  # RecursionError: nesting deeper than Python's limit
         return 0, "malformed"
     if not isinstance(raw, dict):
         return 0, "malformed"
@@ -193,6 +193,12 @@ class Daemon:
             MessageVerifier.from_pem(config.task_signing_public_key) if config.task_signing_public_key else None
         )
         self._sealer = ResultAuthenticator.from_text(config.result_key) if config.result_key else None
+        self._session: str | None = None  # the coordinator session of the last accepted welcome
+        if self._verifier is None and (config.tls_cert or config.result_key):
+            log.warning(
+                "no task_signing_public_key: this device obeys unsigned tasks, welcomes and stops; "
+                "give it the coordinator's key (`msfusion devices flash --security`)"
+            )
         self._newest_round: dict[str, int] = {}  # per coordinator session: an older round's task is a replay
         self.exit_code: ExitCode = ExitCode.STOPPED
 
@@ -253,7 +259,10 @@ class Daemon:
                     self._register()
                 event = self.transport.get(0.5)
                 if event is not None:
-                    self._handle(event)
+                    try:
+                        self._handle(event)
+                    except Exception:  # a message must never take the daemon down: log it and go on
+                        log.exception("could not handle a message on %s", getattr(event, "topic", "?"))
         finally:
             self.beat.stop()
             self.beat.join(timeout=2)  # its last beat must not land after the goodbye
@@ -369,6 +378,7 @@ class Daemon:
         """
         if msg.accepted:
             self._welcomed = True
+            self._session = msg.session
         elif self._welcomed:
             log.warning("ignored a refusal after this device was welcomed: %s", msg.reason)
         else:
@@ -388,9 +398,14 @@ class Daemon:
         only tell an attacker what this device accepts.
         """
         cfg = self.config
-        if isinstance(msg, TrainTask) and (msg.run_id != cfg.run_id or msg.device_id != cfg.device_id):
+        if msg.run_id != cfg.run_id or msg.device_id != cfg.device_id:
             log.warning(
-                "dropped a task for %s/%s (this is %s/%s)", msg.run_id, msg.device_id, cfg.run_id, cfg.device_id
+                "dropped a %s for %s/%s (this is %s/%s)",
+                type(msg).__name__,
+                msg.run_id,
+                msg.device_id,
+                cfg.run_id,
+                cfg.device_id,
             )
             return False
         if self._verifier is not None:
@@ -402,6 +417,11 @@ class Daemon:
                     self._send_failure_unrecorded(msg.round_idx, msg.task_id, "bad_signature", str(exc))
                 else:
                     log.error("dropped a %s: %s", type(msg).__name__, exc)
+                return False
+            # A signed stop ends only the session that admitted this device: an old one, queued by the
+            # broker for an offline device, must not end the next run.
+            if isinstance(msg, RunControl) and (self._session is None or msg.session != self._session):
+                log.warning("dropped a stop of coordinator session %r (admitted by %r)", msg.session, self._session)
                 return False
         if isinstance(msg, TrainTask):
             session = msg.task_id.split("-", 1)[0]  # "<session>-r<round>-a<attempt>" (coordinator/fleet/rounds.py)

@@ -17,6 +17,8 @@ from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Mapping, Union
 
+import msgspec
+
 from msfusion.errors import ArtifactError, MsfusionError, ProtocolError
 from msfusion.wire import topics
 from msfusion.wire.bulk import BulkReceiver, BulkSender, ServeLimit
@@ -104,6 +106,8 @@ class CoordinatorLink:
         stall_s: seconds without a new chunk of a slice before asking for the missing ones.
         max_requests: requests per slice without progress before it is given up.
         signer: signs every task and control message (None: unsigned, for devices without the key).
+        session: the coordinator session, stamped (and signed) on every welcome and stop: a device
+            obeys a stop only from the session that admitted it, so an old queued stop cannot end a new run.
         results: each device's result key (`wire/signing.py`): when given, a `SliceResult` or
             `TaskFailed` whose MAC does not check out under its device's key (or from a device
             with none) is dropped with a log line and counted nowhere. None: results unauthenticated.
@@ -117,9 +121,11 @@ class CoordinatorLink:
         max_requests: int = 3,
         signer: MessageSigner | None = None,
         results: Mapping[str, ResultAuthenticator] | None = None,
+        session: str = "",
     ) -> None:
         self.transport = transport
         self.signer = signer
+        self.session = session
         self.results = results
         self.run_id = run_id
         self.stall_s = stall_s
@@ -148,10 +154,12 @@ class CoordinatorLink:
 
     def send(self, device_id: str, msg: Message) -> None:
         """A control message (Welcome, RunControl) to one device, signed when the link has a signer."""
-        if self.signer is not None and isinstance(msg, Welcome):
-            msg = self.signer.sign(msg)
-        elif self.signer is not None and isinstance(msg, RunControl):
-            msg = self.signer.sign(msg)
+        if isinstance(msg, Welcome):
+            msg = msgspec.structs.replace(msg, session=self.session)
+            msg = msg if self.signer is None else self.signer.sign(msg)
+        elif isinstance(msg, RunControl):
+            msg = msgspec.structs.replace(msg, session=self.session)
+            msg = msg if self.signer is None else self.signer.sign(msg)
         self.publish(device_id, topics.ctl(self.run_id, device_id), encode(msg))
 
     def offer(self, manifest: BulkRef, data: bytes) -> None:
@@ -311,7 +319,7 @@ class CoordinatorLink:
             del self._pending[oldest]
         self._pending[transfer_id] = _Pending(result.device_id, result, time.monotonic())
         try:
-            payload = self._receiver.expect(result.weights)
+            payload = self._receiver.expect(result.weights, sender=result.device_id)
         except ArtifactError as exc:
             log.warning("slice of %s failed its manifest: %s", result.device_id, exc)
             del self._pending[transfer_id]
@@ -326,7 +334,7 @@ class CoordinatorLink:
             log.warning("chunk of %s's transfer %s came from %s", pending.device_id, chunk.transfer_id, device_id)
             return None
         try:
-            payload = self._receiver.feed(chunk)
+            payload = self._receiver.feed(chunk, sender=device_id)
         except ArtifactError as exc:
             log.warning("dropped a chunk from %s: %s", device_id, exc)
             return None

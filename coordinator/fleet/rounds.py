@@ -486,6 +486,13 @@ def _on_reply(
             return
         ctx.link.expect_slice(msg)
         return
+    if msg.code in ("bad_signature", "protocol"):
+        # The device could not verify or decode something on its task topic. That need not be our
+        # task (with no ACL anyone may publish there, and the device answers for it), so its slot stays
+        # open: the genuine task's slice may still come; if not, the deadline closes it.
+        log.warning("%s could not take a task message (%s): %s", device_id, msg.code, msg.reason)
+        ctx.fleet.note_failure(device_id, f"{msg.code}: {msg.reason}")
+        return
     replies[device_id] = f"failed: {msg.code}: {msg.reason}"
     ctx.fleet.note_failure(device_id, f"{msg.code}: {msg.reason}")
     if msg.code == "memory_budget":

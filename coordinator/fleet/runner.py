@@ -34,7 +34,7 @@ from msfusion.coordinator.fleet.rounds import (
     handle_fleet_message,
     run_round,
 )
-from msfusion.coordinator.security import SecurityDir
+from msfusion.coordinator.security import ResultKeys, SecurityDir
 from msfusion.data.datasets import ArrayDataset
 from msfusion.data.sources import DataSpec, Source, check_report, combine_reports, materialize, open_source
 from msfusion.errors import ConfigError, DataError, DeviceLost, MsfusionError
@@ -272,7 +272,7 @@ def wait_for_devices(ctx: RoundContext, needed: int, wait_s: float, progress: Ru
 
 def connect_securely(
     config: CoordinatorConfig,
-) -> tuple[MqttTransport, MessageSigner | None, dict[str, ResultAuthenticator] | None]:
+) -> tuple[MqttTransport, MessageSigner | None, Mapping[str, ResultAuthenticator] | None]:
     """The coordinator's broker connection, its task signer and the devices' result keys.
 
     With a security folder: mutual TLS under the coordinator's certificate, its task-signing key
@@ -285,12 +285,12 @@ def connect_securely(
     """
     options: dict[str, Any] = {"username": config.username, "password": config.password, "protocol": config.mqtt}
     signing_key = config.task_signing_key
-    results = None
+    results: Mapping[str, ResultAuthenticator] | None = None
     if config.security is not None:
         security = SecurityDir(config.security)
         options.update(security.coordinator_credentials().transport_options())
         signing_key = signing_key or security.task_signing_key
-        results = security.result_authenticators()
+        results = ResultKeys(security)  # re-read on a miss: a device enrolled mid-run gets in
     transport = MqttTransport.from_url(f"coordinator-{config.run_id}", config.broker, **options)
     signer = MessageSigner.from_file(signing_key) if signing_key is not None else None
     transport.connect()
@@ -330,7 +330,9 @@ def run_coordinator(
     spec = model_spec(config.engine.model)
     weights, state = initial_state(config, resume)
     transport, signer, results = connect_securely(config)
-    link = CoordinatorLink(transport, config.run_id, stall_s=config.round.stall_s, signer=signer, results=results)
+    link = CoordinatorLink(
+        transport, config.run_id, stall_s=config.round.stall_s, signer=signer, results=results, session=state.session
+    )
     link.subscribe()
     fleet = Fleet(
         spec,

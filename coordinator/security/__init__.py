@@ -7,6 +7,6 @@ creds = sec.enroll("dev003")                      # devices/dev003.pem/.key; or 
 sec.revoke("dev002"); reload_broker(broker_pid)    # SIGHUP: re-read passwd, ACL, CRL
 """
 
-from msfusion.coordinator.security.directory import Credentials, SecurityDir, reload_broker
+from msfusion.coordinator.security.directory import Credentials, ResultKeys, SecurityDir, reload_broker
 
-__all__ = ["Credentials", "SecurityDir", "reload_broker"]
+__all__ = ["Credentials", "ResultKeys", "SecurityDir", "reload_broker"]

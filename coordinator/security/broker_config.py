@@ -49,6 +49,7 @@ DEVICE_WRITES = (topics.REGISTER, topics.STATUS, topics.RESULT, topics.REQ, f"{t
 DEVICE_READS = (topics.TASK, topics.CTL, f"{topics.BULK}/+", topics.UPREQ)
 
 _ID = re.compile(ID_PATTERN)
+MAX_PACKET_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,9 @@ def mosquitto_conf(
         f"persistence_location {_path(files.persistence_dir)}/",
         "# MQTT 3.1.1 sessions never expire by themselves: drop those of clients gone for a day.",
         "persistent_client_expiration 1d",
+        # The largest message msfusion sends is a 1 MiB chunk or a result with its loss curve (9 MiB at
+        # protocol.MAX_STEPS): 16 MiB keeps an enrolled client from pushing ~256 MB packets at everyone.
+        f"max_packet_size {MAX_PACKET_BYTES}",
         f"log_dest {log_dest}",
         *(f"log_type {kind}" for kind in log_types),
         "connection_messages true",

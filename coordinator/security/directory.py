@@ -32,9 +32,10 @@ import fcntl
 import json
 import os
 import signal
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal
+from typing import Any, Iterable, Iterator, Literal, Mapping
 
 from msfusion.coordinator.security import broker_config, files, passwords, pki
 from msfusion.errors import ConfigError
@@ -150,6 +151,34 @@ def reload_broker(pid: int) -> None:
         os.kill(pid, signal.SIGHUP)
     except ProcessLookupError as exc:
         raise ConfigError(f"no process {pid}") from exc
+
+
+class ResultKeys(Mapping[str, "signing.ResultAuthenticator"]):
+    """The enrolled devices' result keys, read again (at most once a second) when a device's is missing.
+
+    A device enrolled while a run goes on (`enroll`, then SIGHUP the broker) is admitted at its
+    registration; its results must then check out too, without a coordinator restart. A revoked
+    device's key stays in memory for the rest of the run, but the broker no longer lets it publish.
+    """
+
+    REREAD_S = 1.0
+
+    def __init__(self, security: SecurityDir) -> None:
+        self._path = security.path
+        self._keys = security.result_authenticators()
+        self._read_at = time.monotonic()
+
+    def __getitem__(self, device_id: str) -> signing.ResultAuthenticator:
+        if device_id not in self._keys and time.monotonic() - self._read_at >= self.REREAD_S:
+            self._read_at = time.monotonic()
+            self._keys = SecurityDir(self._path).result_authenticators()
+        return self._keys[device_id]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
 
 
 class SecurityDir:
@@ -398,12 +427,13 @@ class SecurityDir:
                 raise ConfigError(f"device {device_id!r} is already enrolled; revoke it first to replace it")
             owner = self._owner()
             entry: dict[str, Any] = {"kind": kind, "enrolled": _timestamp()}
+            port = self._state.password_port
+            if kind == "password" and port is None:
+                raise ConfigError(f"{self.path} has no password listener: enroll with a certificate")
             result_key = self.result_key_file(device_id)
             signing.generate_result_key(result_key)
             if kind == "password":
-                port = self._state.password_port
-                if port is None:
-                    raise ConfigError(f"{self.path} has no password listener: enroll with a certificate")
+                assert port is not None
                 secret = password if password is not None else passwords.generate_password()
                 entries = passwords.read_password_file(self.password_file)
                 entries[device_id] = passwords.hash_password(secret)

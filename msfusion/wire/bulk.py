@@ -196,17 +196,25 @@ class BulkReceiver:
     def __init__(self, max_orphan_bytes: int = 256 << 20) -> None:
         self.max_orphan_bytes = max_orphan_bytes
         self._active: dict[str, Reassembly] = {}
-        self._orphans: OrderedDict[str, list[Chunk]] = OrderedDict()
+        # transfer id -> (sender, chunk) that came before their transfer was expected
+        self._orphans: OrderedDict[str, list[tuple[str | None, Chunk]]] = OrderedDict()
         self._orphan_bytes = 0
         self._finished: deque[str] = deque(maxlen=1024)  # late duplicates of these are dropped
 
-    def expect(self, manifest: BulkRef) -> bytes | None:
-        """Start (or keep) a transfer; returns the payload if early chunks already complete it."""
+    def expect(self, manifest: BulkRef, sender: str | None = None) -> bytes | None:
+        """Start (or keep) a transfer; returns the payload if early chunks already complete it.
+
+        With `sender`, only early chunks that came from it count (the others are dropped): a
+        peer that guessed another's transfer id cannot spoil its transfer with chunks sent first.
+        """
         if manifest.transfer_id not in self._active:
             self._active[manifest.transfer_id] = Reassembly(manifest)
         payload = None
-        for chunk in self._orphans.pop(manifest.transfer_id, []):
+        for source, chunk in self._orphans.pop(manifest.transfer_id, []):
             self._orphan_bytes -= len(chunk.data)
+            if sender is not None and source != sender:
+                log.warning("dropped an early chunk of %s: it came from %s, not %s", chunk.transfer_id, source, sender)
+                continue
             try:
                 result = self.feed(chunk)
             except ArtifactError as exc:
@@ -218,8 +226,10 @@ class BulkReceiver:
                 payload = result
         return payload
 
-    def feed(self, chunk: Chunk) -> bytes | None:
+    def feed(self, chunk: Chunk, sender: str | None = None) -> bytes | None:
         """Take one chunk; returns the verified payload when its transfer completes.
+
+        `sender` names who sent it, kept with an early chunk (see `expect`).
 
         Raises:
             ArtifactError: a corrupt chunk (dropped), or a complete payload that fails
@@ -228,7 +238,7 @@ class BulkReceiver:
         reassembly = self._active.get(chunk.transfer_id)
         if reassembly is None:
             if chunk.transfer_id not in self._finished:
-                self._keep_orphan(chunk)
+                self._keep_orphan(chunk, sender)
             return None
         reassembly.add(chunk)
         if not reassembly.complete():
@@ -244,15 +254,15 @@ class BulkReceiver:
     def drop(self, transfer_id: str) -> None:
         """Forget a transfer (given up on, or its device was lost)."""
         self._active.pop(transfer_id, None)
-        for chunk in self._orphans.pop(transfer_id, []):
+        for _, chunk in self._orphans.pop(transfer_id, []):
             self._orphan_bytes -= len(chunk.data)
 
-    def _keep_orphan(self, chunk: Chunk) -> None:
-        self._orphans.setdefault(chunk.transfer_id, []).append(chunk)
+    def _keep_orphan(self, chunk: Chunk, sender: str | None) -> None:
+        self._orphans.setdefault(chunk.transfer_id, []).append((sender, chunk))
         self._orphan_bytes += len(chunk.data)
         while self._orphan_bytes > self.max_orphan_bytes and self._orphans:
             transfer_id, dropped = self._orphans.popitem(last=False)
-            self._orphan_bytes -= sum(len(c.data) for c in dropped)
+            self._orphan_bytes -= sum(len(c.data) for _, c in dropped)
             log.warning("dropped %d early chunks of unknown transfer %s", len(dropped), transfer_id)
 
 

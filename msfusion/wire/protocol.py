@@ -44,7 +44,7 @@ MAX_LOCAL_EPOCHS = 100
 MAX_BATCH_SIZE = 1 << 16
 MAX_SAMPLES = 1 << 31  # samples per epoch a task may ask for or a result may claim
 MAX_DEADLINE_S = 7 * 24 * 3600.0  # a week: a task's deadline from receipt
-MAX_STEPS = 1 << 22  # loss values a result may carry (one per local step)
+MAX_STEPS = 1 << 20  # loss values a result may carry (one per local step): 9 MiB, under the broker's packet cap
 MAX_GROUPS = 4096  # width groups of a task's sub-model (and tensors with split axes)
 MAX_UNITS = 1 << 24  # hidden units of one width group (and the largest unit index or unit size)
 MAX_CHANNELS = 64  # input channels a data report or preprocessing describes
@@ -202,7 +202,8 @@ class Welcome(_Message, frozen=True, tag="welcome"):
     run_id: Id
     device_id: Id
     accepted: bool
-    reason: str = ""
+    reason: Annotated[str, Meta(max_length=4096)] = ""
+    session: Annotated[str, Meta(max_length=64)] = ""  # the coordinator session that admitted it (signed)
     signature: bytes = b""  # the coordinator's (`wire/signing.py`); devices with its key refuse unsigned ones
 
 
@@ -210,7 +211,8 @@ class RunControl(_Message, frozen=True, tag="control"):
     run_id: Id
     device_id: Id
     command: Literal["stop"]
-    reason: str = ""
+    reason: Annotated[str, Meta(max_length=4096)] = ""
+    session: Annotated[str, Meta(max_length=64)] = ""  # the coordinator session it ends (signed)
     signature: bytes = b""  # the coordinator's (`wire/signing.py`)
 
 

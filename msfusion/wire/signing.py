@@ -113,7 +113,7 @@ class MessageVerifier:
             if data is None:
                 data = Path(text).expanduser().read_bytes()
             key = serialization.load_pem_public_key(data)
-        except (OSError, ValueError, TypeError) as exc:
+        except (OSError, ValueError, TypeError, RuntimeError) as exc:  # RuntimeError: `~user` of no such user
             raise ConfigError(f"cannot read the task-signing public key {text[:80]!r}: {exc}") from exc
         if not isinstance(key, Ed25519PublicKey):
             raise ConfigError("the task-signing public key is not an Ed25519 key")
@@ -142,10 +142,7 @@ def generate_signing_key(private_path: Path, public_path: Path) -> MessageSigner
     key = Ed25519PrivateKey.generate()
     private_path.parent.mkdir(parents=True, exist_ok=True)
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(pem)
-    os.chmod(private_path, 0o600)
+    _write_secret(private_path, pem)
     public_path.write_text(public_key_pem(key.public_key()), encoding="utf-8")
     return MessageSigner(key)
 
@@ -175,7 +172,7 @@ class ResultAuthenticator:
         if len(value) != 2 * RESULT_KEY_BYTES or not all(c in "0123456789abcdefABCDEF" for c in value):
             try:
                 value = Path(value).expanduser().read_text(encoding="utf-8").strip()
-            except (OSError, ValueError) as exc:
+            except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: `~user` of no such user
                 raise ConfigError(f"cannot read the result key {text[:80]!r}: {exc}") from exc
         try:
             return cls(bytes.fromhex(value))
@@ -199,8 +196,14 @@ def generate_result_key(path: Path) -> str:
     """A new random result key, written in hex to `path` (0600). Returns the hex."""
     value = secrets.token_hex(RESULT_KEY_BYTES)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(value + "\n")
-    os.chmod(path, 0o600)
+    _write_secret(path, (value + "\n").encode())
     return value
+
+
+def _write_secret(path: Path, data: bytes) -> None:
+    """Write a key file 0600 from its first byte: a new file (an old one, or a link in its place, is removed first)."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    os.chmod(path, 0o600)

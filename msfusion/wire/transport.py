@@ -151,6 +151,11 @@ def parse_broker(url: str) -> BrokerAddress:
         port = parts.port or (DEFAULT_TLS_PORT if scheme == "mqtts" else DEFAULT_PORT)
     except ValueError as exc:
         raise ConfigError(f"broker URL {url!r}: {exc}") from exc
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError(
+            f"broker URL for {parts.hostname}: credentials do not go in the URL (it is logged); "
+            "use username/password or a client certificate"
+        )
     if not parts.hostname or parts.path not in ("", "/"):
         raise ConfigError(f"broker URL {url!r}: expected {scheme}://host:port")
     return BrokerAddress(scheme, parts.hostname, port)

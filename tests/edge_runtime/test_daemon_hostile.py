@@ -365,3 +365,45 @@ def test_a_fresh_session_never_trains_against_a_killed_sessions_slice(
     _deliver(daemon, topics.task(RUN, DEV), encode(_task(task_id="fresh000-r0-a0")))
     # Assert: it trains against the global sub-model, as the reference engine's round 0 does
     assert negatives == [None]
+
+
+# ---------------------------------------------------------------- found in review: nesting, old stops
+
+
+def test_a_deeply_nested_payload_on_the_task_topic_gets_a_reason_not_a_crash(tmp_path: Path) -> None:
+    # Prepare: 200,000 nested arrays: past Python's recursion limit in any decoder
+    daemon, fake = _daemon(tmp_path)
+    # Execute
+    _deliver(daemon, topics.task(RUN, DEV), b"\x91" * 200_000 + b"\xc0")
+    # Assert: one protocol failure for an unknown task; the daemon is still serving
+    replies = fake.messages(topics.RESULT)
+    assert len(replies) == 1 and isinstance(replies[0], TaskFailed) and replies[0].code == "protocol"
+    assert replies[0].task_id == "malformed" and not daemon._stop.is_set()
+
+
+def test_a_signed_stop_ends_only_the_session_that_admitted_the_device(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from msfusion.wire.protocol import RunControl
+    from msfusion.wire.signing import generate_signing_key
+
+    # Prepare: a device holding the coordinator's key; a stop signed for an older session, a welcome
+    # from session "new", then a stop for another device, and the right stop.
+    signer = generate_signing_key(tmp_path / "task.key", tmp_path / "task.pub")
+    daemon, _ = _daemon(tmp_path, task_signing_public_key=str(tmp_path / "task.pub"))
+    ctl = topics.ctl(RUN, DEV)
+
+    def stop(session: str, device: str = DEV) -> bytes:
+        return encode(signer.sign(RunControl(run_id=RUN, device_id=device, command="stop", session=session)))
+
+    # Execute / Assert
+    with caplog.at_level(logging.WARNING):
+        _deliver(daemon, ctl, stop("old"))  # queued from the last run, before this one's welcome
+        _deliver(daemon, ctl, encode(signer.sign(Welcome(run_id=RUN, device_id=DEV, accepted=True, session="new"))))
+        _deliver(daemon, ctl, stop("old"))
+        _deliver(daemon, ctl, stop("new", device="dev001"))
+    assert not daemon._stop.is_set()
+    assert sum("dropped a stop of coordinator session 'old'" in r.getMessage() for r in caplog.records) == 2
+    assert any("dropped a RunControl for hostile/dev001" in r.getMessage() for r in caplog.records)
+    _deliver(daemon, ctl, stop("new"))
+    assert daemon._stop.is_set() and daemon.exit_code == ExitCode.STOPPED

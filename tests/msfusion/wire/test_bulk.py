@@ -252,3 +252,20 @@ def test_transfer_that_never_completes_raises_after_retries(pair) -> None:  # ty
     # Assert
     assert info.value.missing == [1] and requests == [[1], [1]]
     assert time.monotonic() - start < 5
+
+
+def test_early_chunks_from_another_sender_cannot_spoil_a_transfer() -> None:
+    # Prepare: a peer guessed device B's transfer id and sent a self-consistent but false chunk 0 first.
+    data = payload(3000, 3)
+    manifest = make_manifest("s-devB", "slice", data, chunk_bytes=1000)
+    genuine = list(iter_chunks(manifest, data))
+    forged_data = payload(3000, 4)
+    forged = list(iter_chunks(make_manifest("s-devB", "slice", forged_data, chunk_bytes=1000), forged_data))[0]
+    receiver = BulkReceiver()
+    receiver.feed(forged, sender="devA")
+    receiver.feed(genuine[1], sender="devB")
+    # Execute: B's result arrives, then its other chunks
+    assert receiver.expect(manifest, sender="devB") is None
+    results = [receiver.feed(c, sender="devB") for c in (genuine[0], genuine[2])]
+    # Assert: B's own bytes, whole
+    assert results[-1] == data
