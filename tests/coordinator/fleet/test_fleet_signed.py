@@ -79,8 +79,10 @@ def test_forged_controls_and_tasks_are_refused_and_signed_ones_obeyed(
             if isinstance(event, Received):
                 replies.append(decode(event.payload))
         alive = fleet.processes["dev000"].poll() is None
-        # The coordinator's own signed stop is obeyed.
-        stop = signer.sign(RunControl(run_id=run, device_id="dev000", command="stop", reason="test over"))
+        # The coordinator's own signed welcome, then its signed stop of the same session, is obeyed.
+        welcome = signer.sign(Welcome(run_id=run, device_id="dev000", accepted=True, session="s1"))
+        stop = signer.sign(RunControl(run_id=run, device_id="dev000", command="stop", reason="test over", session="s1"))
+        probe.publish(topics.ctl(run, "dev000"), encode(welcome))
         probe.publish(topics.ctl(run, "dev000"), encode(stop))
     finally:
         codes = fleet.stop()  # also when the test fails: no daemon is left behind
