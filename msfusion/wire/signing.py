@@ -60,10 +60,24 @@ MAC_BYTES = 32
 _canonical = msgspec.msgpack.Encoder(order="deterministic")
 
 
+def _canonical_bytes(msg: Signed | Reply) -> bytes:
+    """The message as the receiver will see it, encoded deterministically.
+
+    The struct is first passed through its own schema, as a receiver decodes it: a value the
+    sender built loosely (an int 600 in a float field such as ``deadline_s``) arrives as the float
+    600.0, so encoding the sender's struct as it is would sign other bytes than the receiver checks.
+    """
+    try:
+        typed = msgspec.msgpack.decode(_canonical.encode(msg), type=type(msg))
+    except msgspec.ValidationError as exc:
+        raise ProtocolError(f"a {type(msg).__name__} outside its schema cannot be signed or sent: {exc}") from exc
+    return _canonical.encode(typed)
+
+
 def signed_bytes(msg: Signed) -> bytes:
     """The bytes a signature covers: domain tag, message type, canonical encoding without the signature."""
     tag = type(msg).__struct_config__.tag
-    return DOMAIN + str(tag).encode() + b"\x00" + _canonical.encode(msgspec.structs.replace(msg, signature=b""))
+    return DOMAIN + str(tag).encode() + b"\x00" + _canonical_bytes(msgspec.structs.replace(msg, signature=b""))
 
 
 class MessageSigner:
@@ -150,7 +164,7 @@ def generate_signing_key(private_path: Path, public_path: Path) -> MessageSigner
 def reply_bytes(msg: Reply) -> bytes:
     """The bytes a result MAC covers: domain tag, message type, canonical encoding without the MAC."""
     tag = type(msg).__struct_config__.tag
-    return RESULT_DOMAIN + str(tag).encode() + b"\x00" + _canonical.encode(msgspec.structs.replace(msg, mac=b""))
+    return RESULT_DOMAIN + str(tag).encode() + b"\x00" + _canonical_bytes(msgspec.structs.replace(msg, mac=b""))
 
 
 class ResultAuthenticator:

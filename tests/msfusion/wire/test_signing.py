@@ -96,7 +96,7 @@ def test_every_flipped_byte_of_a_signed_task_is_refused(keys) -> None:  # type: 
         {"device_id": "dev004"},
         {"round_idx": 3},
         {"task_id": "a1b2c3d4-r4-a1"},
-        {"local_epochs": 1000},
+        {"local_epochs": 100},
         {"artifact": _ref("artifact", "c" * 64)},
         {"weights": _ref("weights", "d" * 64)},
     ],
@@ -125,3 +125,20 @@ def test_a_bad_key_file_is_a_config_error(tmp_path: Path) -> None:
         MessageSigner.from_file(tmp_path / "junk.pem")
     with pytest.raises(ConfigError, match="cannot read"):
         MessageVerifier.from_pem(str(tmp_path / "missing.pub"))
+
+
+def test_a_task_built_with_an_int_in_a_float_field_verifies_after_the_wire(keys) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: `RoundConfig(deadline_s=600)` puts the int 600 in a float field; the device decodes 600.0.
+    signer, verifier, _, _ = keys
+    loose = msgspec.structs.replace(TASK, deadline_s=600, lr=1)  # type: ignore[arg-type]
+    # Execute
+    arrived = decode(encode(signer.sign(loose)))
+    # Assert: the signature covers what the device sees
+    assert isinstance(arrived, TrainTask) and arrived.deadline_s == 600.0 and isinstance(arrived.deadline_s, float)
+    verifier.verify(arrived)
+
+
+def test_a_task_outside_its_schema_is_not_signed(keys) -> None:  # type: ignore[no-untyped-def]
+    signer, _, _, _ = keys
+    with pytest.raises(ProtocolError, match="outside its schema"):
+        signer.sign(msgspec.structs.replace(TASK, local_epochs=1000))
