@@ -9,7 +9,6 @@ anywhere else it generates one (printed once, stored 0600 in the run folder as
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import secrets
@@ -23,6 +22,7 @@ import uvicorn
 
 from msfusion.coordinator.dashboard.app import RunsView, make_app
 from msfusion.errors import ConfigError
+from msfusion.wire.transport import is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +44,6 @@ def parse_bind(text: str) -> tuple[str, int]:
     if not 0 <= number <= 65535:
         raise ConfigError(f"--dashboard port must be in 0..65535, got {number}")
     return host, number
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass

@@ -183,7 +183,10 @@ def start_private_broker(log_path: Path, prefer: str = "auto") -> Broker:
 class SecureBroker(MosquittoBroker):
     """A private Mosquitto with mutual TLS and an ACL, its credentials in `security` (a temporary folder)."""
 
-    def __init__(self, binary: str, log_path: Path, run_id: str, device_ids: Sequence[str]) -> None:
+    def __init__(
+        self, binary: str, log_path: Path, run_id: str, device_ids: Sequence[str], passwords: bool = False
+    ) -> None:
+        """`passwords`: a TLS + password listener too (on `security.password_port`)."""
         from msfusion.coordinator.security import SecurityDir
 
         folder = Path(tempfile.mkdtemp(prefix="msfusion-secure-"))
@@ -191,7 +194,12 @@ class SecureBroker(MosquittoBroker):
         try:
             port = free_port()
             self.security = SecurityDir.init(
-                folder / "security", [HOST, "localhost"], port=port, password_port=None, bind=HOST, run_id=run_id
+                folder / "security",
+                [HOST, "localhost"],
+                port=port,
+                password_port=free_port() if passwords else None,
+                bind=HOST,
+                run_id=run_id,
             )
             self.credentials = {device: self.security.enroll(device) for device in device_ids}
         except BaseException:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import socket
 import ssl
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -18,8 +17,8 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from msfusion.coordinator.fleet.broker import MosquittoBroker, free_port, mosquitto_binary
-from msfusion.coordinator.security import Credentials, SecurityDir, pki, reload_broker
+from msfusion.coordinator.fleet.broker import SecureBroker, mosquitto_binary
+from msfusion.coordinator.security import Credentials, pki, reload_broker
 from msfusion.errors import ConfigError, DeviceLost
 from msfusion.wire import topics
 from msfusion.wire.transport import MqttTransport, PublishRefused, Received
@@ -27,17 +26,14 @@ from msfusion.wire.transport import MqttTransport, PublishRefused, Received
 RUN = "secure"
 
 
-class SecureBroker:
-    """A security folder and the Mosquitto it configures."""
+class Secured:
+    """`coordinator/fleet/broker.py`'s secure Mosquitto (certificates and passwords), and clients of it."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, log: Path) -> None:
         binary = mosquitto_binary()
         assert binary is not None, "these tests need Mosquitto (apt-get install mosquitto)"
-        self.security = SecurityDir.init(
-            root / "security", ["127.0.0.1", "localhost"], port=free_port(), password_port=free_port(), run_id=RUN
-        )
-        self.log = root / "mosquitto.log"
-        self.broker = MosquittoBroker(binary, self.log, conf=self.security.conf, port=self.security.port, folder=root)
+        self.broker = SecureBroker(binary, log, RUN, [], passwords=True)
+        self.security = self.broker.security
 
     def connect(
         self, client_id: str, creds: Credentials | None = None, port: int | None = None, **options: Any
@@ -50,10 +46,8 @@ class SecureBroker:
 
 
 @pytest.fixture
-def secure() -> Iterator[SecureBroker]:
-    root = Path(tempfile.mkdtemp(prefix="msfusion-sec-test-"))
-    root.chmod(0o711)  # a root Mosquitto drops to user mosquitto: it must reach the folder inside
-    made = SecureBroker(root)
+def secure(tmp_path: Path) -> Iterator[Secured]:
+    made = Secured(tmp_path / "mosquitto.log")
     yield made
     made.broker.stop()
 
@@ -83,7 +77,7 @@ def _received(transport: MqttTransport, timeout_s: float) -> list[Received]:
 
 
 def test_anonymous_wrong_password_foreign_certificate_and_plain_tcp_clients_are_refused(
-    secure: SecureBroker, tmp_path: Path
+    secure: Secured, tmp_path: Path
 ) -> None:
     # Prepare: a password device; a certificate from a CA the broker never heard of.
     device = secure.security.enroll("dev000", "password")
@@ -119,7 +113,7 @@ def test_anonymous_wrong_password_foreign_certificate_and_plain_tcp_clients_are_
 
 
 def test_a_device_reads_and_writes_only_its_own_topics_in_the_direction_it_should(
-    secure: SecureBroker, clients: Callable[[MqttTransport], MqttTransport]
+    secure: Secured, clients: Callable[[MqttTransport], MqttTransport]
 ) -> None:
     # Prepare: two certificate devices and the coordinator.
     dev0 = clients(secure.connect("dev000", secure.security.enroll("dev000")))
@@ -152,7 +146,7 @@ def test_a_device_reads_and_writes_only_its_own_topics_in_the_direction_it_shoul
 
 @pytest.mark.parametrize("kind", ["password", "cert"])
 def test_a_revoked_device_is_refused_on_reconnect_while_the_others_go_on(
-    secure: SecureBroker, clients: Callable[[MqttTransport], MqttTransport], kind: str
+    secure: Secured, clients: Callable[[MqttTransport], MqttTransport], kind: str
 ) -> None:
     # Prepare: two devices of `kind` connected, the coordinator listening.
     creds = {d: secure.security.enroll(d, kind) for d in ("dev000", "dev001")}  # type: ignore[arg-type]
