@@ -33,10 +33,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from msfusion.algorithm.merging import MergeAccumulator, SliceUpdate
+from msfusion.algorithm.merging import MergeAccumulator, MergeConfig, SliceUpdate
 from msfusion.algorithm.planning import DeviceSlot, PlanConfig, plan_round
 from msfusion.algorithm.slicing import slice_weights
 from msfusion.coordinator.fleet.artifacts import ExportedArtifacts
@@ -54,20 +55,93 @@ from msfusion.recipe import EngineConfig, LocalTrainConfig
 OVERHEAD = ("plan_s", "slice_s", "publish_s", "merge_s")
 
 
-def merge_throughput(model: ModelConfig, devices: int, ratio: float, repeats: int = 5) -> float:
-    """MB of fp32 slices folded into the global model per second by MergeAccumulator."""
+def _slices(model: ModelConfig, devices: int, ratio: float) -> tuple[Any, dict[str, Any], list[SliceUpdate]]:
+    """A round's slices of `model`, each perturbed like a trained one (seeded)."""
     spec = model_spec(model)
     weights = state_to_numpy(build_model(model, seed=0))
     plan = plan_round(spec, [DeviceSlot(f"d{i}", ratio) for i in range(devices)], 0, 0.5, PlanConfig())
-    updates = [SliceUpdate(d, 0, plan.units(d), slice_weights(weights, spec, plan.units(d)), 100) for d in plan.windows]
+    rng = np.random.default_rng(0)
+    updates = []
+    for i, d in enumerate(plan.windows):
+        sub = slice_weights(weights, spec, plan.units(d))
+        sub = {n: a + 0.01 * rng.standard_normal(a.shape, dtype=np.float32) for n, a in sub.items()}
+        updates.append(SliceUpdate(d, 0, plan.units(d), sub, 100 + i))
+    return spec, weights, updates
+
+
+def _float64_merge(spec: Any, weights: dict[str, Any], updates: list[SliceUpdate]) -> dict[str, Any]:
+    """The merge as the paper writes it, in float64 with fancy indexing: the reference for the figure's error."""
+    from msfusion.algorithm.indexing import open_index
+
+    out = {}
+    for name, old in weights.items():
+        total = np.zeros(old.shape)
+        wsum = np.zeros(old.shape)
+        for u in updates:
+            at = open_index(old.shape, spec.tensor_index(name, u.units))
+            total[at] += u.n_samples * u.weights[name].astype(np.float64)
+            wsum[at] += u.n_samples
+        out[name] = np.where(wsum > 0, total / np.where(wsum > 0, wsum, 1), old)
+    return out
+
+
+def merge_throughput(
+    model: ModelConfig, devices: int, ratio: float, repeats: int = 5, streaming: bool = False
+) -> float:
+    """MB of fp32 slices folded into the global model per second by MergeAccumulator (add + result)."""
+    return merge_figures(model, devices, ratio, repeats, streaming)["mb_s"]
+
+
+def merge_figures(
+    model: ModelConfig, devices: int, ratio: float, repeats: int = 5, streaming: bool = False
+) -> dict[str, float]:
+    """Merge throughput (best of `repeats`), accumulator memory over the model's fp32 size, error vs float64."""
+    spec, weights, updates = _slices(model, devices, ratio)
+    config = MergeConfig(norm_bound=0) if streaming else MergeConfig()
     size = sum(sum(a.nbytes for a in u.weights.values()) for u in updates)
-    started = time.perf_counter()
+    best = float("inf")
+    merged: dict[str, Any] = {}
+    acc = None
     for _ in range(repeats):
-        acc = MergeAccumulator(weights, spec, 0)
+        started = time.perf_counter()
+        acc = MergeAccumulator(weights, spec, 0, config)
         for update in updates:
             acc.add(update)
-        acc.result()
-    return size * repeats / (time.perf_counter() - started) / 1e6
+        merged, _ = acc.result()
+        best = min(best, time.perf_counter() - started)
+    model_bytes = sum(a.nbytes for a in weights.values())
+    reference = _float64_merge(spec, weights, updates)
+    error = max(float(np.abs(merged[n].astype(np.float64) - reference[n]).max()) for n in weights)
+    return {
+        "mb_s": size / best / 1e6,
+        "slice_mb": size / 1e6,
+        "model_mb": model_bytes / 1e6,
+        "seconds": best,
+        "accumulator_x_model": acc.accumulator_bytes() / model_bytes if acc is not None else float("nan"),
+        "max_abs_error_vs_float64": error,
+    }
+
+
+def merge_table(run_model: ModelConfig, devices: int, ratio: float) -> list[dict[str, Any]]:
+    """The stand-alone merge figure: the run's model and a 5.9M-parameter CNN at 8-128 devices, both merge paths."""
+    big = ModelConfig(arch="cnn", channels=(256, 512, 1024))
+    cases = [(run_model, devices, ratio)] + [(big, n, 0.25) for n in (8, 32, 128)]
+    rows = []
+    print(
+        f"\n{'model':>14} {'N':>4} {'path':>9} {'slices MB':>10} {'model MB':>9} {'ms':>7} {'MB/s':>7} "
+        f"{'acc/model':>9} {'err vs f64':>11}"
+    )
+    for m, n, r in cases:
+        for streaming in (False, True):
+            f = merge_figures(m, n, r, repeats=3, streaming=streaming)
+            label = "-".join(str(c) for c in m.channels)
+            path = "streaming" if streaming else "kept"
+            print(
+                f"{label:>14} {n:4d} {path:>9} {f['slice_mb']:10.1f} {f['model_mb']:9.1f} {1e3 * f['seconds']:7.1f} "
+                f"{f['mb_s']:7.0f} {f['accumulator_x_model']:9.2f} {f['max_abs_error_vs_float64']:11.2e}"
+            )
+            rows.append({"channels": list(m.channels), "devices": n, "ratio": r, "path": path, **f})
+    return rows
 
 
 READER = """
@@ -184,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench/results/fleet"))
     parser.add_argument("--dashboard", action="store_true", help="compare rounds with the dashboard off and on")
     parser.add_argument("--secure", action="store_true", help="compare runs insecure and secure (TLS, ACL, keys)")
+    parser.add_argument("--merge", action="store_true", help="only the stand-alone merge figure (no simulation)")
     parser.add_argument("--repeats", type=int, default=2, help="--dashboard, --secure: runs per mode, alternated")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -201,6 +276,12 @@ def main(argv: list[str] | None = None) -> int:
         max_width_ratio=args.ratio,
         round=RoundConfig(deadline_s=600),
     )
+    if args.merge:
+        rows = merge_table(model, args.devices, args.ratio)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "merge.json").write_text(json.dumps(rows, indent=1))
+        print(f"json: {args.out / 'merge.json'}")
+        return 0
     if args.dashboard:
         dashboard_overhead(args, config, engine)
         return 0

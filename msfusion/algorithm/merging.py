@@ -6,6 +6,16 @@ value. Every slice is validated (round, device, sample count, unit indices,
 tensor names, dtypes, shapes, finiteness) before anything of it is
 accumulated, so a rejected slice touches nothing.
 
+Speed and memory: a window is at most two runs of units per grouped axis, so
+a slice lands in a few contiguous blocks of each tensor, worked on through
+slice views in cache-sized pieces (fancy indexing only for scattered units).
+The sums are of updates (value - sent) in float32, the squared updates only on
+each tensor's grid of grouped axes, and per-element weights and holder
+counts are never stored: a slice holds a product of unit sets, so they are
+rebuilt per tensor from the slices' unit sets by one matrix product. The
+accumulator is at most 2x the model's fp32 size (bench/fleet.py --merge
+prints it with the throughput and the error against a float64 merge).
+
 Poisoning defences (`MergeConfig`, the run file's `[engine.merge]`): a bound
 on each slice's update norm relative to the round's median (on by default:
 10x, reject), and robust aggregates (coordinate-wise trimmed mean, median)
@@ -20,12 +30,21 @@ import dataclasses
 import enum
 import math
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
 
-from msfusion.algorithm.indexing import IndexArray, open_index
+from msfusion.algorithm.indexing import (
+    CHUNK,
+    Block,
+    IndexArray,
+    blocks_of_runs,
+    expand_units,
+    open_index,
+    pieces,
+    runs,
+)
 from msfusion.algorithm.slicing import Weights
 from msfusion.algorithm.spec import ModelSpec
 from msfusion.errors import ConfigError, InvalidSlice
@@ -137,42 +156,214 @@ class MergeReport:
 
 
 @dataclass(frozen=True)
+class _Place:
+    """Where one tensor of a slice lands in the full tensor.
+
+    Contiguous blocks (slice views: no copies, no fancy indexing) in the usual
+    case, since a window is at most two runs of units per grouped axis; an
+    open fancy index for scattered units (FedDropout's random subsets).
+    `grouped` are the tensor's grouped axes, in order: the axes of its grid
+    (the tensor with every other axis summed out), where a slice's weight is
+    constant over each ungrouped extent.
+    """
+
+    grouped: tuple[int, ...]
+    blocks: tuple[Block, ...] | None
+    fancy: tuple[IndexArray, ...] = ()
+    fancy_grid: tuple[IndexArray, ...] = ()
+    _pieces: tuple[tuple[Any, Any, Any], ...] = ()
+
+    @classmethod
+    def of(
+        cls,
+        shape: tuple[int, ...],
+        axes: Mapping[int, tuple[str, int]],
+        units: Mapping[str, IndexArray],
+        unit_runs: Mapping[str, list[tuple[int, int, int]]],
+    ) -> _Place:
+        """The place of a tensor with grouped `axes` (axis -> (group, unit size)) for a slice's units and their runs."""
+        grouped = tuple(sorted(axes))
+        axis_runs = {
+            axis: [(a * size, b * size, p * size) for a, b, p in unit_runs[group]]
+            for axis, (group, size) in axes.items()
+        }
+        found = blocks_of_runs(shape, axis_runs)
+        if found is not None:
+            cut = tuple((full, sub, tuple(full[a] for a in grouped)) for block in found for full, sub in pieces(block))
+            return cls(grouped, tuple(found), _pieces=cut)
+        index = {axis: expand_units(units[group], size) for axis, (group, size) in axes.items()}
+        fancy = open_index(shape, index)
+        grid = open_index(tuple(shape[a] for a in grouped), {i: index[a] for i, a in enumerate(grouped)})
+        return cls(grouped, None, fancy, grid, ((fancy, Ellipsis, grid),))
+
+    def pieces(self) -> tuple[tuple[Any, Any, Any], ...]:
+        """(full-tensor index, sub-tensor index, grid index) triples that together cover the sub-tensor once."""
+        return self._pieces
+
+    def add(self, target: npt.NDArray[Any], index: Any, values: Any) -> None:
+        """target[index] += values, in place on a view where the index is one."""
+        if self.blocks is None:
+            target[index] += values
+        else:
+            view = target[index]
+            view += values
+
+
+@dataclass(frozen=True)
 class _Valid:
-    """A validated slice: where its values go, and its update norm."""
+    """A validated slice: what it held, where its values go, and its update norm."""
 
     device_id: str
     weight: float
-    positions: Mapping[str, tuple[IndexArray, ...]]
-    values: Mapping[str, npt.NDArray[np.float32]]  # as the device returned them (by reference)
+    units: Mapping[str, IndexArray]
+    places: Mapping[str, _Place]
+    values: Mapping[str, npt.NDArray[np.floating[Any]]]  # as the device returned them (by reference)
     norm: float
     scale: float = 1.0  # < 1: its update is clipped to the norm bound
 
 
-class _Sums:
-    """Streaming sums per element: weighted sum, weighted square sum, weight, holder count."""
+class _Scratch:
+    """Reused piece-sized buffers: a fresh array per piece costs more (page faults after malloc trims) than its arithmetic."""
 
-    def __init__(self, old: Mapping[str, npt.NDArray[np.float32]]) -> None:
-        self.sum = {n: np.zeros(a.shape, np.float64) for n, a in old.items()}
-        self.sq = {n: np.zeros(a.shape, np.float64) for n, a in old.items()}
-        self.wsum = {n: np.zeros(a.shape, np.float64) for n, a in old.items()}
-        self.holders = {n: np.zeros(a.shape, np.int32) for n, a in old.items()}
+    def __init__(self, dtype: np.dtype[Any]) -> None:
+        self._dtype = dtype
+        self._buffers: dict[int, npt.NDArray[Any]] = {}
+
+    def take(self, slot: int, shape: tuple[int, ...]) -> npt.NDArray[Any]:
+        """Buffer `slot` as an array of `shape` (contents undefined)."""
+        n = math.prod(shape)
+        buf = self._buffers.get(slot)
+        if buf is None or buf.size < n:
+            buf = self._buffers[slot] = np.empty(max(n, CHUNK), self._dtype)
+        return buf[:n].reshape(shape)
+
+
+class _Sums:
+    """Streaming sums of the folded slices' updates (value - sent).
+
+    Per tensor: the weighted sum of updates (float32, the tensor's shape), and
+    on its grid (grouped axes only, others summed out) the weighted sum of
+    squared updates, for the disagreement. A slice's weight is constant over
+    every ungrouped extent, so per-element weights and holder counts are never
+    stored: `counts` rebuilds them per unit from the folded slices' unit sets
+    (their values are not kept). Memory: at most 2x the model's fp32 size (1x
+    plus the grids; a conv kernel's grid is 1/9 of it). Sums of updates
+    rather than of values: the merged value is sent + mean update, which
+    float32 holds far better than a mean of values.
+    """
+
+    def __init__(self, old: Mapping[str, npt.NDArray[np.float32]], spec: ModelSpec) -> None:
+        self.spec = spec
+        self.sum = {n: np.zeros(a.shape, np.float32) for n, a in old.items()}
+        self.sq = {n: np.zeros(_grid_shape(spec, n), np.float32) for n in old}
+        self.folded: list[tuple[float, Mapping[str, IndexArray]]] = []
 
     def fold(self, valid: _Valid, old: Mapping[str, npt.NDArray[np.float32]]) -> None:
-        for name, pos in valid.positions.items():
-            values = _returned(valid, name, old)
-            self.sum[name][pos] += valid.weight * values
-            self.sq[name][pos] += valid.weight * values * values
-            self.wsum[name][pos] += valid.weight
-            self.holders[name][pos] += 1
+        for name, place in valid.places.items():
+            arr, sent = valid.values[name], old[name]
+            total, square = self.sum[name], self.sq[name]
+            scratch = _Scratch(np.result_type(arr.dtype, np.float32))
+            for full, sub, grid in place.pieces():
+                piece = arr[sub]
+                update = scratch.take(0, piece.shape)
+                np.subtract(piece, sent[full], out=update)
+                if valid.scale != 1.0:
+                    update *= valid.scale
+                squared = scratch.take(1, piece.shape)
+                np.multiply(update, update, out=squared)
+                squares = _to_grid(squared, place.grouped)
+                squares *= valid.weight
+                place.add(square, grid, squares)
+                update *= valid.weight
+                place.add(total, full, update)
+        self.folded.append((valid.weight, valid.units))
+
+    def counts(self, name: str) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int32]]:
+        """On one tensor's grid: the folded slices' total weight, and how many held each position.
+
+        Each is a sum over slices of an outer product of per-unit indicators
+        (a slice holds a product of unit sets): one matrix product per tensor.
+        """
+        axes = self.spec.sliced_axes(name)
+        weights = np.array([w for w, _ in self.folded], np.float32)
+        ones = np.ones_like(weights)
+        out = []
+        for per_slice in (weights, ones):
+            factors = []
+            for axis in sorted(axes):
+                group, unit_size = axes[axis]
+                held = np.zeros((len(self.folded), self.spec.group(group).size), np.float32)
+                for row, (_, units) in zip(held, self.folded):
+                    row[units[group]] = 1.0
+                factors.append(np.repeat(held, unit_size, axis=1) if unit_size > 1 else held)
+            if not factors:
+                out.append(np.asarray(per_slice.sum(), np.float32).reshape(()))
+            elif len(factors) == 1:
+                out.append(per_slice @ factors[0])
+            else:
+                letters = "abcdefgh"[: len(factors)]
+                subscripts = "z,{}->{}".format(",".join("z" + c for c in letters), letters)
+                out.append(np.einsum(subscripts, per_slice, *factors, optimize=True).astype(np.float32))
+        return out[0], np.rint(out[1]).astype(np.int32)
 
 
-def _returned(valid: _Valid, name: str, old: Mapping[str, npt.NDArray[np.float32]]) -> npt.NDArray[np.float64]:
-    """The values a slice contributes for one tensor (float64; a clipped update scaled down)."""
-    values = np.asarray(valid.values[name], dtype=np.float64)
-    if valid.scale == 1.0:
+def _grid_shape(spec: ModelSpec, name: str) -> tuple[int, ...]:
+    """A tensor's shape on its grouped axes only (() for a tensor without any)."""
+    shape = spec.shapes[name]
+    return tuple(shape[a] for a in sorted(spec.sliced_axes(name)))
+
+
+def _on_tensor(grid: npt.NDArray[Any], shape: tuple[int, ...], grouped: tuple[int, ...]) -> npt.NDArray[Any]:
+    """A grid array as a view broadcastable against its tensor (ungrouped axes of length 1)."""
+    return grid.reshape([shape[a] if a in grouped else 1 for a in range(len(shape))])
+
+
+def _to_grid(values: npt.NDArray[Any], grouped: tuple[int, ...]) -> npt.NDArray[Any]:
+    """`values` summed over its ungrouped axes (trailing ones, a conv kernel's, by a matrix-vector product)."""
+    summed = tuple(a for a in range(values.ndim) if a not in grouped)
+    if not summed:
         return values
-    sent = old[name][valid.positions[name]].astype(np.float64)
-    return sent + valid.scale * (values - sent)
+    k = values.ndim - len(summed)
+    if summed == tuple(range(k, values.ndim)) and k > 0:  # numpy reduces short trailing axes slowly
+        flat = values.reshape((*values.shape[:k], -1))
+        return flat @ np.ones(flat.shape[-1], values.dtype)
+    return values.sum(axis=summed)
+
+
+def _finish(
+    old: npt.NDArray[np.float32],
+    total: npt.NDArray[np.float32],
+    weight: npt.NDArray[np.float32],
+    grouped: tuple[int, ...],
+    drift: bool,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float64] | None]:
+    """old + mean update (total / weight; 0 where weight is 0), and the mean update's squares on the grid.
+
+    In row chunks, so the temporaries stay in cache: one pass over the tensor.
+    """
+    safe = _on_tensor(np.where(weight > 0, weight, 1.0).astype(np.float32), old.shape, grouped)
+    out = np.empty_like(old)
+    squares = np.zeros(weight.shape, np.float64) if drift else None
+    if old.ndim == 0:
+        mean = total / safe
+        out[...] = old + mean
+        if squares is not None:
+            squares[...] = float(mean) ** 2
+        return out, squares
+    step = max(1, CHUNK // max(1, old[0].size))
+    by_row = 0 in grouped
+    for r in range(0, old.shape[0], step):
+        rows = slice(r, r + step)
+        mean = total[rows] / (safe[rows] if by_row else safe)
+        np.add(mean, old[rows], out=out[rows])
+        if squares is not None:
+            mean *= mean
+            part = _to_grid(mean, grouped)
+            if by_row:
+                squares[rows] += part
+            else:
+                squares += part
+    return out, squares
 
 
 class MergeAccumulator:
@@ -197,7 +388,8 @@ class MergeAccumulator:
         self._round = round_idx
         self._config = config if config is not None else MergeConfig()
         self._old = {name: np.asarray(global_w[name], dtype=np.float32) for name in spec.shapes}
-        self._sums = _Sums(self._old) if not self._config.keeps_slices else None
+        self._axes = {name: spec.sliced_axes(name) for name in spec.shapes}
+        self._sums = _Sums(self._old, spec) if not self._config.keeps_slices else None
         self._kept: list[_Valid] = []
         self._accepted: list[str] = []
         self._norms: dict[str, float] = {}
@@ -249,7 +441,8 @@ class MergeAccumulator:
         if missing or extra:
             raise InvalidSlice(f"tensor names differ: missing {sorted(missing)}, unexpected {sorted(extra)}")
         widths = {g: len(u) for g, u in units.items()}
-        positions: dict[str, tuple[IndexArray, ...]] = {}
+        unit_runs = {g: runs(u) for g, u in units.items()}
+        places: dict[str, _Place] = {}
         square_sum = 0.0
         elements = 0
         for name in self._spec.shapes:
@@ -260,18 +453,31 @@ class MergeAccumulator:
             expected = self._spec.sub_shape(name, widths)
             if tuple(arr.shape) != expected:
                 raise InvalidSlice(f"{name}: shape {tuple(arr.shape)}, expected {expected}")
-            if not np.all(np.isfinite(arr)):
-                raise InvalidSlice(f"{name}: non-finite values")
             if arr.dtype.itemsize > 4 and arr.size and float(np.abs(arr).max()) > float(np.finfo(np.float32).max):
                 raise InvalidSlice(f"{name}: values beyond float32's range (infinite in the merged model)")
-            positions[name] = open_index(self._spec.shapes[name], self._spec.tensor_index(name, units))
-            update_values = arr.astype(np.float64) - self._old[name][positions[name]]
-            square_sum += float(np.square(update_values).sum())
-            elements += update_values.size
+            place = _Place.of(self._spec.shapes[name], self._axes[name], units, unit_runs)
+            sent = self._old[name]
+            squares = 0.0  # one pass: a NaN or infinity anywhere makes the sum of squares non-finite
+            scratch = _Scratch(np.result_type(arr.dtype, np.float32))
+            for full, sub, _ in place.pieces():
+                piece = arr[sub]
+                d = scratch.take(0, piece.shape)
+                np.subtract(piece, sent[full], out=d)
+                flat = d.reshape(-1)
+                squares += float(np.dot(flat, flat))
+            if not math.isfinite(squares):
+                if not np.all(np.isfinite(arr)):
+                    raise InvalidSlice(f"{name}: non-finite values")
+                squares = 0.0  # finite values whose float32 squares overflow: again in float64
+                for full, sub, _ in place.pieces():
+                    squares += float(np.square(arr[sub].astype(np.float64) - sent[full]).sum())
+            places[name] = place
+            square_sum += squares
+            elements += arr.size
         norm = math.sqrt(square_sum / elements) if elements else 0.0
         if not math.isfinite(norm):  # finite float32 values whose squares overflow float64 cannot, but be sure
             raise InvalidSlice(f"update norm is not finite ({norm})")
-        return _Valid(update.device_id, float(n_samples), positions, dict(update.weights), norm)
+        return _Valid(update.device_id, float(n_samples), units, places, dict(update.weights), norm)
 
     def add(self, update: SliceUpdate) -> None:
         """Validate one slice and fold it in (or keep it for `result()`); a slice that fails changes nothing.
@@ -295,6 +501,17 @@ class MergeAccumulator:
             self._kept.append(valid)
         self._accepted.append(update.device_id)
         self._norms[update.device_id] = valid.norm
+
+    def accumulator_bytes(self) -> int:
+        """Bytes of the merge's sums (allocated while streaming, at `result()` when slices are kept).
+
+        The updates' weighted sum (the model's fp32 size) plus the squared
+        updates on each tensor's grid: at most 2x the model's fp32 size.
+        Zeroed pages no slice touched are never written (the sums come from
+        calloc), so resident memory is often less.
+        """
+        sizes = ((math.prod(shape), math.prod(_grid_shape(self._spec, n))) for n, shape in self._spec.shapes.items())
+        return 4 * sum(a + b for a, b in sizes)
 
     def _screen(self) -> tuple[list[_Valid], dict[str, str], dict[str, str]]:
         """The kept slices under the norm bound: (survivors, rejected reasons, clipped reasons)."""
@@ -332,7 +549,7 @@ class MergeAccumulator:
         survivors, rejected, clipped = self._screen()
         sums = self._sums
         if sums is None:  # the kept slices, folded in the order they came
-            sums = _Sums(self._old)
+            sums = _Sums(self._old, self._spec)
             for valid in survivors:
                 sums.fold(valid, self._old)
         merged_ids = tuple(self._accepted) if self._sums is not None else tuple(v.device_id for v in survivors)
@@ -341,24 +558,31 @@ class MergeAccumulator:
         energy_total = 0.0
         held = 0
         total = 0
+        eps = float(np.finfo(np.float32).eps)
         for name, old in self._old.items():
-            wsum = sums.wsum[name]
-            mask = wsum > 0
-            mean = np.where(mask, sums.sum[name] / np.where(mask, wsum, 1.0), old)
+            grouped = tuple(sorted(self._spec.sliced_axes(name)))
+            weight, holders = sums.counts(name)  # on the tensor's grid
+            held_grid = holders > 0
+            shared = holders >= 2
+            any_shared = bool(np.any(shared))
             if self._config.aggregate is Aggregate.MEAN:
-                merged[name] = mean.astype(np.float32)
+                merged[name], drift_grid = _finish(old, sums.sum[name], weight, grouped, any_shared)
             else:
-                merged[name] = _robust(name, old, survivors, sums.holders[name], self._config).astype(np.float32)
-            shared = sums.holders[name] >= 2
-            if np.any(shared):
-                ws = wsum[shared]
-                second = sums.sq[name][shared] / ws
-                var = np.maximum(second - mean[shared] ** 2, 0.0)
-                drift = (mean[shared] - old[shared]) ** 2
+                every = np.broadcast_to(_on_tensor(holders, old.shape, grouped), old.shape)
+                merged[name] = _robust(name, old, survivors, every, self._config).astype(np.float32)
+                _, drift_grid = _finish(old, sums.sum[name], weight, grouped, any_shared)
+            if any_shared and drift_grid is not None:
+                w = weight[shared].astype(np.float64)
+                second = sums.sq[name][shared] / w
+                drift = drift_grid[shared]
+                var = second - drift
+                # below float32's resolution of the second moment a variance is rounding, not disagreement
+                var[var <= 4 * eps * holders[shared] * second] = 0.0
                 var_total += float(var.sum())
                 energy_total += float((var + drift).sum())
-            held += int(mask.sum())
-            total += mask.size
+            extent = old.size // max(1, holders.size)  # elements per grid position
+            held += int(held_grid.sum()) * extent
+            total += old.size
         disagreement = var_total / energy_total if energy_total > 0 else 0.0
         report = MergeReport(
             merged=merged_ids,
@@ -386,7 +610,10 @@ def _robust(
         return old.astype(np.float64)
     stack = np.full((len(survivors), *old.shape), np.nan)
     for row, valid in zip(stack, survivors):
-        row[valid.positions[name]] = _returned(valid, name, {name: old})
+        arr, place = valid.values[name], valid.places[name]
+        for full, sub, _ in place.pieces():
+            sent = old[full].astype(np.float64)
+            row[full] = arr[sub] if valid.scale == 1.0 else sent + valid.scale * (arr[sub] - sent)
     ordered = np.sort(stack, axis=0)  # per element: its holders' values ascending, then NaN (not held)
     if config.aggregate is Aggregate.MEDIAN:
         # leaves the middle one (odd) or two (even); an element no one held (-1 // 2 = -1) keeps nothing
