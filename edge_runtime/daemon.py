@@ -244,7 +244,7 @@ class Daemon:
                 signal.signal(sig, lambda *_: self._stop.set())
         self._data_report = self._open_data()
         try:
-            warm_up(self.config.backends)
+            self._warm_up()
             self._connect()
         except (ConfigError, ArtifactError) as exc:
             log.error("%s", exc)
@@ -495,9 +495,7 @@ class Daemon:
         # The negative is the slice the task names (its slice merged last), never merely our newest.
         previous = self.ledger.previous_slice(task.negative_task_id)
         try:
-            outcome: TaskOutcome = train_task(
-                task, self, previous, self.config, self.beat.progress, self.source, stop=self._stop
-            )
+            outcome = self._train(task, previous)
         except TrainingStopped as exc:
             # SIGTERM: no reply and no record, so the task is trained afresh if it comes again.
             log.info("task %s abandoned: %s", task.task_id, exc)
@@ -517,6 +515,14 @@ class Daemon:
         self.beat.set("uploading", task.task_id, 1.0)
         self._send(stored)
         self.beat.set("idle")
+
+    def _warm_up(self) -> None:
+        """Import the backends' runtimes before the first task (a synthetic device has none to import)."""
+        warm_up(self.config.backends)
+
+    def _train(self, task: TrainTask, previous: tuple[Any, Any] | None) -> TaskOutcome:
+        """Train one task (a synthetic device, `edge_runtime/synthetic.py`, answers without training)."""
+        return train_task(task, self, previous, self.config, self.beat.progress, self.source, stop=self._stop)
 
     def _send(self, stored: StoredReply) -> None:
         """Upload a slice's chunks (if any), then the reply message."""

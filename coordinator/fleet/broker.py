@@ -65,6 +65,27 @@ def mosquitto_binary() -> str | None:
     return "/usr/sbin/mosquitto" if os.access("/usr/sbin/mosquitto", os.X_OK) else None
 
 
+# What a broker for thousands of devices needs beyond Mosquitto's defaults (bench/scale.py measured with them):
+FLEET_SETTINGS = (
+    "max_connections -1",  # no cap on clients (the process's open-file limit is raised to its hard limit)
+    "max_inflight_messages 100",  # QoS 1 messages in flight per client: a slice's chunks go out without stalls
+    "max_queued_messages 10000",  # per client, while offline or past the in-flight window: a whole sub-model
+    "max_queued_bytes 0",  # bounded by the count above, not by bytes
+    "set_tcp_nodelay true",  # small control messages (heartbeats, replies) are not held back by Nagle
+    "sys_interval 1",  # $SYS/broker/# figures every second (messages and bytes, clients)
+)
+
+
+def _raise_open_files() -> None:
+    """In the broker's child process: the open-file limit up to its hard limit (a socket per client)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
 class MosquittoBroker:
     """Mosquitto with its own config and persistence folder on a free local port."""
 
@@ -76,10 +97,12 @@ class MosquittoBroker:
         conf: Path | None = None,
         port: int | None = None,
         folder: Path | None = None,
+        settings: Sequence[str] = (),
     ) -> None:
         """Anonymous plain TCP on a free port, or (`conf`, `port`, `folder`) a config made elsewhere.
 
-        `folder` is deleted by `stop`.
+        `settings`: more mosquitto.conf lines for the generated config (`FLEET_SETTINGS` for a large
+        fleet). `folder` is deleted by `stop`.
         """
         if conf is None:
             self.port = free_port()
@@ -91,6 +114,7 @@ class MosquittoBroker:
                 f"listener {self.port} {HOST}\nallow_anonymous true\n"
                 f"persistence true\npersistence_location {self.dir}/\n"
                 "log_dest stdout\nlog_type error\nlog_type warning\nlog_type notice\n"
+                + "".join(f"{line}\n" for line in settings)
             )
             conf.chmod(0o644)
             self.scheme = "mqtt"
@@ -98,7 +122,9 @@ class MosquittoBroker:
             assert port is not None and folder is not None, "a config made elsewhere names its port and folder"
             self.port, self.dir, self.scheme = port, folder, "mqtts"
         with open(log_path, "ab") as out:
-            self._proc = subprocess.Popen([binary, "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT)
+            self._proc = subprocess.Popen(
+                [binary, "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT, preexec_fn=_raise_open_files
+            )
         try:
             _wait_listening(self.port, timeout_s, lambda: self._proc.poll() is None)
         except ConfigError:

@@ -314,6 +314,10 @@ class Fleet:
             return False
         return now - record.last_seen <= self._timeout_s
 
+    def count_online(self, now: float) -> int:
+        """How many devices are `online` (O(devices), without sorting or sizing them)."""
+        return sum(1 for r in self.devices.values() if r.state != "offline" and now - r.last_seen <= self._timeout_s)
+
     def participants(self, now: float) -> list[DeviceSlot]:
         """The online devices in ring order (sorted by id, as the reference engine orders them)."""
         return [

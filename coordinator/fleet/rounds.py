@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 
 # A trained slice packs the sub-model's tensors again: its header may differ from the sent one's by a little.
 SLICE_HEADER_SLACK_BYTES = 64 << 10
+STALL_CHECK_S = 0.25  # how often a round looks for stalled slice uploads
 
 
 class ArtifactSource(Protocol):
@@ -358,14 +359,17 @@ def _collect(
     results: dict[str, SliceResult] = {}
     merge_s = 0.0
     last_tick = 0.0
+    last_stall_check = 0.0
     while len(replies) < len(sent) and (now := time.monotonic()) < deadline:
         if ctx.on_tick is not None and now - last_tick >= 0.5:
             ctx.on_tick(sent[next(iter(sent))].task.round_idx, replies)
             last_tick = now
-        for stalled in ctx.link.request_stalled():
-            device_id = stalled.device_id
-            if device_id in sent and device_id not in replies:
-                _refuse(ctx, sent[device_id], replies, rejected, stalled, "slice transfer incomplete", "failed")
+        if now - last_stall_check >= STALL_CHECK_S:  # O(slices in flight): not after every message
+            last_stall_check = now
+            for stalled in ctx.link.request_stalled():
+                device_id = stalled.device_id
+                if device_id in sent and device_id not in replies:
+                    _refuse(ctx, sent[device_id], replies, rejected, stalled, "slice transfer incomplete", "failed")
         match ctx.link.poll(min(0.5, deadline - now)):
             case None:
                 pass

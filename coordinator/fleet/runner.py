@@ -49,6 +49,7 @@ from msfusion.wire.weights import pack_weights
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoint"
+DRAIN_EVENTS = 2000  # while waiting for devices, queued events handled between two counts of the fleet
 ANSWERED_GRACE_S = 5.0  # with too few admitted and the rest refused, how long nothing new must arrive before giving up
 
 
@@ -238,22 +239,29 @@ def wait_for_devices(ctx: RoundContext, needed: int, wait_s: float, progress: Ru
     fleet = ctx.fleet
 
     def live() -> int:
-        return len(fleet.participants(time.monotonic()))
+        return fleet.count_online(time.monotonic())
 
     def short() -> bool:
-        return live() < 1 or live() + len(fleet.excluded) < needed
+        n = live()
+        return n < 1 or n + len(fleet.excluded) < needed
 
     while short():
         if progress is not None:
             progress.waiting(live(), needed)
         event = ctx.link.poll(0.5)
-        if isinstance(event, Inbound):
+        heard = event is not None
+        # Everything already queued is handled before the fleet is counted again: counting is O(devices),
+        # and thousands of devices register within seconds of each other.
+        handled = 0
+        while isinstance(event, Inbound) and handled < DRAIN_EVENTS:
             handle_fleet_message(ctx, event, time.monotonic())
+            handled += 1
+            event = ctx.link.poll(0)
         if not short():
             break
         # The refused include those left out for their data; an admitted device gone quiet may come back;
         # and a board still booting may register yet: nothing new for ANSWERED_GRACE_S first.
-        if event is not None:
+        if heard:
             quiet_since = time.monotonic()
         answered = (
             time.monotonic() - quiet_since >= min(ANSWERED_GRACE_S, wait_s)
