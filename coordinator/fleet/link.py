@@ -11,17 +11,18 @@ Per-device byte counters are the only state that lives as long as the run.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
-from typing import Mapping, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Union
 
 import msgspec
 
 from msfusion.errors import ArtifactError, MsfusionError, ProtocolError
 from msfusion.wire import topics
-from msfusion.wire.bulk import BulkReceiver, BulkSender, ServeLimit
+from msfusion.wire.bulk import BulkReceiver, BulkSender, ServeLimit, iter_chunks
 from msfusion.wire.protocol import (
     BulkRef,
     Chunk,
@@ -94,7 +95,21 @@ class _Offer:
     devices: set[str]
 
 
+PUBLISH_WINDOW = 256  # publishes the coordinator keeps awaiting their PUBACK at once (tasks, chunks, clears)
+PUBLISH_TIMEOUT_S = 30.0  # for one PUBACK
 MAX_PENDING_PER_DEVICE = 4  # slices of one device received at once; a newer result evicts its oldest
+
+
+def chunk_bytes(manifest: BulkRef, indices: Iterable[int] | None, sent: int) -> int:
+    """Bytes on the wire of `sent` chunks of a transfer (those at `indices`, or all): data plus each chunk's framing."""
+    last = manifest.n_chunks - 1
+    data_bytes = sum(
+        manifest.total_bytes - last * manifest.chunk_bytes if i == last else manifest.chunk_bytes
+        for i in (indices if indices is not None else range(manifest.n_chunks))
+    )
+    # Every chunk's payload is its data plus the same framing (ids, index, sha256).
+    empty = Chunk(transfer_id=manifest.transfer_id, index=last, n_chunks=manifest.n_chunks, sha256="0" * 64, data=b"")
+    return data_bytes + sent * len(encode(empty, validate=False))
 
 
 class CoordinatorLink:
@@ -179,30 +194,65 @@ class CoordinatorLink:
         The task's artifact and weights become requestable by its device, each chunk a few times
         (`bulk.ServeLimit`), counted afresh from each task sent.
         """
-        self.offer(task.weights, weights)
-        for transfer in (task.weights, task.artifact):
-            if transfer.transfer_id in self._offers:
-                self._offers[transfer.transfer_id].devices.add(task.device_id)
-            self._limits.pop((task.device_id, transfer.transfer_id), None)
-        if self.signer is not None:
-            task = self.signer.sign(task)
-        self.publish(task.device_id, topics.task(self.run_id, task.device_id), encode(task))
-        self._push(task.device_id, task.weights, weights)
+        self.send_tasks([(task, weights)])
 
-    def _push(self, device_id: str, manifest: BulkRef, data: bytes, indices: list[int] | None = None) -> None:
+    def send_tasks(self, tasks: Iterable[tuple[TrainTask, bytes]], window: int = PUBLISH_WINDOW) -> None:
+        """`send_task` for many tasks, pipelined: up to `window` publishes await their PUBACK at once.
+
+        One device after another, each waiting for its acks, a round of thousands of devices
+        would spend seconds on round trips alone (bench/scale.py). The order is kept: a
+        device's task goes out before its chunks.
+
+        Raises:
+            BrokerUnavailable: a PUBACK did not come in time (what was queued still goes out).
+        """
+        with self._pipeline(window) as put:
+            for task, weights in tasks:
+                self.offer(task.weights, weights)
+                for transfer in (task.weights, task.artifact):
+                    if transfer.transfer_id in self._offers:
+                        self._offers[transfer.transfer_id].devices.add(task.device_id)
+                    self._limits.pop((task.device_id, transfer.transfer_id), None)
+                if self.signer is not None:
+                    task = self.signer.sign(task)
+                put(task.device_id, topics.task(self.run_id, task.device_id), encode(task))
+                self._push(task.device_id, task.weights, weights, put=put)
+
+    @contextlib.contextmanager
+    def _pipeline(self, window: int, timeout_s: float = PUBLISH_TIMEOUT_S) -> Iterator[Callable[..., None]]:
+        """A `put(device, topic, payload, retain=False)` that keeps up to `window` publishes in flight."""
+        pending: deque[Any] = deque()
+
+        def put(device_id: str | None, topic: str, payload: bytes, retain: bool = False) -> None:
+            if device_id is not None:
+                self.bytes_down[device_id] += len(payload)
+            pending.append(self.transport.publish_nowait(topic, payload, retain=retain))
+            if len(pending) >= window:
+                self.transport.wait_published(pending.popleft(), timeout_s)
+
+        yield put
+        while pending:
+            self.transport.wait_published(pending.popleft(), timeout_s)
+
+    def _push(
+        self,
+        device_id: str,
+        manifest: BulkRef,
+        data: bytes,
+        indices: list[int] | None = None,
+        put: Callable[..., None] | None = None,
+    ) -> None:
         topic = topics.bulk(self.run_id, device_id, manifest.transfer_id)
-        sender = BulkSender(self.transport, topic, manifest, data)
-        sent = sender.send(indices)
-        last = manifest.n_chunks - 1
-        data_bytes = sum(
-            manifest.total_bytes - last * manifest.chunk_bytes if i == last else manifest.chunk_bytes
-            for i in (indices if indices is not None else range(manifest.n_chunks))
-        )
-        # Every chunk's payload is its data plus the same framing (ids, index, sha256).
-        empty = Chunk(
-            transfer_id=manifest.transfer_id, index=last, n_chunks=manifest.n_chunks, sha256="0" * 64, data=b""
-        )
-        self.bytes_down[device_id] += data_bytes + sent * len(encode(empty, validate=False))
+        if put is None:
+            sent = BulkSender(self.transport, topic, manifest, data).send(indices)
+            self.bytes_down[device_id] += chunk_bytes(manifest, indices, sent)
+            return
+        sent = 0
+        for chunk in iter_chunks(manifest, data, indices):
+            # Our own chunks: skip encode's re-decode, which would copy every MiB again.
+            put(None, topic, encode(chunk, validate=False))
+            sent += 1
+        self.bytes_down[device_id] += chunk_bytes(manifest, indices, sent)
 
     def take_ready(self) -> list[SliceArrived]:
         """The slices complete but not yet emitted by `poll` (the round loop takes them before it closes)."""
@@ -221,13 +271,14 @@ class CoordinatorLink:
             How many topics were cleared.
         """
         cleared = 0
-        for device_id in sorted(self._retained):
-            for topic in (topics.register(self.run_id, device_id), topics.status(self.run_id, device_id)):
-                try:
-                    self.transport.publish(topic, b"", retain=True, timeout_s=timeout_s)
-                    cleared += 1
-                except MsfusionError as exc:
-                    log.warning("could not clear the retained %s: %s", topic, exc)
+        try:
+            with self._pipeline(PUBLISH_WINDOW, timeout_s) as put:  # thousands of devices: not a round trip each
+                for device_id in sorted(self._retained):
+                    for topic in (topics.register(self.run_id, device_id), topics.status(self.run_id, device_id)):
+                        put(None, topic, b"", retain=True)
+                        cleared += 1
+        except MsfusionError as exc:
+            log.warning("could not clear every retained message of the run: %s", exc)
         return cleared
 
     def forget_slices(self) -> None:

@@ -267,8 +267,7 @@ def run_round(
     # Send.
     down_before = dict(ctx.link.bytes_down)
     up_before = dict(ctx.link.bytes_up)
-    for item in sent.values():
-        ctx.link.send_task(item.task, item.weights)
+    ctx.link.send_tasks((item.task, item.weights) for item in sent.values())
     lap("publish_s")
 
     # Collect until all are in or the deadline, validating each slice as it arrives and merging it then

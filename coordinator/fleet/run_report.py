@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+import numpy as np
+
 from msfusion.atomic import atomic_write
 from msfusion.coordinator.fleet.checkpoint import STATE_FILE
 from msfusion.coordinator.fleet.report import METRICS_FILE, SUMMARY_FILE
@@ -42,6 +44,7 @@ EVENTS_FILE = "events.jsonl"  # the coordinator's event stream (coordinator/flee
 CHECKPOINT_DIR = "checkpoint"  # runner.CHECKPOINT_DIR
 REDACTED = "***"
 SECRET_KEYS = frozenset({"password"})
+MAX_DEVICE_LINES = 48  # beyond this many devices the report's charts show their spread, not a line each
 MAX_LEGEND = 12  # more devices than this: no legend (the table names them)
 
 # The charts, by file name in report/ (a chart without data is left out and its old file removed).
@@ -410,7 +413,19 @@ def plot_metric(path: Path, points: Sequence[tuple[int, float]], metric: str, li
 
 
 def plot_memory(path: Path, rows: Sequence[DeviceRow]) -> Path:
-    """Per device a bar of its peak RSS (red above its budget) and a black tick at its budget (MiB)."""
+    """Per device a bar of its peak RSS (red above its budget) and a black tick at its budget (MiB).
+
+    Beyond `MAX_DEVICE_LINES` devices: every device's peak, sorted, against the budgets (no bar per device).
+    """
+    if len(rows) > MAX_DEVICE_LINES:
+        fig, (ax,) = _axes(8.0, 3.8)
+        ax.plot(sorted((r.peak_rss_bytes or 0) / 2**20 for r in rows), label="peak RSS, sorted")
+        ax.plot(
+            sorted(r.budget_bytes / 2**20 for r in rows if r.budget_bytes is not None), "k--", label="budget, sorted"
+        )
+        ax.set(xlabel="devices", ylabel="MiB", title=f"peak memory against budget, {len(rows)} devices")
+        ax.legend(loc="best", fontsize=8)
+        return _save(fig, path)
     fig, (ax,) = _axes(max(6.0, min(20.0, 0.35 * len(rows))), 3.8)
     xs = range(len(rows))
     peaks = [(r.peak_rss_bytes or 0) / 2**20 for r in rows]
@@ -434,6 +449,18 @@ def plot_memory(path: Path, rows: Sequence[DeviceRow]) -> Path:
 
 
 def _device_lines(ax: Any, series: Mapping[str, Sequence[tuple[int, float]]], scale: float = 1.0) -> None:
+    if len(series) > MAX_DEVICE_LINES:  # a large fleet: the spread per round, not a line per device
+        by_round: dict[int, list[float]] = {}
+        for points in series.values():
+            for r, v in points:
+                by_round.setdefault(r, []).append(v / scale)
+        rounds = sorted(by_round)
+        quantiles = np.array([np.quantile(by_round[r], [0.0, 0.5, 1.0]) for r in rounds])
+        ax.fill_between(rounds, quantiles[:, 0], quantiles[:, 2], alpha=0.3, label=f"min-max of {len(series)} devices")
+        ax.plot(rounds, quantiles[:, 1], marker=".", label="median")
+        ax.legend(loc="best", fontsize=7)
+        _round_axis(ax)
+        return
     for device, points in sorted(series.items()):
         ax.plot([r for r, _ in points], [v / scale for _, v in points], marker=".", label=device)
     if 0 < len(series) <= MAX_LEGEND:

@@ -299,7 +299,8 @@ def connect_securely(
         options.update(security.coordinator_credentials().transport_options())
         signing_key = signing_key or security.task_signing_key
         results = ResultKeys(security)  # re-read on a miss: a device enrolled mid-run gets in
-    transport = MqttTransport.from_url(f"coordinator-{config.run_id}", config.broker, **options)
+    # A round publishes to every device at once (link.send_tasks): more in flight than a device needs.
+    transport = MqttTransport.from_url(f"coordinator-{config.run_id}", config.broker, max_inflight=100, **options)
     signer = MessageSigner.from_file(signing_key) if signing_key is not None else None
     transport.connect()
     return transport, signer, results

@@ -245,6 +245,7 @@ class MqttTransport:
         tls_key: str | None = None,
         protocol: MqttProtocol = "3.1.1",
         session_expiry_s: int = DEFAULT_SESSION_EXPIRY_S,
+        max_inflight: int = 20,
     ) -> None:
         if protocol not in _PROTOCOLS:
             raise ConfigError(f"MQTT protocol must be one of {sorted(_PROTOCOLS)}, got {protocol!r}")
@@ -281,6 +282,7 @@ class MqttTransport:
         if self.tls:
             self._client.tls_set_context(tls_context(tls_ca, tls_cert, tls_key))
         self._client.max_queued_messages_set(0)
+        self._client.max_inflight_messages_set(max_inflight)  # QoS 1 publishes sent before their PUBACKs
         self._client.reconnect_delay_set(reconnect_min_s, reconnect_max_s)  # type: ignore[arg-type]
         if username is not None:
             self._client.username_pw_set(username, password)
