@@ -131,6 +131,10 @@ def run_fleet(n: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         PartitionConfig(devices=1, scheme="iid", samples_per_device=args.samples, test_samples=500), folder / "shards"
     )
     data = shards.device_data(0)
+    # The devices' state (ledger: each reply fsynced) in memory where it can be: on a board each has its own
+    # disk, here thousands would queue on one and the figures would be this disk's, not the coordinator's.
+    shm = Path("/dev/shm")
+    states = Path(tempfile.mkdtemp(prefix="msfusion-scale-devices-", dir=shm if shm.is_dir() else folder))
     broker = MosquittoBroker(binary, folder / "broker.log", settings=FLEET_SETTINGS)
     stats = BrokerStats("127.0.0.1", broker.port)
     run_id = f"scale-{secrets.token_hex(3)}"
@@ -143,7 +147,7 @@ def run_fleet(n: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
             hosts.append(
                 subprocess.Popen(
                     [sys.executable, "-m", "msfusion.edge_runtime.synthetic", "--broker", broker.url]
-                    + ["--run-id", run_id, "--data", str(data.path), "--state", str(folder / "devices")]
+                    + ["--run-id", run_id, "--data", str(data.path), "--state", str(states)]
                     + ["--first", str(first), "--count", str(count), "--heartbeat-s", str(args.heartbeat_s)],
                     stdout=log_file,
                     stderr=subprocess.STDOUT,
@@ -159,7 +163,7 @@ def run_fleet(n: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         eval_shard=shards.test,
         backend="ort",
         artifact_cache=work / "artifact-cache",
-        round=RoundConfig(deadline_s=args.deadline_s, quorum=0.9),
+        round=RoundConfig(deadline_s=args.deadline_s, quorum=0.9, stall_s=30.0),
         fleet=FleetConfig(min_devices=n, wait_s=args.wait_s, heartbeat_timeout_s=max(30.0, 6 * args.heartbeat_s)),
     )
     probe = Probe(stats)
@@ -171,6 +175,7 @@ def run_fleet(n: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         codes = stop_processes(hosts, timeout_s=60)
         stats.close()
         broker.stop()
+        shutil.rmtree(states, ignore_errors=True)
     lines = [line for line in read_metrics(config.out) if line["merged"]]
     rounds = []
     for line in lines:
@@ -254,17 +259,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=64, help="samples each device reports and 'trains'")
     p.add_argument("--per-host", type=int, default=MAX_PER_HOST, help="devices per host process")
     p.add_argument("--heartbeat-s", type=float, default=5.0)
-    p.add_argument("--deadline-s", type=float, default=600.0)
+    p.add_argument("--deadline-s", type=float, default=300.0)
     p.add_argument("--wait-s", type=float, default=1200.0, help="how long registration may take")
     p.add_argument("--out", type=Path, default=Path("bench/results/scale.json"))
     p.add_argument("--from-json", type=Path, default=None)
+    p.add_argument("--keep", type=Path, default=None, help="work in this folder and keep it (logs, metrics)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.from_json is not None:
         print_table(json.loads(args.from_json.read_text())["rows"])
         return 0
     rows: list[dict[str, Any]] = []
-    work = Path(tempfile.mkdtemp(prefix="msfusion-scale-"))
+    work = args.keep if args.keep is not None else Path(tempfile.mkdtemp(prefix="msfusion-scale-"))
     try:
         for n in (int(x) for x in args.devices.split(",")):
             print(f"-- {n} devices in {math.ceil(n / min(args.per_host, MAX_PER_HOST))} host processes", flush=True)
@@ -275,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             print_table(rows[-1:])
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if args.keep is None:
+            shutil.rmtree(work, ignore_errors=True)
     print("\n== all fleet sizes")
     print_table(rows)
     return 0

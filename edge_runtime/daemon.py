@@ -168,6 +168,8 @@ class Daemon:
         config: the device's config.
     """
 
+    publish_timeout_s = 10.0  # for a request or reply's PUBACK (a host of many synthetic devices waits longer)
+
     def __init__(self, config: DeviceConfig) -> None:
         self.config = config
         self.ledger = Ledger(config.state_dir)
@@ -470,7 +472,7 @@ class Daemon:
             ask = ChunkRequest(
                 run_id=cfg.run_id, device_id=cfg.device_id, transfer_id=manifest.transfer_id, missing=missing
             )
-            self.transport.publish(topics.req(cfg.run_id, cfg.device_id), encode(ask))
+            self.transport.publish(topics.req(cfg.run_id, cfg.device_id), encode(ask), timeout_s=self.publish_timeout_s)
 
         payload: bytes = receive(
             self.transport, manifest, topic, cfg.stall_s, request_missing=request, retries=3, pull=pull and not early
@@ -492,10 +494,8 @@ class Daemon:
             return
         log.info("round %d: task %s", task.round_idx, task.task_id)
         self.beat.set("training", task.task_id)
-        # The negative is the slice the task names (its slice merged last), never merely our newest.
-        previous = self.ledger.previous_slice(task.negative_task_id)
         try:
-            outcome = self._train(task, previous)
+            outcome = self._train(task)
         except TrainingStopped as exc:
             # SIGTERM: no reply and no record, so the task is trained afresh if it comes again.
             log.info("task %s abandoned: %s", task.task_id, exc)
@@ -520,8 +520,10 @@ class Daemon:
         """Import the backends' runtimes before the first task (a synthetic device has none to import)."""
         warm_up(self.config.backends)
 
-    def _train(self, task: TrainTask, previous: tuple[Any, Any] | None) -> TaskOutcome:
+    def _train(self, task: TrainTask) -> TaskOutcome:
         """Train one task (a synthetic device, `edge_runtime/synthetic.py`, answers without training)."""
+        # The negative is the slice the task names (its slice merged last), never merely our newest.
+        previous = self.ledger.previous_slice(task.negative_task_id)
         return train_task(task, self, previous, self.config, self.beat.progress, self.source, stop=self._stop)
 
     def _send(self, stored: StoredReply) -> None:
@@ -534,7 +536,9 @@ class Daemon:
                 sender = BulkSender(self.transport, topic, reply.weights, stored.slice_bytes)
                 self._upload = _Upload(sender)
                 sender.send()
-            self.transport.publish(topics.result(cfg.run_id, cfg.device_id), stored.reply)
+            self.transport.publish(
+                topics.result(cfg.run_id, cfg.device_id), stored.reply, timeout_s=self.publish_timeout_s
+            )
         except MsfusionError as exc:
             # Not a failure of the task: the coordinator asks again (chunk request or redelivery).
             log.warning("reply not fully sent: %s", exc)

@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -55,6 +55,9 @@ class SyntheticDaemon(Daemon):
         delay_s: how long "training" takes (a straggler: larger).
     """
 
+    # Hundreds of devices share a host's cores and its GIL: a PUBACK can take longer than on a board.
+    publish_timeout_s = 60.0
+
     def __init__(self, config: DeviceConfig, report: DataReport, delay_s: float = 0.0) -> None:
         super().__init__(config)
         self._report = report
@@ -66,7 +69,7 @@ class SyntheticDaemon(Daemon):
     def _warm_up(self) -> None:
         return  # no runtime: nothing trains here
 
-    def _train(self, task: TrainTask, previous: tuple[Any, Any] | None) -> TaskOutcome:
+    def _train(self, task: TrainTask) -> TaskOutcome:
         started = time.perf_counter()
         try:
             check_task_sizes(task, self.config.memory_budget_bytes)
@@ -149,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slow-delay-s", type=float, default=0.0)
     p.add_argument("--heartbeat-s", type=float, default=5.0)
     p.add_argument("--keepalive-s", type=int, default=30)
+    p.add_argument("--stall-s", type=float, default=30.0, help="seconds without a chunk before asking again")
     p.add_argument("--memory-budget-mb", type=int, default=1024)
     p.add_argument("--max-width-ratio", type=float, default=None)
     p.add_argument("--backend", default="ort")
@@ -168,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             max_width_ratio=args.max_width_ratio,
             heartbeat_s=args.heartbeat_s,
             keepalive_s=args.keepalive_s,
+            stall_s=args.stall_s,
         )
         for i in range(args.first, args.first + args.count)
     ]

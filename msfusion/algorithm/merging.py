@@ -170,7 +170,7 @@ class _Place:
     grouped: tuple[int, ...]
     blocks: tuple[Block, ...] | None
     fancy: tuple[IndexArray, ...] = ()
-    fancy_grid: tuple[IndexArray, ...] = ()
+    fancy_grid: Any = ()
     _pieces: tuple[tuple[Any, Any, Any], ...] = ()
 
     @classmethod
@@ -189,11 +189,18 @@ class _Place:
         }
         found = blocks_of_runs(shape, axis_runs)
         if found is not None:
-            cut = tuple((full, sub, tuple(full[a] for a in grouped)) for block in found for full, sub in pieces(block))
+            # A tensor without grouped axes has a 0-d grid: `...` indexes it as a view (`()` would copy).
+            cut = tuple(
+                (full, sub, tuple(full[a] for a in grouped) if grouped else Ellipsis)
+                for block in found
+                for full, sub in pieces(block)
+            )
             return cls(grouped, tuple(found), _pieces=cut)
         index = {axis: expand_units(units[group], size) for axis, (group, size) in axes.items()}
         fancy = open_index(shape, index)
-        grid = open_index(tuple(shape[a] for a in grouped), {i: index[a] for i, a in enumerate(grouped)})
+        grid: Any = Ellipsis  # a 0-d grid (no grouped axes): a view
+        if grouped:
+            grid = open_index(tuple(shape[a] for a in grouped), {i: index[a] for i, a in enumerate(grouped)})
         return cls(grouped, None, fancy, grid, ((fancy, Ellipsis, grid),))
 
     def pieces(self) -> tuple[tuple[Any, Any, Any], ...]:

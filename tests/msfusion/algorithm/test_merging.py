@@ -483,3 +483,63 @@ def test_unheld_elements_keep_their_values_under_every_aggregate(
     np.testing.assert_array_equal(merged["l2.bias"][2:], tiny_weights["l2.bias"][2:])
     np.testing.assert_allclose(merged["l1.weight"][:3], tiny_weights["l1.weight"][:3] + 1.0, rtol=1e-6)
     assert all(np.all(np.isfinite(a)) for a in merged.values())
+
+
+def _reference_merge(spec: ModelSpec, weights: dict[str, np.ndarray], updates: list[SliceUpdate]):  # type: ignore[no-untyped-def]
+    """The merge written out in float64 with fancy indexing (the pre-block implementation's arithmetic)."""
+    from msfusion.algorithm.indexing import open_index
+
+    merged, var_total, energy_total = {}, 0.0, 0.0
+    for name, old in weights.items():
+        total, square, wsum, holders = (np.zeros(old.shape) for _ in range(4))
+        for u in updates:
+            at = open_index(old.shape, spec.tensor_index(name, u.units))
+            values = u.weights[name].astype(np.float64)
+            total[at] += u.n_samples * values
+            square[at] += u.n_samples * values * values
+            wsum[at] += u.n_samples
+            holders[at] += 1
+        held = wsum > 0
+        mean = np.where(held, total / np.where(held, wsum, 1), old)
+        merged[name] = mean
+        shared = holders >= 2
+        var = np.maximum(square[shared] / wsum[shared] - mean[shared] ** 2, 0.0)
+        var_total += float(var.sum())
+        energy_total += float((var + (mean[shared] - old[shared]) ** 2).sum())
+    return merged, var_total / energy_total if energy_total else 0.0
+
+
+@pytest.mark.parametrize(
+    "arch,devices,round_idx",
+    [("cnn", 8, 3), ("cnn", 5, 7), ("charlm", 6, 2)],
+    ids=["cnn-8", "cnn-5-wrapping", "charlm-6"],
+)
+def test_block_merge_equals_a_float64_reference_on_wrap_around_windows(arch: str, devices: int, round_idx: int) -> None:
+    # Prepare: a real model's spec (conv kernels: grid smaller than the tensor; the LM: unit sizes > 1 and
+    # tensors with two grouped axes), msfusion windows shifted so that some wrap around their group's end.
+    from msfusion.models.config import ModelConfig
+    from msfusion.models.registry import model_spec
+
+    config = ModelConfig(arch="cnn", channels=(8, 16, 32)) if arch == "cnn" else ModelConfig(arch="charlm")
+    spec = model_spec(config)
+    rng = np.random.default_rng(round_idx)
+    weights = {n: rng.standard_normal(s).astype(np.float32) for n, s in spec.shapes.items()}
+    slots = [DeviceSlot(f"d{i}", 0.4) for i in range(devices)]
+    plan = plan_round(spec, slots, round_idx, 0.6, PlanConfig())
+    wrapped = [
+        d for d in plan.windows for g, u in plan.units(d).items() if len(u) > 1 and np.any(np.diff(np.sort(u)) > 1)
+    ]
+    assert wrapped, "the case must hold at least one window that wraps around"
+    updates = []
+    for i, d in enumerate(plan.windows):
+        sub = slice_weights(weights, spec, plan.units(d))
+        sub = {n: a + 0.1 * rng.standard_normal(a.shape).astype(np.float32) for n, a in sub.items()}
+        updates.append(SliceUpdate(d, round_idx, plan.units(d), sub, 10 + 3 * i))
+    # Execute
+    merged, report = merge_slices(weights, spec, updates, round_idx, MergeConfig(norm_bound=0))
+    expected, disagreement = _reference_merge(spec, weights, updates)
+    # Assert: float32 sums of updates against float64 sums of values, to float32 tolerance
+    for name in weights:
+        np.testing.assert_allclose(merged[name], expected[name], rtol=1e-5, atol=1e-5, err_msg=name)
+    assert report.disagreement == pytest.approx(disagreement, rel=1e-4)
+    assert report.merged == tuple(plan.windows)
