@@ -30,7 +30,6 @@ import resource
 import secrets
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -43,7 +42,12 @@ import paho.mqtt.client as mqtt
 from msfusion.coordinator.fleet.artifacts import ExportedArtifacts
 from msfusion.coordinator.fleet.broker import FLEET_SETTINGS, MosquittoBroker, mosquitto_binary
 from msfusion.coordinator.fleet.config import CoordinatorConfig, FleetConfig, RoundConfig
-from msfusion.coordinator.fleet.local_fleet import PartitionConfig, partition_data, stop_processes
+from msfusion.coordinator.fleet.local_fleet import (
+    PartitionConfig,
+    partition_data,
+    start_synthetic_hosts,
+    stop_processes,
+)
 from msfusion.coordinator.fleet.report import read_metrics
 from msfusion.coordinator.fleet.rounds import RoundOutcome
 from msfusion.coordinator.fleet.runner import run_coordinator
@@ -138,21 +142,17 @@ def run_fleet(n: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     broker = MosquittoBroker(binary, folder / "broker.log", settings=FLEET_SETTINGS)
     stats = BrokerStats("127.0.0.1", broker.port)
     run_id = f"scale-{secrets.token_hex(3)}"
-    hosts = []
-    per_host = min(args.per_host, MAX_PER_HOST)
     started = time.monotonic()
-    for first in range(0, n, per_host):
-        count = min(per_host, n - first)
-        with open(folder / f"host{first:05d}.log", "ab") as log_file:
-            hosts.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "msfusion.edge_runtime.synthetic", "--broker", broker.url]
-                    + ["--run-id", run_id, "--data", str(data.path), "--state", str(states)]
-                    + ["--first", str(first), "--count", str(count), "--heartbeat-s", str(args.heartbeat_s)],
-                    stdout=log_file,
-                    stderr=subprocess.STDOUT,
-                )
-            )
+    hosts = start_synthetic_hosts(
+        broker.url,
+        run_id,
+        Path(data.path),
+        states,
+        n,
+        folder,
+        per_host=min(args.per_host, MAX_PER_HOST),
+        heartbeat_s=args.heartbeat_s,
+    )
     model = ModelConfig(arch="cnn", channels=tuple(int(c) for c in args.channels.split(",")))
     engine = EngineConfig(model=model, local=LocalTrainConfig(max_samples=args.samples), rounds=args.rounds)
     config = CoordinatorConfig(

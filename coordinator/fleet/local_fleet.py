@@ -261,6 +261,40 @@ def start_device(config_path: Path, log_path: Path, threads: int = 1) -> subproc
         )
 
 
+def start_synthetic_hosts(
+    broker: str,
+    run_id: str,
+    data: Path,
+    state: Path,
+    devices: int,
+    logs: Path,
+    per_host: int = 300,
+    heartbeat_s: float = 5.0,
+    extra: Sequence[str] = (),
+) -> list[subprocess.Popen[bytes]]:
+    """Start `devices` synthetic devices (edge_runtime/synthetic.py) in host processes of at most `per_host` each.
+
+    Ids are `msfusion simulate`'s (dev000, dev001, ...); every device registers `data`'s report;
+    host k logs to `logs`/hostNNNNN.log (NNNNN its first device's index). `extra`: more flags for
+    every host (e.g. `--slow 2 --slow-delay-s 5`).
+    """
+    logs.mkdir(parents=True, exist_ok=True)
+    hosts = []
+    for first in range(0, devices, per_host):
+        count = min(per_host, devices - first)
+        with open(logs / f"host{first:05d}.log", "ab") as handle:
+            hosts.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "msfusion.edge_runtime.synthetic", "--broker", broker, "--run-id", run_id]
+                    + ["--data", str(data), "--state", str(state), "--first", str(first), "--count", str(count)]
+                    + ["--heartbeat-s", str(heartbeat_s), *extra],
+                    stdout=handle,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+    return hosts
+
+
 def write_device_configs(
     out: Path,
     shards: ShardSet,
