@@ -250,12 +250,22 @@ def run_one(
     seed: int,
     mu: float,
     on_round: Callable[[object], None] | None = None,
+    codec: str = "fp32",
 ) -> dict[str, object]:
-    """Train one (case, budget, strategy) and return its figures (`on_round`: called after each round)."""
+    """Train one (case, budget, strategy) and return its figures (`on_round`: called after each round).
+
+    `codec`: how weights travel (msfusion/wire/codec.py); its bytes are measured per device and round.
+    """
     share = float(Fraction(budget))
     ratio = ratio_for_budget(model_spec(model), share)
     base = EngineConfig(
-        model=model, local=case.local, rounds=case.rounds[budget], seed=seed, eval_window=True, eval_expected=True
+        model=model,
+        local=case.local,
+        rounds=case.rounds[budget],
+        seed=seed,
+        eval_window=True,
+        eval_expected=True,
+        codec=codec,
     )
     cfg, device_ratio = strategy_config(strategy, base, ratio, mu, len(shards))
     engine = ReferenceEngine(cfg, shards, test, [device_ratio] * len(shards))
@@ -266,10 +276,12 @@ def run_one(
     wall = time.perf_counter() - t0
     curve = [r.metrics[case.metric] for r in history]
     best = min(curve) if case.metric == "perplexity" else max(curve)
+    moved = [sum(r.bytes_down.values()) + sum(r.bytes_up.values()) for r in history]
     return {
         "case": case.name,
         "budget": budget,
-        "strategy": strategy,
+        "strategy": strategy if codec == "fp32" else f"{strategy}@{codec}",
+        "codec": codec,
         "devices": len(shards),
         "metric": case.metric,
         "final": curve[-1],
@@ -284,7 +296,8 @@ def run_one(
         "params_per_device": cost.params,
         "params_full": engine.spec.param_count() if strategy != "fedavg-small" else cost.params,
         "flops_per_sample_per_device": cost.flops_per_sample,
-        "bytes_per_device_per_round": cost.bytes_per_round,
+        "bytes_per_device_per_round": cost.bytes_per_round,  # fp32 weights down and up, as counted
+        "measured_bytes_per_device_per_round": float(np.mean(moved)) / len(shards),  # payloads in the codec
         "wall_s": wall,
     }
 
@@ -298,7 +311,8 @@ def print_table(rows: list[dict[str, object]]) -> None:
         print(
             f"{r['case']:20} {r['budget']:6} {r['strategy']:16} {r['final']:8.4f} {r['best']:8.4f} {r['window_curve'][-1]:8.4f} {r['expected_curve'][-1]:8.4f} "
             f"{r['params_per_device']:9d} {r['flops_per_sample_per_device'] / 1e6:8.2f} "
-            f"{r['bytes_per_device_per_round'] / 1024:9.1f} {r['wall_s']:7.1f}"
+            f"{float(r.get('measured_bytes_per_device_per_round', r['bytes_per_device_per_round'])) / 1024:9.1f} "  # type: ignore[arg-type]
+            f"{r['wall_s']:7.1f}"
         )
 
 
@@ -422,6 +436,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--budgets", default="1/4,1/16")
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
+    parser.add_argument(
+        "--codecs", default="fp32", help="comma-separated transfer codecs, each strategy run with each (fp32,fp16,int8)"
+    )
     parser.add_argument("--rounds", type=int, default=0, help="override the rounds of every case")
     parser.add_argument("--max-samples", type=int, default=0, help="override samples per device per round")
     parser.add_argument("--test-size", type=int, default=0, help="evaluate on the first N test samples")
@@ -473,7 +490,10 @@ def main(argv: list[str] | None = None) -> int:
         disable=not console.is_terminal,  # a log file gets the result lines only
     )
     with bars:
-        overall = bars.add_task("accuracy benchmark: runs", total=len(selected) * len(budgets) * len(strategies))
+        overall = bars.add_task(
+            "accuracy benchmark: runs",
+            total=len(selected) * len(budgets) * len(strategies) * len(args.codecs.split(",")),
+        )
         for case in selected:
             _run_case(args, case, budgets, strategies, rows, bars, overall)
     print()
@@ -507,13 +527,13 @@ def _run_case(
     if args.test_size:
         test = test.subset(np.arange(min(args.test_size, len(test))))
     for budget in budgets:
-        for strategy in strategies:
-            run = bars.add_task(f"{case.name} {budget} {strategy}: rounds", total=case.rounds[budget])
+        for strategy, codec in [(s, c) for s in strategies for c in args.codecs.split(",")]:
+            run = bars.add_task(f"{case.name} {budget} {strategy} {codec}: rounds", total=case.rounds[budget])
 
             def advance(_record: object, task: TaskID = run) -> None:
                 bars.advance(task)
 
-            row = run_one(case, budget, strategy, shards, test, model, args.seed, args.mu, advance)
+            row = run_one(case, budget, strategy, shards, test, model, args.seed, args.mu, advance, codec)
             bars.remove_task(run)
             bars.advance(overall)
             rows.append(row)

@@ -80,6 +80,8 @@ class EngineConfig:
         eval_expected: also evaluate the expected-sub-model full model
             (msfusion/algorithm/inference.py).
         eval_every: evaluate every this many rounds, and always the last one.
+        codec: how weights travel (msfusion/wire/codec.py): "fp32" (as they are), "fp16", or
+            "int8" (per-channel scale, the update up with error feedback on the device).
     """
 
     model: ModelConfig
@@ -94,8 +96,11 @@ class EngineConfig:
     eval_window: bool = False
     eval_expected: bool = False
     eval_every: int = 1
+    codec: str = "fp32"
 
     def __post_init__(self) -> None:
+        if self.codec not in ("fp32", "fp16", "int8"):
+            raise ConfigError(f"codec must be 'fp32', 'fp16' or 'int8', got {self.codec!r}")
         if self.rounds < 1:
             raise ConfigError(f"rounds must be >= 1 (a run of no rounds trains nothing), got {self.rounds}")
         if self.eval_every < 1:

@@ -38,6 +38,7 @@ from msfusion.models.registry import (
     state_to_numpy,
 )
 from msfusion.recipe import EngineConfig, LocalTrainConfig, device_id, device_seed
+from msfusion.wire.codec import check_codec, compress_update, encode, roundtrip
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,8 @@ class RoundRecord:
     deployable: str = "merged"  # the variant the run would output now (docs/algorithm.md, "The deployable model")
     clipped: Mapping[str, str] = field(default_factory=dict)  # device -> why its update was scaled to the bound
     update_norms: Mapping[str, float] = field(default_factory=dict)  # RMS of (returned - sent) of each valid slice
+    bytes_down: Mapping[str, int] = field(default_factory=dict)  # device -> weights payload sent, in the run's codec
+    bytes_up: Mapping[str, int] = field(default_factory=dict)  # device -> slice payload returned
 
     @property
     def metrics(self) -> Mapping[str, float]:
@@ -137,6 +140,7 @@ class DeviceMemory:
 
     weights: Weights | None = None
     index: dict[str, TensorIndex] | None = None
+    residual: Weights | None = None  # int8 transfers: what rounding took from its last update (error feedback)
 
 
 class ReferenceEngine:
@@ -196,16 +200,21 @@ class ReferenceEngine:
         plan = self.plan(round_idx)
         updates: list[SliceUpdate] = []
         local_losses: list[float] = []
+        codec = check_codec(self.config.codec)
+        bytes_down: dict[str, int] = {}
+        bytes_up: dict[str, int] = {}
         for index, device in enumerate(self.devices):
             units = plan.units(device.device_id)
             start = slice_weights(self.weights, self.spec, units)  # (K, ...) -> (k, ...)
             index_now = tensor_indices(self.spec, units)
             memory = self.memory[device.device_id]
-            previous = reslice_previous(start, index_now, memory.weights, memory.index)
+            received = start if codec == "fp32" else roundtrip(start, codec)  # what the device gets
+            bytes_down[device.device_id] = len(encode(start, codec))
+            previous = reslice_previous(received, index_now, memory.weights, memory.index)
             result = local_train(
                 self.config.model,
                 plan.widths(device.device_id),
-                start,
+                received,
                 previous,
                 self.shards[index],
                 self.config.local,
@@ -213,8 +222,20 @@ class ReferenceEngine:
                 device_seed(self.config.seed, round_idx, index),
                 device=self.device,
             )
+            returned = result.weights
+            if codec != "fp32":  # the update goes up, rounded; the coordinator adds it to the exact sub-model
+                delta = {n: result.weights[n] - received[n] for n in start}
+                residual = None
+                if memory.residual is not None:
+                    zeros = {n: np.zeros_like(a) for n, a in start.items()}
+                    residual = reslice_previous(zeros, index_now, memory.residual, memory.index)
+                sent, memory.residual = compress_update(delta, codec, residual)
+                bytes_up[device.device_id] = len(encode(delta, codec, update=True))
+                returned = {n: start[n] + sent[n] for n in start}
+            else:
+                bytes_up[device.device_id] = len(encode(result.weights, codec))
             memory.weights, memory.index = result.weights, index_now
-            updates.append(SliceUpdate(device.device_id, round_idx, units, result.weights, result.n_samples))
+            updates.append(SliceUpdate(device.device_id, round_idx, units, returned, result.n_samples))
             local_losses.extend(result.loss_curve)
         self.weights, report = merge_slices(self.weights, self.spec, updates, round_idx, self.config.merge)
         for update in updates:  # what the merged slices held (the fleet counts the same)
@@ -241,6 +262,8 @@ class ReferenceEngine:
             deployable=choose_deployable(checked),
             clipped=dict(report.clipped),
             update_norms=dict(report.update_norms),
+            bytes_down=bytes_down,
+            bytes_up=bytes_up,
         )
         self.history.append(record)
         log.info(
