@@ -162,20 +162,27 @@ class CoordinatorLink:
 
     # Out.
 
-    def publish(self, device_id: str, topic: str, payload: bytes, retain: bool = False) -> None:
-        """Publish to a device's topic, counting the bytes."""
+    def publish(self, device_id: str, topic: str, payload: bytes, retain: bool = False, wait: bool = True) -> None:
+        """Publish to a device's topic, counting the bytes (`wait`: for its PUBACK; else queued in paho)."""
         self.bytes_down[device_id] += len(payload)
-        self.transport.publish(topic, payload, retain=retain)
+        if wait:
+            self.transport.publish(topic, payload, retain=retain)
+        else:
+            self.transport.publish_nowait(topic, payload, retain=retain)
 
-    def send(self, device_id: str, msg: Message) -> None:
-        """A control message (Welcome, RunControl) to one device, signed when the link has a signer."""
+    def send(self, device_id: str, msg: Message, wait: bool = True) -> None:
+        """A control message (Welcome, RunControl) to one device, signed when the link has a signer.
+
+        `wait` False: queued (QoS 1) without waiting for the broker's PUBACK, for a message the
+        device asks for again if it is lost (a Welcome: a device re-registers until welcomed).
+        """
         if isinstance(msg, Welcome):
             msg = msgspec.structs.replace(msg, session=self.session)
             msg = msg if self.signer is None else self.signer.sign(msg)
         elif isinstance(msg, RunControl):
             msg = msgspec.structs.replace(msg, session=self.session)
             msg = msg if self.signer is None else self.signer.sign(msg)
-        self.publish(device_id, topics.ctl(self.run_id, device_id), encode(msg))
+        self.publish(device_id, topics.ctl(self.run_id, device_id), encode(msg), wait=wait)
 
     def offer(self, manifest: BulkRef, data: bytes) -> None:
         """Make a transfer available (artifacts are pulled, not pushed) to the devices whose task names it."""

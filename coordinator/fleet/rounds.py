@@ -193,7 +193,9 @@ def handle_fleet_message(ctx: RoundContext, inbound: Inbound, now: float) -> Non
     msg = inbound.message
     if isinstance(msg, Registration):
         welcome = ctx.fleet.register(msg, now)
-        ctx.link.send(inbound.device_id, welcome)
+        # Not waiting for the PUBACK: thousands registering at once would each cost a round trip (and a
+        # broker slow to ack would stall the loop); a device not welcomed registers again (daemon.py).
+        ctx.link.send(inbound.device_id, welcome, wait=False)
     elif isinstance(msg, Heartbeat):
         ctx.fleet.heartbeat(msg, now)
     else:
