@@ -10,6 +10,10 @@ PNG of the metric against the round beside it.
     .venv/bin/python bench/accuracy.py --quick --out bench/results/quick.json
     .venv/bin/python bench/accuracy.py --out bench/results/full.json   # hours
     .venv/bin/python bench/accuracy.py --quick --data ~/photos --devices 4 --out bench/results/photos.json
+    .venv/bin/python bench/accuracy.py --cases cnn --strategies msfusion --codecs fp32,fp16,int8 --out codecs.json
+
+--codecs runs every strategy once per transfer codec (msfusion/wire/codec.py),
+labelled strategy@codec, with the bytes each device moves per round measured.
 
 --data PATH runs the image cases (or, for text, the char-LM case) on any data
 set `msfusion.data.sources.open_source` reads, normalized with its own

@@ -8,6 +8,11 @@ stand-alone measurement of `MergeAccumulator`. Targets are printed, not
 asserted: overhead <= 5% at 8 devices, bytes per round <= 1.05x slice bytes
 after the first round.
 
+`--merge` prints only the stand-alone merge figure (no simulation): MB of
+slices per second, the accumulator's size over the model's fp32 size and the
+merged model's largest difference from a float64 merge, for the run's model
+and a 5.9M-parameter CNN at 8, 32 and 128 devices, on both merge paths.
+
 `--dashboard` runs the same simulation twice, side by side: without the
 dashboard, then with it serving and a client reading it as a browser does (the
 SSE stream open, the run's picture fetched after every event). It prints the
