@@ -152,6 +152,7 @@ def run_fleet(n: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         folder,
         per_host=min(args.per_host, MAX_PER_HOST),
         heartbeat_s=args.heartbeat_s,
+        extra=["--log-level", args.host_log_level, "--stall-s", str(args.stall_s)],
     )
     model = ModelConfig(arch="cnn", channels=tuple(int(c) for c in args.channels.split(",")))
     engine = EngineConfig(model=model, local=LocalTrainConfig(max_samples=args.samples), rounds=args.rounds)
@@ -163,7 +164,7 @@ def run_fleet(n: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         eval_shard=shards.test,
         backend="ort",
         artifact_cache=work / "artifact-cache",
-        round=RoundConfig(deadline_s=args.deadline_s, quorum=0.9, stall_s=30.0),
+        round=RoundConfig(deadline_s=args.deadline_s, quorum=0.9, stall_s=args.stall_s),
         fleet=FleetConfig(min_devices=n, wait_s=args.wait_s, heartbeat_timeout_s=max(30.0, 6 * args.heartbeat_s)),
     )
     probe = Probe(stats)
@@ -275,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wait-s", type=float, default=1200.0, help="how long registration may take")
     p.add_argument("--out", type=Path, default=Path("bench/results/scale.json"))
     p.add_argument("--from-json", type=Path, default=None)
+    p.add_argument("--host-log-level", default="WARNING")
+    p.add_argument("--stall-s", type=float, default=30.0, help="devices and coordinator: seconds without a chunk")
     p.add_argument("--keep", type=Path, default=None, help="work in this folder and keep it (logs, metrics)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

@@ -156,8 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--memory-budget-mb", type=int, default=1024)
     p.add_argument("--max-width-ratio", type=float, default=None)
     p.add_argument("--backend", default="ort")
+    p.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (the host log is every device's)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(threadName)s %(levelname)s %(message)s")
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(threadName)s %(levelname)s %(message)s")
     spec = DataSpec(path=args.data.resolve(), format=detect_format(args.data))
     report = open_source(spec).report()
     configs = [
