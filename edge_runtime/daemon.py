@@ -169,6 +169,7 @@ class Daemon:
     """
 
     publish_timeout_s = 10.0  # for a request or reply's PUBACK (a host of many synthetic devices waits longer)
+    upload_timeout_s = 30.0  # for each PUBACK of a slice's chunks
 
     def __init__(self, config: DeviceConfig) -> None:
         self.config = config
@@ -535,7 +536,7 @@ class Daemon:
                 topic = topics.up(cfg.run_id, cfg.device_id, reply.weights.transfer_id)
                 sender = BulkSender(self.transport, topic, reply.weights, stored.slice_bytes)
                 self._upload = _Upload(sender)
-                sender.send()
+                sender.send(timeout_s=self.upload_timeout_s)
             self.transport.publish(
                 topics.result(cfg.run_id, cfg.device_id), stored.reply, timeout_s=self.publish_timeout_s
             )

@@ -56,7 +56,8 @@ class SyntheticDaemon(Daemon):
     """
 
     # Hundreds of devices share a host's cores and its GIL: a PUBACK can take longer than on a board.
-    publish_timeout_s = 60.0
+    publish_timeout_s = 120.0
+    upload_timeout_s = 120.0
 
     def __init__(self, config: DeviceConfig, report: DataReport, delay_s: float = 0.0) -> None:
         super().__init__(config)
