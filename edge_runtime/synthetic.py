@@ -11,7 +11,7 @@ host process, one thread each (plus paho's and the heartbeat's), sharing the
 data report of one small data set:
 
     python -m msfusion.edge_runtime.synthetic --broker mqtt://127.0.0.1:1883 --run-id R \\
-        --data samples.npz --state /tmp/synth --first 0 --count 500 [--delay-s 0] [--heartbeat-s 5]
+        --data samples.npz --state /tmp/synth --ids dev000,dev001,dev002 [--delay-s 0] [--heartbeat-s 5]
 
 It exits when every device has been told to stop (or on SIGTERM / SIGINT).
 """
@@ -34,7 +34,6 @@ from msfusion.edge_runtime.config import DeviceConfig
 from msfusion.edge_runtime.daemon import Daemon
 from msfusion.edge_runtime.trainer import TaskOutcome, TrainingStopped, check_task_sizes, slice_transfer_id
 from msfusion.errors import MsfusionError
-from msfusion.recipe import device_id as default_device_id
 from msfusion.wire.bulk import make_manifest
 from msfusion.wire.protocol import DataReport, SliceResult, TaskFailed, TrainTask
 from msfusion.wire.weights import pack_weights, unpack_weights
@@ -146,10 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-id", required=True)
     p.add_argument("--data", type=Path, required=True, help="the data set whose report every device registers")
     p.add_argument("--state", type=Path, required=True, help="a folder for the devices' state folders")
-    p.add_argument("--first", type=int, default=0, help="index of the first device (ids as `msfusion simulate`)")
-    p.add_argument("--count", type=int, required=True)
+    p.add_argument("--ids", required=True, help="the devices' ids, comma-separated (the coordinator's side names them)")
     p.add_argument("--delay-s", type=float, default=0.0, help="seconds each task takes")
-    p.add_argument("--slow", type=int, default=0, help="the first SLOW devices take --slow-delay-s instead")
+    p.add_argument("--slow-ids", default="", help="comma-separated ids of devices that take --slow-delay-s instead")
     p.add_argument("--slow-delay-s", type=float, default=0.0)
     p.add_argument("--heartbeat-s", type=float, default=5.0)
     p.add_argument("--keepalive-s", type=int, default=30)
@@ -162,12 +160,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(threadName)s %(levelname)s %(message)s")
     spec = DataSpec(path=args.data.resolve(), format=detect_format(args.data))
     report = open_source(spec).report()
+    ids = [i for i in args.ids.split(",") if i]
+    slow = {i for i in args.slow_ids.split(",") if i}
     configs = [
         DeviceConfig(
-            device_id=default_device_id(i),
+            device_id=i,
             run_id=args.run_id,
             data=spec,
-            state_dir=(args.state / default_device_id(i) / "state").resolve(),
+            state_dir=(args.state / i / "state").resolve(),
             memory_budget_bytes=args.memory_budget_mb << 20,
             broker=args.broker,
             backends=(args.backend,),
@@ -176,9 +176,9 @@ def main(argv: list[str] | None = None) -> int:
             keepalive_s=args.keepalive_s,
             stall_s=args.stall_s,
         )
-        for i in range(args.first, args.first + args.count)
+        for i in ids
     ]
-    delays = [args.slow_delay_s if i < args.slow else args.delay_s for i in range(args.first, args.first + args.count)]
+    delays = [args.slow_delay_s if i in slow else args.delay_s for i in ids]
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -276,7 +276,7 @@ def start_synthetic_hosts(
 
     Ids are `msfusion simulate`'s (dev000, dev001, ...); every device registers `data`'s report;
     host k logs to `logs`/hostNNNNN.log (NNNNN its first device's index). `extra`: more flags for
-    every host (e.g. `--slow 2 --slow-delay-s 5`).
+    every host (e.g. `--slow-ids dev000,dev001 --slow-delay-s 5`).
     """
     logs.mkdir(parents=True, exist_ok=True)
     hosts = []
@@ -286,7 +286,7 @@ def start_synthetic_hosts(
             hosts.append(
                 subprocess.Popen(
                     [sys.executable, "-m", "msfusion.edge_runtime.synthetic", "--broker", broker, "--run-id", run_id]
-                    + ["--data", str(data), "--state", str(state), "--first", str(first), "--count", str(count)]
+                    + ["--data", str(data), "--state", str(state), "--ids", ",".join(map(device_id, range(first, first + count)))]
                     + ["--heartbeat-s", str(heartbeat_s), *extra],
                     stdout=handle,
                     stderr=subprocess.STDOUT,
