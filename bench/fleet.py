@@ -25,7 +25,19 @@ the run's ACL, MQTT 5, signed tasks, MACed results). It prints the wall time
 of each run and per round, the coordinator's own time per round, and the final
 accuracy of both (the same seeds: it must be the same).
 
+`--async` runs the simulation three ways with `--stragglers` devices that
+wait `--straggle-s` before every reply (msfusion-device's `straggle_s`):
+synchronous rounds that wait for every device (deadline 600 s), synchronous
+rounds that close at `--deadline-s` and drop what comes later, and
+asynchronous rounds with the same deadline that merge a late slice into a
+later round with the staleness weight. It prints each mode's test accuracy
+at the same wall time (the shortest run's training time, export left out),
+the final accuracy, and the device idle share: 1 - (device-seconds from a
+task sent to its slice arriving, counted for slices that arrived) /
+(devices x wall time), so time spent on a slice that is dropped is idle too.
+
     .venv/bin/python bench/fleet.py --devices 8 --rounds 4 --out bench/results/fleet [--dashboard | --secure]
+    .venv/bin/python bench/fleet.py --async --rounds 12 --stragglers 2 --straggle-s 20 --deadline-s 10
 """
 
 from __future__ import annotations
@@ -252,6 +264,64 @@ def security_overhead(args: argparse.Namespace, config: SimulationConfig, engine
     print(f"  secure / insecure round wall: {ratio:.3f}x; same final metrics: {final['secure'] == final['insecure']}")
 
 
+def asynchronous_rounds(args: argparse.Namespace, config: SimulationConfig, engine: EngineConfig) -> None:
+    """Synchronous (waiting, dropping) against asynchronous rounds with stragglers: accuracy at equal wall, idle share."""
+    from dataclasses import replace
+
+    stragglers = {f"dev{i:03d}": args.straggle_s for i in range(args.devices - args.stragglers, args.devices)}
+    modes = {
+        "sync-wait": RoundConfig(deadline_s=600),
+        "sync-drop": RoundConfig(deadline_s=args.deadline_s, quorum=0.5),
+        "async": RoundConfig(deadline_s=args.deadline_s, quorum=0.5, asynchronous=True),
+    }
+    # Rounds without the stragglers are short: a straggler's slice is several rounds late.
+    late_engine = replace(engine, merge=replace(engine.merge, max_staleness=args.max_staleness))
+    curves: dict[str, list[tuple[float, float]]] = {}
+    rows: dict[str, dict[str, Any]] = {}
+    for mode, round_config in modes.items():
+        out = args.out / mode
+        shutil.rmtree(out, ignore_errors=True)
+        cfg = replace(config, out=out, round=round_config, straggle_s=stragglers, engine=late_engine)
+        artifacts = ExportedArtifacts(late_engine, args.backend, cache_dir=args.out / "artifact-cache")
+        simulate(cfg, artifacts)
+        lines = read_metrics(out)
+        wall, curve, busy, late = 0.0, [], 0.0, 0
+        for line in lines:
+            wall += line["wall_s"] - line["timings_s"].get("export_s", 0.0)
+            busy += sum(line.get("reply_s", {}).values())
+            late += sum(1 for note in line.get("late", {}).values() if note.startswith("merged"))
+            if line["merged"]:
+                curve.append((wall, line["metrics"]["accuracy"]))
+        curves[mode] = curve
+        rows[mode] = {
+            "wall_s": wall,
+            "rounds_merged": len(curve),
+            "final_accuracy": curve[-1][1] if curve else float("nan"),
+            "idle_share": 1 - busy / (args.devices * wall),
+            "late_slices_merged": late,
+        }
+    horizon = min(row["wall_s"] for row in rows.values())
+    for mode, curve in curves.items():
+        before = [acc for t, acc in curve if t <= horizon + 1e-9]
+        rows[mode]["accuracy_at_equal_wall"] = before[-1] if before else float("nan")
+    print(
+        f"\nasynchronous rounds: {args.devices} devices, {args.stragglers} waiting {args.straggle_s:g} s per reply, "
+        f"deadline {args.deadline_s:g} s, {args.rounds} rounds, max staleness {args.max_staleness}; "
+        f"equal wall time {horizon:.1f} s"
+    )
+    print(
+        f"{'mode':>10} {'wall s':>7} {'rounds':>6} {'acc @ equal wall':>16} {'final acc':>9} {'idle':>6} {'late merged':>11}"
+    )
+    for mode, row in rows.items():
+        print(
+            f"{mode:>10} {row['wall_s']:7.1f} {row['rounds_merged']:6d} {row['accuracy_at_equal_wall']:16.4f} "
+            f"{row['final_accuracy']:9.4f} {100 * row['idle_share']:5.1f}% {row['late_slices_merged']:11d}"
+        )
+    result = {"settings": {k: v for k, v in vars(args).items() if k != "out"}, "horizon_s": horizon, "modes": rows}
+    (args.out / "async.json").write_text(json.dumps(result, indent=1, default=str))
+    print(f"json: {args.out / 'async.json'}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--devices", type=int, default=8)
@@ -265,6 +335,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--secure", action="store_true", help="compare runs insecure and secure (TLS, ACL, keys)")
     parser.add_argument("--merge", action="store_true", help="only the stand-alone merge figure (no simulation)")
     parser.add_argument("--repeats", type=int, default=2, help="--dashboard, --secure: runs per mode, alternated")
+    parser.add_argument("--async", dest="asynchronous", action="store_true", help="sync vs async rounds, stragglers")
+    parser.add_argument("--stragglers", type=int, default=2, help="--async: devices that are slow")
+    parser.add_argument("--straggle-s", type=float, default=12.0, help="--async: their wait before each reply")
+    parser.add_argument("--deadline-s", type=float, default=8.0, help="--async: the round deadline (sync-drop, async)")
+    parser.add_argument("--max-staleness", type=int, default=8, help="--async: rounds late a slice may be merged")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     model = ModelConfig(arch="cnn", channels=tuple(int(c) for c in args.channels.split(",")))
@@ -292,6 +367,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.secure:
         security_overhead(args, config, engine)
+        return 0
+    if args.asynchronous:
+        args.out.mkdir(parents=True, exist_ok=True)
+        asynchronous_rounds(args, config, engine)
         return 0
     summary = simulate(config, ExportedArtifacts(engine, args.backend, cache_dir=args.out / "artifact-cache"))
     lines = [line for line in read_metrics(args.out) if line["merged"]]

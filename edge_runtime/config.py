@@ -23,6 +23,7 @@ Example `device.toml`::
     # keepalive_s = 10
     # stall_s = 5.0               # seconds without a new chunk before asking for missing ones
     # threads = 1                 # intra-op threads for training
+    # straggle_s = 0.0            # simulation only: wait this long before each reply (a straggler)
 
     [data]                        # the board's own data, instead of data_dir (msfusion/data/sources.py)
     path = "/srv/photos"          # class subfolders of images, IDX, CIFAR-10 batches, .npz, text
@@ -77,6 +78,7 @@ class DeviceConfig:
     mqtt: str = "3.1.1"  # the MQTT protocol: "3.1.1" or "5"
     task_signing_public_key: str = ""  # the coordinator's Ed25519 public key, PEM text or a path ("": none)
     result_key: str = ""  # this device's result HMAC key, hex or a path ("": results unauthenticated)
+    straggle_s: float = 0.0  # simulation: seconds waited after training, before replying (a slow board or link)
 
     def __post_init__(self) -> None:
         for name in ("device_id", "run_id"):
@@ -100,6 +102,8 @@ class DeviceConfig:
             raise ConfigError(f"max_width_ratio must be in (0, 1], got {self.max_width_ratio}")
         if self.heartbeat_s <= 0 or self.keepalive_s < 1 or self.stall_s <= 0 or self.threads < 1:
             raise ConfigError("heartbeat_s, stall_s must be > 0; keepalive_s, threads >= 1")
+        if not (isinstance(self.straggle_s, (int, float)) and 0 <= self.straggle_s <= 86400):
+            raise ConfigError(f"straggle_s must be in [0, 86400] seconds, got {self.straggle_s!r}")
         text = ("ca_cert", "tls_cert", "tls_key", "mqtt", "task_signing_public_key", "result_key")
         if not all(isinstance(getattr(self, name), str) for name in text):
             raise ConfigError(f"{', '.join(text)} must be strings")
@@ -171,7 +175,7 @@ _TEXT_KEYS = frozenset(
     | {"ca_cert", "tls_cert", "tls_key", "mqtt", "task_signing_public_key", "result_key"}
 )
 _INTEGER_KEYS = frozenset({"memory_budget_bytes", "keepalive_s", "threads"})
-_NUMBER_KEYS = frozenset({"max_width_ratio", "heartbeat_s", "stall_s"})
+_NUMBER_KEYS = frozenset({"max_width_ratio", "heartbeat_s", "stall_s", "straggle_s"})
 
 
 def _check_types(table: dict[str, Any], path: str | Path) -> None:

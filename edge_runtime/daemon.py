@@ -33,6 +33,7 @@ from msfusion.edge_runtime.trainer import TaskOutcome, TrainingStopped, train_ta
 from msfusion.errors import ArtifactError, ConfigError, DataError, MsfusionError, ProtocolError
 from msfusion.wire import topics
 from msfusion.wire.bulk import BulkSender, receive
+from msfusion.wire.codec import CODECS
 from msfusion.wire.protocol import (
     ID_PATTERN,
     BulkRef,
@@ -318,6 +319,7 @@ class Daemon:
             backends=list(cfg.backends),
             max_width_ratio=cfg.max_width_ratio,
             board=cfg.board,
+            codecs=list(CODECS),  # every transfer codec decodes here (`wire/codec.py`)
         )
         msg = Registration(
             run_id=cfg.run_id,
@@ -509,10 +511,18 @@ class Daemon:
         # Recorded before it is sent: whatever happens next, this task's answer is this one.
         if isinstance(outcome.reply, SliceResult):
             self.ledger.record(
-                task.key, stored.reply, outcome.slice_bytes, task.units, task.tensor_axes, task.negative_task_id
+                task.key,
+                stored.reply,
+                outcome.slice_bytes,
+                task.units,
+                task.tensor_axes,
+                task.negative_task_id,
+                outcome.local,
             )
         else:
             self.ledger.record(task.key, stored.reply, keep_task_id=task.negative_task_id)
+        if self.config.straggle_s > 0 and self._stop.wait(self.config.straggle_s):
+            return  # stopped while straggling: the reply is recorded and is sent if the task comes again
         self.beat.set("uploading", task.task_id, 1.0)
         self._send(stored)
         self.beat.set("idle")
@@ -525,7 +535,11 @@ class Daemon:
         """Train one task (a synthetic device, `edge_runtime/synthetic.py`, answers without training)."""
         # The negative is the slice the task names (its slice merged last), never merely our newest.
         previous = self.ledger.previous_slice(task.negative_task_id)
-        return train_task(task, self, previous, self.config, self.beat.progress, self.source, stop=self._stop)
+        # int8: what rounding took from that slice's update goes into this one (error feedback).
+        residual = self.ledger.previous_residual(task.negative_task_id) if task.codec == "int8" else None
+        return train_task(
+            task, self, previous, self.config, self.beat.progress, self.source, stop=self._stop, residual=residual
+        )
 
     def _send(self, stored: StoredReply) -> None:
         """Upload a slice's chunks (if any), then the reply message."""

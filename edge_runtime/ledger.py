@@ -17,7 +17,10 @@ Layout under the state folder::
 
     ledger.json                  {"handled": [[run, round, device, task], ...], "last": "<dir>" | null}
     replies/<n>/reply.msgpack    the encoded SliceResult or TaskFailed
-    replies/<n>/slice.safetensors  the trained slice, byte for byte as sent (results only)
+    replies/<n>/slice.safetensors  the slice, byte for byte as sent (results only): the trained slice, or
+                                 a compressed task's rounded update (`wire/codec.py`)
+    replies/<n>/trained.safetensors  a compressed task's trained slice (fp32): the next negative
+    replies/<n>/residual.safetensors  an int8 task's error-feedback residual (what rounding took from the update)
     replies/<n>/index.json       {"units": {group: [...]}, "axes": {tensor: [[axis, group, unit_size]]},
                                   "task": [run, round, device, task]}
 
@@ -32,7 +35,7 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -56,6 +59,14 @@ class StoredReply:
     key: TaskKey
     reply: bytes  # encoded SliceResult or TaskFailed
     slice_bytes: bytes | None  # the packed slice of a SliceResult
+
+
+@dataclass(frozen=True)
+class LocalState:
+    """What a compressed task's device keeps beside the uploaded update (`pack_weights` bytes each)."""
+
+    trained: bytes  # the trained slice: the next contrastive negative (the upload holds only the update)
+    residual: bytes | None = None  # int8: the error-feedback residual, on the slice's elements
 
 
 def slice_index(units: Mapping[str, Sequence[int]], axes: Mapping[str, Sequence[AxisUnits]]) -> dict[str, TensorIndex]:
@@ -118,6 +129,39 @@ class Ledger:
             The slice, or None: none recorded yet, none of that task (pruned, another
             session's, or never trained here), or unreadable.
         """
+        found = self._slice_folder(task_id)
+        if found is None:
+            if task_id:
+                log.info("no slice of task %s in %s: training against the global sub-model", task_id, self.dir)
+            return None
+        folder, raw = found
+        # A compressed task uploaded its update: its trained slice is kept beside it.
+        trained = folder / "trained.safetensors"
+        try:
+            weights = unpack_weights((trained if trained.exists() else folder / "slice.safetensors").read_bytes())
+            axes = {t: [AxisUnits(axis=a, group=g, unit_size=u) for a, g, u in v] for t, v in raw["axes"].items()}
+            return weights, slice_index(raw["units"], axes)
+        except (OSError, ValueError, KeyError, TypeError, ArtifactError) as exc:
+            log.error("previous slice in %s is unreadable: %s", folder, exc)
+            return None
+
+    def previous_residual(self, task_id: str | None = None) -> Weights | None:
+        """The int8 error-feedback residual kept with a task's slice (on that slice's elements: `previous_slice`).
+
+        Returns:
+            The residual, or None: that slice has none (not an int8 task), none of that task, or unreadable.
+        """
+        found = self._slice_folder(task_id)
+        if found is None or not (found[0] / "residual.safetensors").exists():
+            return None
+        try:
+            return unpack_weights((found[0] / "residual.safetensors").read_bytes())
+        except (OSError, ArtifactError) as exc:
+            log.error("residual in %s is unreadable: %s", found[0], exc)
+            return None
+
+    def _slice_folder(self, task_id: str | None) -> tuple[Path, dict[str, Any]] | None:
+        """The reply folder holding the slice of `task_id` (None: the newest) and its index.json."""
         if self._last is None or task_id == "":
             return None
         for name in self._reply_dirs_newest_first():
@@ -127,16 +171,15 @@ class Ledger:
                 continue
             try:
                 raw = json.loads((folder / "index.json").read_text(encoding="utf-8"))
-                if task_id is not None and (not isinstance(raw.get("task"), list) or raw["task"][3:] != [task_id]):
-                    continue
-                weights = unpack_weights((folder / "slice.safetensors").read_bytes())
-                axes = {t: [AxisUnits(axis=a, group=g, unit_size=u) for a, g, u in v] for t, v in raw["axes"].items()}
-                return weights, slice_index(raw["units"], axes)
-            except (OSError, ValueError, KeyError, TypeError, ArtifactError) as exc:
+            except (OSError, ValueError) as exc:
                 log.error("previous slice in %s is unreadable: %s", folder, exc)
                 return None
-        if task_id is not None:
-            log.info("no slice of task %s in %s: training against the global sub-model", task_id, self.dir)
+            if not isinstance(raw, dict):
+                log.error("previous slice in %s has a malformed index", folder)
+                return None
+            if task_id is not None and (not isinstance(raw.get("task"), list) or raw["task"][3:] != [task_id]):
+                continue
+            return folder, raw
         return None
 
     def _reply_dirs_newest_first(self) -> list[str]:
@@ -151,6 +194,7 @@ class Ledger:
         units: Mapping[str, Sequence[int]] | None = None,
         axes: Mapping[str, Sequence[AxisUnits]] | None = None,
         keep_task_id: str = "",
+        local: LocalState | None = None,
     ) -> None:
         """Remember a reply (and its slice, which becomes the previous local slice) atomically.
 
@@ -161,6 +205,7 @@ class Ledger:
             units, axes: the slice's units and split axes (to re-slice it later).
             keep_task_id: a task whose slice is kept as well as the newest one (the task's
                 negative: a retry of the round names it again).
+            local: a compressed task's trained slice and residual, kept beside its uploaded update.
         """
         names = self._reply_dirs_newest_first()
         name = str(int(names[0]) + 1 if names else 0)
@@ -174,6 +219,10 @@ class Ledger:
                 "task": list(key),
             }
             atomic_write(folder / "index.json", json.dumps(index).encode("utf-8"))
+            if local is not None:  # before slice.safetensors, which marks the folder as holding a slice
+                atomic_write(folder / "trained.safetensors", local.trained)
+                if local.residual is not None:
+                    atomic_write(folder / "residual.safetensors", local.residual)
             atomic_write(folder / "slice.safetensors", slice_bytes)
         handled = [k for k in self._handled if k != key] + [key]
         handled = handled[-KEEP_HANDLED:]

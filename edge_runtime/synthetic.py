@@ -32,11 +32,17 @@ import numpy as np
 from msfusion.data.sources import DataSpec, detect_format, open_source
 from msfusion.edge_runtime.config import DeviceConfig
 from msfusion.edge_runtime.daemon import Daemon
-from msfusion.edge_runtime.trainer import TaskOutcome, TrainingStopped, check_task_sizes, slice_transfer_id
+from msfusion.edge_runtime.trainer import (
+    TaskOutcome,
+    TrainingStopped,
+    check_task_sizes,
+    pack_slice,
+    slice_transfer_id,
+)
 from msfusion.errors import MsfusionError
 from msfusion.wire.bulk import make_manifest
+from msfusion.wire.codec import unpack
 from msfusion.wire.protocol import DataReport, SliceResult, TaskFailed, TrainTask
-from msfusion.wire.weights import pack_weights, unpack_weights
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +79,8 @@ class SyntheticDaemon(Daemon):
         started = time.perf_counter()
         try:
             check_task_sizes(task, self.config.memory_budget_bytes)
-            start = unpack_weights(self.fetch(task.weights, pull=False))
+            received = self.fetch(task.weights, pull=False)
+            start = unpack(received, task.codec, update=False)
             rng = np.random.default_rng(task.seed)
             trained = {
                 name: (values + NOISE * rng.standard_normal(values.shape, dtype=np.float32)).astype(values.dtype)
@@ -81,7 +88,8 @@ class SyntheticDaemon(Daemon):
             }
             if self.delay_s > 0 and self._stop.wait(self.delay_s):
                 raise TrainingStopped("stopping: the synthetic task is abandoned")
-            packed = pack_weights(trained)
+            # In the task's codec, as a board sends it (no residual: a synthetic device reads no state back).
+            packed, local = pack_slice(task, received, trained)
             n_samples = (
                 self._report.n_samples if task.max_samples == 0 else min(task.max_samples, self._report.n_samples)
             )
@@ -97,7 +105,7 @@ class SyntheticDaemon(Daemon):
                 peak_rss_bytes=0,  # the host's memory is every device's: no figure of this one
                 wall_s=time.perf_counter() - started,
             )
-            return TaskOutcome(reply, packed)
+            return TaskOutcome(reply, packed, local)
         except TrainingStopped:
             raise
         except MsfusionError as exc:

@@ -6,7 +6,9 @@ step time and peak memory. The MQTT daemon's `train_task(task)` wraps it:
 fetch and unpack the artifact (`artifacts.unpack_artifact`), unpack the
 weights (`weights.unpack_weights`), build the frozen references
 (`artifacts.reference_weights` over `indexing.reslice_previous`), call
-`train_local`, and pack the result (`weights.pack_weights`).
+`train_local`, and pack the result (`weights.pack_weights`). A task in a compressed codec
+(`TrainTask.codec`, `wire/codec.py`) sends the rounded weights and gets back the rounded update
+(trained - received), the int8 one with error feedback: `pack_slice`.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from msfusion.algorithm.slicing import Weights
 from msfusion.data.sources import Source, open_source
 from msfusion.edge_runtime.backends.base import TrainingBackend, make_backend
 from msfusion.edge_runtime.config import data_spec
-from msfusion.edge_runtime.ledger import slice_index
+from msfusion.edge_runtime.ledger import LocalState, slice_index
 from msfusion.edge_runtime.memory import MemoryReport, MemorySampler, current_rss_bytes
 from msfusion.errors import (
     ArtifactError,
@@ -44,6 +46,7 @@ from msfusion.wire.artifacts import (
 )
 from msfusion.wire.bulk import make_manifest
 from msfusion.wire.bulk import slice_transfer_id as bulk_slice_transfer_id
+from msfusion.wire.codec import check_like, pack_update, unpack
 from msfusion.wire.protocol import (
     BulkRef,
     SliceResult,
@@ -51,7 +54,7 @@ from msfusion.wire.protocol import (
     TrainTask,
     failure_code,
 )
-from msfusion.wire.weights import pack_weights, unpack_weights
+from msfusion.wire.weights import pack_weights
 
 if TYPE_CHECKING:
     from msfusion.edge_runtime.config import DeviceConfig
@@ -201,6 +204,7 @@ class TaskOutcome:
 
     reply: SliceResult | TaskFailed
     slice_bytes: bytes | None
+    local: LocalState | None = None  # a compressed task's trained slice and residual (the ledger keeps them)
 
 
 class TaskIO(Protocol):
@@ -288,6 +292,47 @@ def slice_transfer_id(task: TrainTask) -> str:
     return bulk_slice_transfer_id(task.task_id, task.device_id)
 
 
+def pack_slice(
+    task: TrainTask,
+    received: bytes,
+    trained: Mapping[str, npt.NDArray[np.float32]],
+    previous_index: Mapping[str, TensorIndex] | None = None,
+    residual: Mapping[str, npt.NDArray[np.float32]] | None = None,
+) -> tuple[bytes, LocalState | None]:
+    """The slice to upload in the task's codec, and what the device keeps of it.
+
+    fp32: the trained weights. fp16 / int8: the rounded update, trained - what was received (the
+    coordinator adds it to the exact sub-model it cut); int8 first adds the residual of the last
+    update (error feedback), re-sliced to this task's elements: units no longer held drop theirs,
+    new units start at 0.
+
+    Args:
+        task: the task.
+        received: the task's weights payload, as fetched.
+        trained: the trained slice.
+        previous_index: the element indices `residual` is on (those of the negative's slice).
+        residual: int8: what rounding took from that slice's update (None: none).
+
+    Returns:
+        The payload, and (compressed tasks) the trained slice and the new residual, packed.
+
+    Raises:
+        ArtifactError, ProtocolError: `received` does not decode.
+        InvalidSlice: the trained slice holds a tensor the task did not send, or another shape.
+    """
+    if task.codec == "fp32":
+        return pack_weights(trained), None
+    start = unpack(received, task.codec, update=False)
+    check_like(trained, start)
+    update = {name: np.asarray(values, np.float32) - start[name] for name, values in trained.items()}
+    carried = None
+    if residual is not None and previous_index is not None:
+        zeros = {name: np.zeros_like(values) for name, values in update.items()}
+        carried = reslice_previous(zeros, slice_index(task.units, task.tensor_axes), residual, previous_index)
+    packed, kept = pack_update(update, task.codec, carried)
+    return packed, LocalState(pack_weights(trained), None if kept is None else pack_weights(kept))
+
+
 def train_task(
     task: TrainTask,
     io: TaskIO,
@@ -296,6 +341,7 @@ def train_task(
     on_progress: Callable[[float], None] | None = None,
     source: Source | None = None,
     stop: threading.Event | None = None,
+    residual: Weights | None = None,
 ) -> TaskOutcome:
     """Run one fleet task: artifact, weights, the re-sliced negative, local training, the packed slice.
 
@@ -307,6 +353,7 @@ def train_task(
         on_progress: called with the share of steps done.
         source: the device's data, opened (None: open `config`'s data now).
         stop: set by the daemon's SIGTERM handler: training ends at the next step boundary.
+        residual: an int8 task's error-feedback residual of `previous`'s update, on its elements.
 
     Returns:
         The reply to send: a SliceResult with its packed slice, or a TaskFailed
@@ -328,8 +375,12 @@ def train_task(
             unpack_artifact(io.fetch(task.artifact, pull=True), staging)
             staging.rename(artifact_dir)
         manifest = load_manifest(artifact_dir)
-        # The global sub-model this round starts from, and the contrastive term's positive.
-        start = unpack_weights(io.fetch(task.weights, pull=False))
+        # The global sub-model this round starts from (in the task's codec: rounded), and the contrastive
+        # term's positive. A compressed payload is kept (a quarter of the fp32 size at int8): `start`
+        # itself is released during training, and the update is taken against it.
+        received = io.fetch(task.weights, pull=False)
+        start = unpack(received, task.codec, update=False)
+        received = received if task.codec != "fp32" else b""  # fp32: the slice is the trained weights
         # The previous local slice re-sliced to this round's units: the contrastive negative.
         index_now = slice_index(task.units, task.tensor_axes)
         prev_weights, prev_index = previous if previous is not None else (None, None)
@@ -382,7 +433,7 @@ def train_task(
             raise _DeadlinePassed(
                 f"training took {time.perf_counter() - started:.1f} s, over the task's {task.deadline_s:.1f} s"
             )
-        packed = pack_weights(result.weights)
+        packed, local = pack_slice(task, received, result.weights, prev_index, residual)
         upload = make_manifest(slice_transfer_id(task), "slice", packed)
         reply: SliceResult | TaskFailed = SliceResult(
             run_id=task.run_id,
@@ -396,7 +447,7 @@ def train_task(
             peak_rss_bytes=result.peak_rss_bytes,
             wall_s=time.perf_counter() - started,
         )
-        return TaskOutcome(reply, packed)
+        return TaskOutcome(reply, packed, local)
     except TrainingStopped:
         raise
     except Exception as exc:  # noqa: BLE001 - the task's boundary: every failure becomes one TaskFailed

@@ -183,6 +183,22 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
+def test_only_the_ray_fleet_imports_ray() -> None:
+    """Ray is the coordinator's dependency for `simulate --engine ray`; the boards never import it."""
+    found = set()
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            else:
+                continue
+            if any(n == "ray" or n.startswith("ray.") for n in names):
+                found.add(name)
+    assert found == {"msfusion.coordinator.fleet.ray_fleet"}
+
+
 def test_no_module_circles() -> None:
     graph = {n: {t for t in ts if t in MODULES and t != n} for n, ts in GRAPH.items()}
     assert not _cycles(graph)

@@ -2,6 +2,7 @@
 
     msfusion coordinator run --config run.toml [--resume] [--rounds N] [--broker URL] [--out DIR]
     msfusion simulate --devices 8 --rounds 10 --out runs/sim [--broker mqtt://host:port] [--backend ort]
+        [--engine process|ray [--address auto|HOST:PORT]]
     msfusion partition --devices 8 --out shards/ [--scheme dirichlet --alpha 0.5]
     msfusion train --devices 8 --rounds 10 --out runs/ref      (the in-process reference engine)
     msfusion runs list [--root runs] | show RUN | follow RUN | stop RUN
@@ -278,7 +279,15 @@ def _partition(
 
 @app.command()
 def simulate(
-    devices: int = typer.Option(8, help="number of device processes"),
+    devices: int = typer.Option(8, help="number of simulated devices"),
+    launcher: str = typer.Option(
+        "process",
+        "--engine",
+        help="how the devices run: process (one OS process each, here) or ray (one Ray actor each, in a Ray cluster)",
+    ),
+    ray_address: str = typer.Option(
+        "auto", "--address", help="--engine ray: auto (a running Ray cluster, else a local one) or HOST:PORT"
+    ),
     rounds: int = typer.Option(10),
     out: Path = typer.Option(Path("runs/simulate"), help="output folder"),
     broker: Optional[str] = typer.Option(None, help="use this broker (mqtt://host:port) instead of a private one"),
@@ -315,20 +324,27 @@ def simulate(
 ) -> None:
     """Share out a data set (Fashion-MNIST by default), start N device daemons and a coordinator, train end to end.
 
+    The daemons run as local processes, or with --engine ray as Ray actors (each reserving its budget as
+    Ray's memory resource); the broker and the coordinator run here either way.
+
     Exit codes: 0 success, 1 run failed (a round below quorum, too few devices admitted), 2 config,
     3 broker unreachable, 4 data, 130 interrupted or stopped by `msfusion runs stop`.
     """
     from msfusion.coordinator.cli.console import RichProgress, print_summary
     from msfusion.coordinator.fleet.artifacts import ExportedArtifacts
     from msfusion.coordinator.fleet.config import RoundConfig
-    from msfusion.coordinator.fleet.local_fleet import SimulationConfig, partition_data
+    from msfusion.coordinator.fleet.local_fleet import LAUNCHERS, SimulationConfig, partition_data
     from msfusion.coordinator.fleet.local_fleet import simulate as run_simulation
+    from msfusion.coordinator.fleet.ray_fleet import RayOptions
 
     with cli_errors():
         # The flags first: partitioning the data can take minutes.
         check_rounds(rounds)
         check_backend(backend)
         parse_channels(channels)
+        if launcher not in LAUNCHERS:
+            raise ConfigError(f"--engine must be one of {', '.join(LAUNCHERS)}, got {launcher!r}")
+        ray = RayOptions(address=ray_address)
         shares = _partition(devices, seed, samples_per_device, partition, data, 1000)
         shards = partition_data(shares, out / "shards")
         geometry = fit_model(model, shards)
@@ -346,6 +362,8 @@ def simulate(
             max_width_ratio=min(caps) if caps else None,
             round=RoundConfig(deadline_s=deadline_s),
             secure=not insecure,
+            launcher=launcher,
+            ray=ray,
         )
         setup_logging(log_level, out / "logs" / "coordinator.log")
         with serve_dashboard(dashboard, out) as watch, RichProgress(rounds) as progress:

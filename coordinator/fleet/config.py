@@ -18,6 +18,8 @@ A run file looks like this (every table and key is optional except `model`)::
     [engine]                   # the algorithm: exactly the reference engine's knobs
     rounds = 10
     seed = 0
+    # codec = "int8"           # transfers: "fp32" (default), "fp16" or "int8" (the update up, error feedback);
+                               # a device that does not list it (`Capacity.codecs`) gets fp32
     [engine.model]
     arch = "cnn"
     channels = [8, 16, 32]
@@ -27,12 +29,13 @@ A run file looks like this (every table and key is optional except `model`)::
     [engine.local.optimizer]   # name ("sgd", "adamw"), momentum, weight_decay, betas, eps, scaler_compensation
     [engine.loss]              # variant ("off", "positive", "moon"), mu, tau
     [engine.merge]             # norm_bound (x the round's median update norm; 0: off), norm_action ("reject",
-                               # "clip"), aggregate ("mean", "trimmed_mean", "median"), trim
+                               # "clip"), aggregate ("mean", "trimmed_mean", "median"), trim,
+                               # staleness_exponent, max_staleness (asynchronous rounds' late slices)
 
     [data]                     # pin the run's preprocessing instead of agreeing it from the devices' reports:
                                # mean, std (per channel, of pixels in [0, 1]), classes, vocab
 
-    [round]                    # deadline_s, quorum, max_attempts, stall_s
+    [round]                    # deadline_s, quorum, max_attempts, stall_s, asynchronous
     [fleet]                    # min_devices, wait_s, heartbeat_timeout_s, memory_margin
 
 `load_config(path, overrides)` applies CLI flags (a flat dict of top-level,
@@ -70,12 +73,21 @@ class RoundConfig:
             the round to be merged; below it the round is retried.
         max_attempts: tries of one round before the run fails.
         stall_s: seconds without a new chunk of a slice before asking for the missing ones.
+        asynchronous: a slice that comes after its round closed is merged into the round then
+            open, with the staleness weight of `[engine.merge]` (staleness_exponent,
+            max_staleness), instead of being dropped; its device gets no new task until then.
+            False (synchronous rounds): every round's tasks answer in it, or not at all.
     """
 
     deadline_s: float = 120.0
     quorum: float = 0.5
     max_attempts: int = 3
     stall_s: float = 5.0
+    asynchronous: bool = False
+
+    def task_deadline_s(self, max_staleness: int) -> float:
+        """How long a device may train a task: the round's deadline, or (asynchronous) until its slice is too late."""
+        return min(MAX_DEADLINE_S, self.deadline_s * (1 + max_staleness)) if self.asynchronous else self.deadline_s
 
     def __post_init__(self) -> None:
         if self.deadline_s <= 0 or self.stall_s <= 0:

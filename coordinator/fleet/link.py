@@ -16,7 +16,7 @@ import logging
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Mapping, Union
+from typing import Any, Callable, Collection, Iterable, Iterator, Mapping, Union
 
 import msgspec
 
@@ -288,12 +288,15 @@ class CoordinatorLink:
             log.warning("could not clear every retained message of the run: %s", exc)
         return cleared
 
-    def forget_slices(self) -> None:
-        """Drop every half-received slice (the round closed)."""
-        for transfer_id in list(self._pending):
-            self._receiver.drop(transfer_id)
-        self._pending.clear()
+    def forget_slices(self, keep: Collection[str] = ()) -> None:
+        """Drop every half-received slice (the round closed) but those of the devices in `keep` (late tasks)."""
+        for transfer_id, pending in list(self._pending.items()):
+            if pending.device_id not in keep:
+                self._receiver.drop(transfer_id)
+                del self._pending[transfer_id]
+        kept = [arrived for arrived in self._ready if arrived.device_id in keep]
         self._ready.clear()
+        self._ready.extend(kept)
 
     # In.
 

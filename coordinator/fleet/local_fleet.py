@@ -7,7 +7,8 @@
     logs/devNNN.log, logs/broker.log
     metrics.jsonl, summary.json, model.safetensors, accuracy.png, checkpoint/
 
-With no broker URL it starts a private one (Mosquitto if installed, else amqtt).
+With no broker URL it starts a private one (Mosquitto if installed, else amqtt). With `launcher="ray"`
+the daemons run as Ray actors instead of local processes (`ray_fleet.py`); the rest is the same.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -31,6 +32,7 @@ from msfusion.coordinator.fleet.config import (
     RoundConfig,
 )
 from msfusion.coordinator.fleet.events import RunEvents
+from msfusion.coordinator.fleet.ray_fleet import RayDevices, RayOptions, connect, disconnect, load_configs
 from msfusion.coordinator.fleet.report import RunSummary
 from msfusion.coordinator.fleet.rounds import ArtifactSource
 from msfusion.coordinator.fleet.runner import RunProgress, run_coordinator
@@ -286,7 +288,14 @@ def start_synthetic_hosts(
             hosts.append(
                 subprocess.Popen(
                     [sys.executable, "-m", "msfusion.edge_runtime.synthetic", "--broker", broker, "--run-id", run_id]
-                    + ["--data", str(data), "--state", str(state), "--ids", ",".join(map(device_id, range(first, first + count)))]
+                    + [
+                        "--data",
+                        str(data),
+                        "--state",
+                        str(state),
+                        "--ids",
+                        ",".join(map(device_id, range(first, first + count))),
+                    ]
                     + ["--heartbeat-s", str(heartbeat_s), *extra],
                     stdout=handle,
                     stderr=subprocess.STDOUT,
@@ -305,8 +314,12 @@ def write_device_configs(
     max_width_ratio: float | None,
     heartbeat_s: float = 2.0,
     secure: SecureBroker | None = None,
+    straggle_s: Mapping[str, float] | None = None,
 ) -> list[Path]:
-    """One device.toml per shard, in out/devices/devNNN/ (with `secure`: its TLS identity and keys)."""
+    """One device.toml per shard, in out/devices/devNNN/ (with `secure`: its TLS identity and keys).
+
+    `straggle_s`: device id -> seconds it waits before each reply (a simulated straggler).
+    """
     paths = []
     for index in range(len(shards.devices)):
         folder = out / "devices" / device_id(index)
@@ -324,6 +337,7 @@ def write_device_configs(
             max_width_ratio=max_width_ratio,
             heartbeat_s=heartbeat_s,
             keepalive_s=5,
+            straggle_s=(straggle_s or {}).get(device_id(index), 0.0),
             **(_secure_fields(secure, device_id(index)) if secure is not None else {}),
         )
         path = folder / "device.toml"
@@ -377,6 +391,11 @@ class SimulationConfig:
         round: per-round knobs.
         secure: with no `broker` given, run the private Mosquitto with throw-away credentials, mutual
             TLS and the run's ACL, signed tasks and authenticated results (False: anonymous plain TCP).
+        straggle_s: device id -> seconds that device waits before each reply (simulated stragglers).
+        launcher: how the devices run: "process" (one OS process each, on this machine) or "ray" (one Ray
+            actor each, anywhere in a Ray cluster: `coordinator/fleet/ray_fleet.py`).
+        ray: where and how the Ray actors run (launcher "ray" only).
+        min_devices: live devices needed before each round (None: every device).
     """
 
     engine: EngineConfig
@@ -389,6 +408,19 @@ class SimulationConfig:
     max_width_ratio: float | None = None
     round: RoundConfig = field(default_factory=RoundConfig)
     secure: bool = True
+    straggle_s: Mapping[str, float] = field(default_factory=dict)
+    launcher: str = "process"
+    ray: RayOptions = field(default_factory=RayOptions)
+    min_devices: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.launcher not in LAUNCHERS:
+            raise ConfigError(f"the simulator's engine must be one of {LAUNCHERS}, got {self.launcher!r}")
+        if self.min_devices is not None and self.min_devices < 1:
+            raise ConfigError(f"min_devices must be >= 1, got {self.min_devices}")
+
+
+LAUNCHERS = ("process", "ray")
 
 
 def simulate(
@@ -397,7 +429,7 @@ def simulate(
     progress: RunProgress | None = None,
     on_events: Callable[[RunEvents], None] | None = None,
 ) -> RunSummary:
-    """Partition, start a broker (unless given) and N daemons, run the coordinator, clean up.
+    """Partition, start a broker (unless given) and N daemons (processes or Ray actors), run the coordinator, clean up.
 
     Returns:
         The run's summary (also in `config.out`/summary.json).
@@ -418,9 +450,20 @@ def simulate(
         broker = start_private_broker(out / "logs" / "broker.log")
         url = broker.url
     paths = write_device_configs(
-        out, shards, run_id, url, config.backend, config.memory_budget_bytes, config.max_width_ratio, secure=secure
+        out,
+        shards,
+        run_id,
+        url,
+        config.backend,
+        config.memory_budget_bytes,
+        config.max_width_ratio,
+        secure=secure,
+        straggle_s=config.straggle_s,
     )
-    processes = [start_device(path, out / "logs" / f"{device_id(i)}.log") for i, path in enumerate(paths)]
+    processes: list[subprocess.Popen[bytes]] = []
+    actors = RayDevices(config.ray) if config.launcher == "ray" else None
+    if actors is None:
+        processes = [start_device(path, out / "logs" / f"{device_id(i)}.log") for i, path in enumerate(paths)]
     coordinator = CoordinatorConfig(
         engine=config.engine,
         run_id=run_id,
@@ -430,15 +473,21 @@ def simulate(
         validation_shard=shards.validation,
         backend=config.backend,
         round=config.round,
-        fleet=FleetConfig(min_devices=len(shards.devices), wait_s=120.0),
+        fleet=FleetConfig(min_devices=config.min_devices or len(shards.devices), wait_s=120.0),
         security=secure.security.path if secure is not None else None,
         mqtt="5" if secure is not None else "3.1.1",
     )
+    ray_started = False
     try:
+        if actors is not None:  # the coordinator starts once every actor is placed (minutes for many)
+            ray_started = connect(config.ray.address)
+            actors.start(load_configs(paths), out / "logs")
         summary = run_coordinator(coordinator, artifacts, progress=progress, on_events=on_events)
     finally:
-        codes = stop_processes(processes)
+        codes = stop_processes(processes) if actors is None else actors.stop()
         log.info("device exit codes: %s", codes)
+        if ray_started:
+            disconnect()
         if broker is not None:
             broker.stop()
     return summary

@@ -144,6 +144,7 @@ class DeviceRecord:
     board: str = ""  # the board profile it reported
     arch: str = ""
     cores: int = 0
+    codecs: tuple[str, ...] = ("fp32",)  # the transfer codecs it decodes (`Capacity.codecs`)
 
 
 class Fleet:
@@ -256,6 +257,7 @@ class Fleet:
             board=msg.capacity.board,
             arch=msg.capacity.arch,
             cores=msg.capacity.cores,
+            codecs=tuple(msg.capacity.codecs),
         )
         self.devices[msg.device_id] = record
         log.info(

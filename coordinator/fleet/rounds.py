@@ -35,11 +35,12 @@ from msfusion.coordinator.fleet.link import (
 )
 from msfusion.coordinator.fleet.registry import Fleet
 from msfusion.data.datasets import ArrayDataset
-from msfusion.errors import ArtifactError, InvalidSlice
+from msfusion.errors import ArtifactError, InvalidSlice, ProtocolError
 from msfusion.models.evaluate import evaluate
 from msfusion.models.registry import input_scales
 from msfusion.recipe import EngineConfig, device_seed
 from msfusion.wire.bulk import make_manifest, slice_transfer_id, transfer_id
+from msfusion.wire.codec import Codec, check_codec, check_like, pack, unpack
 from msfusion.wire.protocol import (
     AxisUnits,
     BulkRef,
@@ -51,7 +52,7 @@ from msfusion.wire.protocol import (
     TrainTask,
 )
 from msfusion.wire.transport import ConnectionChanged
-from msfusion.wire.weights import nbytes, pack_weights, unpack_weights
+from msfusion.wire.weights import nbytes
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,9 @@ class RoundContext:
         cohold: how merged slices held every scaled weight (the co-hold weighted model's counts; None: not kept).
         preprocessing: how devices turn their raw data into the model's inputs (None: as stored), sent in every task.
         on_tick: called about twice a second while collecting (progress displays).
+        late: asynchronous rounds (`round.asynchronous`): the tasks still out when their round
+            closed, by device; such a device is left out of the plans until its slice comes (merged
+            into the round then open, with the staleness weight) or is given up on.
     """
 
     run_id: str
@@ -101,6 +105,7 @@ class RoundContext:
     cohold: CoHoldStats | None = None
     preprocessing: Preprocessing | None = None
     on_tick: Callable[[int, Mapping[str, str]], None] | None = None
+    late: dict[str, _Sent] = field(default_factory=dict)
 
 
 @dataclass
@@ -128,6 +133,10 @@ class RoundOutcome:
     end_sha256: str = ""  # ... and of the merged weights (empty when not merged)
     clipped: dict[str, str] = field(default_factory=dict)  # device -> why its update was scaled to the norm bound
     update_norms: dict[str, float] = field(default_factory=dict)  # RMS of (returned - sent) of each valid slice
+    # Asynchronous rounds: device -> what became of a late task's slice this round ("merged: round 3, 1 late,
+    # weight x0.707", "rejected: ...", "failed: ...", "given up: ...", "pending: ...": still training).
+    late: dict[str, str] = field(default_factory=dict)
+    reply_s: dict[str, float] = field(default_factory=dict)  # device -> seconds from its task sent to its reply
 
 
 def tensor_axes(spec: ModelSpec) -> dict[str, list[AxisUnits]]:
@@ -149,8 +158,13 @@ def make_task(
     artifact: BulkRef,
     weights: BulkRef,
     negative_task_id: str = "",
+    codec: Codec = "fp32",
 ) -> TrainTask:
-    """The task telling one device what to train this round (`negative_task_id`: whose slice is its negative)."""
+    """The task telling one device what to train this round.
+
+    `negative_task_id`: whose slice is its negative; `codec`: how `weights` is encoded and the slice
+    must come back (`task_codec`: the run's, if the device decodes it).
+    """
     cfg = ctx.engine
     return TrainTask(
         run_id=ctx.run_id,
@@ -171,10 +185,18 @@ def make_task(
         contrastive=cfg.loss.variant.value,
         optimizer=cfg.local.optimizer.name,
         seed=device_seed(cfg.seed, round_idx, index),
-        deadline_s=ctx.round.deadline_s,
+        deadline_s=ctx.round.task_deadline_s(cfg.merge.max_staleness),
         preprocessing=ctx.preprocessing,
         negative_task_id=negative_task_id,
+        codec=codec,
     )
+
+
+def task_codec(ctx: RoundContext, device_id: str) -> Codec:
+    """The run's codec (`[engine] codec`) if the device lists it in `Capacity.codecs`, else fp32."""
+    codec = check_codec(ctx.engine.codec)
+    record = ctx.fleet.devices.get(device_id)
+    return codec if record is not None and codec in record.codecs else "fp32"
 
 
 @dataclass
@@ -182,10 +204,31 @@ class _Sent:
     """A task as sent, with what it takes to resend it and to merge its reply."""
 
     task: TrainTask
-    weights: bytes  # packed global sub-model
+    weights: bytes  # the global sub-model, packed in the task's codec
     units: Mapping[str, IndexArray]
     fp32_bytes: int  # the slice's raw size, the yardstick for bytes on the wire
     width_ratio: float  # the ratio the device trains at (a memory failure caps it below this)
+    exact: Weights | None = None  # a compressed task's exact sub-model: its slice is an update of this
+    sent_at: float = 0.0  # time.monotonic() when its task went out
+    base: Weights | None = None  # a late task's sub-model as cut (its slice's update starts there)
+
+
+def _as_late(item: _Sent) -> _Sent:
+    """A task still out when its round closed, with the exact sub-model it was cut from kept for its late slice."""
+    return replace(item, base=item.exact if item.exact is not None else unpack(item.weights, "fp32", update=False))
+
+
+def _expire_late(ctx: RoundContext, round_idx: int) -> dict[str, str]:
+    """Give up on late tasks too old to merge into round `round_idx`; returns the notes for the outcome."""
+    notes = {}
+    limit = ctx.engine.merge.max_staleness
+    for device_id, item in list(ctx.late.items()):
+        if round_idx - item.task.round_idx > limit:
+            notes[device_id] = f"given up: its slice of round {item.task.round_idx} would be over {limit} rounds late"
+            ctx.fleet.note_failure(device_id, notes[device_id])
+            ctx.link.withdraw(item.task.weights.transfer_id)
+            del ctx.late[device_id]
+    return notes
 
 
 def handle_fleet_message(ctx: RoundContext, inbound: Inbound, now: float) -> None:
@@ -233,7 +276,8 @@ def run_round(
     # Plan (the core): devices in id order, as the reference engine orders them.
     # The overlap target adapts here, from the last merge's disagreement, exactly as in the reference engine.
     overlap = next_overlap(ctx.engine.overlap, round_idx, state.overlap, state.disagreement)
-    devices = ctx.fleet.participants(time.monotonic())
+    late_notes = _expire_late(ctx, round_idx)
+    devices = [d for d in ctx.fleet.participants(time.monotonic()) if d.device_id not in ctx.late]
     plan = plan_round(ctx.spec, devices, round_idx, overlap, ctx.engine.plan)
     # The ratio each device trains at (msfusion may plan one below what the device affords).
     ratios = {
@@ -257,16 +301,21 @@ def run_round(
     for index, device in enumerate(devices):
         units = plan.units(device.device_id)
         sub = slice_weights(weights, ctx.spec, units)  # (K*u, ...) -> (k*u, ...) per grouped axis
-        packed = pack_weights(sub)
+        codec = task_codec(ctx, device.device_id)
+        packed = pack(sub, codec)  # fp32: the weights; fp16 / int8: their rounding (the update comes back)
         manifest = make_manifest(transfer_id("w", task_id, device.device_id), "weights", packed)
         artifact = artifacts[tuple(sorted(plan.widths(device.device_id).items()))][0]
         # Its negative: its slice merged in the last merged round, never one of a discarded attempt.
         negative = state.negatives.get(device.device_id, "")
-        task = make_task(ctx, round_idx, task_id, device.device_id, index, units, artifact, manifest, negative)
-        sent[device.device_id] = _Sent(task, packed, units, nbytes(sub), ratios[device.device_id])
+        task = make_task(ctx, round_idx, task_id, device.device_id, index, units, artifact, manifest, negative, codec)
+        exact = sub if codec != "fp32" else None
+        sent[device.device_id] = _Sent(task, packed, units, nbytes(sub), ratios[device.device_id], exact)
     lap("slice_s")
 
     # Send.
+    max_late = ctx.engine.merge.max_staleness
+    for item in sent.values():
+        item.sent_at = time.monotonic()
     down_before = dict(ctx.link.bytes_down)
     up_before = dict(ctx.link.bytes_up)
     ctx.link.send_tasks((item.task, item.weights) for item in sent.values())
@@ -277,10 +326,21 @@ def run_round(
     # update-norm bound on (the default) the valid slices are kept until collection ends instead, since the
     # bound is relative to the round's median: memory is then the sum of the slice sizes.
     accumulator = MergeAccumulator(weights, ctx.spec, round_idx, ctx.engine.merge)
-    replies, results, merge_s = _collect(ctx, sent, accumulator, time.monotonic() + ctx.round.deadline_s)
+    arrivals: dict[str, float] = {}
+    late_merged: dict[str, _Sent] = {}
+    replies, results, merge_s = _collect(
+        ctx, sent, accumulator, time.monotonic() + ctx.round.deadline_s, arrivals, late_notes, late_merged
+    )
     lap("collect_s")
+    if ctx.round.asynchronous:  # still training: its slice is merged into a later round if it comes in time
+        for device_id, item in sent.items():
+            if replies[device_id] == "no reply":
+                ctx.late[device_id] = _as_late(item)
+                note = f"pending: merged into a later round, at most {max_late} rounds late"
+                late_notes[device_id] = f"{late_notes[device_id]}; {note}" if device_id in late_notes else note
     for item in sent.values():
-        ctx.link.withdraw(item.task.weights.transfer_id)
+        if item.task.device_id not in ctx.late:
+            ctx.link.withdraw(item.task.weights.transfer_id)
 
     outcome = RoundOutcome(
         round_idx=round_idx,
@@ -298,6 +358,8 @@ def run_round(
         width_ratios={d: item.width_ratio for d, item in sent.items()},
         timings_s=timings,
         start_sha256=weights_digest(weights),
+        late=late_notes,
+        reply_s=arrivals,
     )
 
     # Merge what arrived, if enough did; a round below quorum is retried, not merged.
@@ -305,6 +367,9 @@ def run_round(
     clock = time.perf_counter()
     new_weights, report = accumulator.result()
     _screened(ctx, replies, report)
+    for device_id in [d for d in late_merged if d not in report.merged]:  # refused by the round's norm bound
+        outcome.late[device_id] = f"rejected: {report.rejected.get(device_id, 'by the merge')}"
+        del late_merged[device_id]
     outcome.clipped, outcome.update_norms = dict(report.clipped), dict(report.update_norms)
     merged = [d for d, reply in replies.items() if reply == "merged"]
     needed = max(1, int(np.ceil(ctx.round.quorum * len(sent))))
@@ -317,10 +382,15 @@ def run_round(
             len(sent),
             needed,
         )
+        for device_id in late_merged:
+            outcome.late[device_id] = "lost: its round was not merged"
         return outcome, weights, state
     if ctx.cohold is not None:  # what the merged slices held, for the co-hold weighted model
         for device_id in merged:
             ctx.cohold.add(sent[device_id].units, input_scales(ctx.engine.model, plan.widths(device_id)))
+        for item in late_merged.values():
+            widths = {group: len(units) for group, units in item.units.items()}
+            ctx.cohold.add(item.units, input_scales(ctx.engine.model, widths))
     lap("merge_s")
     timings["merge_s"] += merge_s
 
@@ -330,7 +400,11 @@ def run_round(
 
     # The next round adapts the overlap from this one's target and measured disagreement.
     # Each device whose slice was merged trains against that slice next (the others keep their last one).
-    negatives = {**state.negatives, **{d: sent[d].task.task_id for d in merged}}
+    negatives = {
+        **state.negatives,
+        **{d: item.task.task_id for d, item in late_merged.items()},
+        **{d: sent[d].task.task_id for d in merged},
+    }
     next_state = replace(
         state, next_round=round_idx + 1, overlap=overlap, disagreement=report.disagreement, negatives=negatives
     )
@@ -347,23 +421,53 @@ def run_round(
 
 
 def _collect(
-    ctx: RoundContext, sent: Mapping[str, _Sent], accumulator: MergeAccumulator, deadline: float
+    ctx: RoundContext,
+    sent: Mapping[str, _Sent],
+    accumulator: MergeAccumulator,
+    deadline: float,
+    arrivals: dict[str, float],
+    late_notes: dict[str, str],
+    late_merged: dict[str, _Sent],
 ) -> tuple[dict[str, str], dict[str, SliceResult], float]:
     """Handle events until every device replied or the deadline passed.
 
+    Late tasks (`ctx.late`, asynchronous rounds) are answered for on the side: a late slice that
+    comes is merged into this round's accumulator (its staleness weight is the merge's) and its
+    device leaves `ctx.late` (into `late_merged` when merged), with a note in `late_notes`.
+
     Returns:
         Per device its reply ("merged", "rejected: ...", "failed: ...", or
-        "no reply"), the result each slice came with (its peak RSS and step time), and the seconds spent merging.
+        "no reply"), the result each slice came with (its peak RSS and step time), and the seconds
+        spent merging; `arrivals` gets, per slice that arrived (a late one's too), the seconds since its task went out.
     """
     replies: dict[str, str] = {}
     rejected: dict[str, str] = {}  # the last refused reply of a device whose slot stays open (the reply if none comes)
     results: dict[str, SliceResult] = {}
+    late = ctx.late
+    late_replies: dict[str, str] = {}  # late tasks answer here, never in `replies`
+    late_rejected: dict[str, str] = {}
     merge_s = 0.0
     last_tick = 0.0
     last_stall_check = 0.0
+
+    def settle_late() -> None:  # a late task answered: it leaves ctx.late, its note says how
+        for device_id, reply in late_replies.items():
+            item = late.pop(device_id, None)
+            if item is None:
+                continue
+            ctx.link.withdraw(item.task.weights.transfer_id)
+            if reply == "merged":
+                late_merged[device_id] = item
+                s = accumulator_round - item.task.round_idx
+                weight = ctx.engine.merge.staleness_weight(s)
+                reply = f"merged: its slice of round {item.task.round_idx}, {s} late, weight x{weight:.3g}"
+            late_notes[device_id] = reply
+        late_replies.clear()
+
+    accumulator_round = next(iter(sent.values())).task.round_idx if sent else 0
     while len(replies) < len(sent) and (now := time.monotonic()) < deadline:
         if ctx.on_tick is not None and now - last_tick >= 0.5:
-            ctx.on_tick(sent[next(iter(sent))].task.round_idx, replies)
+            ctx.on_tick(accumulator_round, replies)
             last_tick = now
         if now - last_stall_check >= STALL_CHECK_S:  # O(slices in flight): not after every message
             last_stall_check = now
@@ -371,6 +475,16 @@ def _collect(
                 device_id = stalled.device_id
                 if device_id in sent and device_id not in replies:
                     _refuse(ctx, sent[device_id], replies, rejected, stalled, "slice transfer incomplete", "failed")
+                elif device_id in late:
+                    _refuse(
+                        ctx,
+                        late[device_id],
+                        late_replies,
+                        late_rejected,
+                        stalled,
+                        "slice transfer incomplete",
+                        "failed",
+                    )
         match ctx.link.poll(min(0.5, deadline - now)):
             case None:
                 pass
@@ -381,9 +495,13 @@ def _collect(
             case Malformed(device_id=device_id):
                 ctx.fleet.seen(device_id, time.monotonic())
             case SliceArrived() as arrived if arrived.device_id in sent and arrived.device_id not in replies:
-                merge_s += _take_slice(ctx, sent, accumulator, replies, rejected, results, arrived)
+                merge_s += _take_slice(ctx, sent, accumulator, replies, rejected, results, arrived, arrivals)
+            case SliceArrived() as arrived if arrived.device_id in late:
+                merge_s += _take_slice(ctx, late, accumulator, late_replies, late_rejected, {}, arrived, arrivals)
             case SliceArrived():
                 pass  # a slice already answered for
+            case Inbound(message=SliceResult() | TaskFailed()) as inbound if inbound.device_id in late:
+                _on_reply(ctx, late, late_replies, late_rejected, inbound)
             case Inbound(message=SliceResult() | TaskFailed()) as inbound:
                 _on_reply(ctx, sent, replies, rejected, inbound)
             case Inbound() as inbound:
@@ -392,12 +510,20 @@ def _collect(
                 handle_fleet_message(ctx, inbound, time.monotonic())
                 if came_back and inbound.device_id in sent and inbound.device_id not in replies:
                     _resend(ctx, sent, [inbound.device_id])  # it restarted: whatever it held of this task is gone
+                elif came_back and inbound.device_id in late:
+                    late_replies[inbound.device_id] = "lost: the device restarted"
+        if late_replies:
+            settle_late()
     for arrived in ctx.link.take_ready():  # complete as the deadline passed: as good as any other
         if arrived.device_id in sent and arrived.device_id not in replies:
-            merge_s += _take_slice(ctx, sent, accumulator, replies, rejected, results, arrived)
-    ctx.link.forget_slices()
+            merge_s += _take_slice(ctx, sent, accumulator, replies, rejected, results, arrived, arrivals)
+        elif arrived.device_id in late:
+            merge_s += _take_slice(ctx, late, accumulator, late_replies, late_rejected, {}, arrived, arrivals)
+    settle_late()
+    # Asynchronous rounds: the uploads of late tasks, and of this round's unanswered ones, go on.
+    ctx.link.forget_slices(keep=set(late) | {d for d in sent if d not in replies} if ctx.round.asynchronous else ())
     for device_id in sent:
-        if device_id not in replies:
+        if device_id not in replies and not ctx.round.asynchronous:
             ctx.fleet.note_failure(device_id, rejected.get(device_id, "no reply before the round's deadline"))
     return {d: replies.get(d) or rejected.get(d, "no reply") for d in sent}, results, merge_s
 
@@ -410,10 +536,12 @@ def _take_slice(
     rejected: dict[str, str],
     results: dict[str, SliceResult],
     arrived: SliceArrived,
+    arrivals: dict[str, float],
 ) -> float:
     """Merge one arrived slice (or refuse it with the reason); returns the seconds spent merging."""
     started = time.perf_counter()
     item = sent[arrived.device_id]
+    arrivals[arrived.device_id] = time.monotonic() - item.sent_at
     verdict = _merge_slice(accumulator, item, arrived)
     if verdict == "merged":
         replies[arrived.device_id] = verdict
@@ -508,7 +636,8 @@ def _result_refusal(ctx: RoundContext, item: _Sent, result: SliceResult) -> str 
     """Why a result is refused before its slice is fetched (None: it may come).
 
     Its manifest may not declare more bytes than the sub-model the device was sent (a trained
-    slice holds the same tensors, or fewer) and its sample count, the merge weight, not exceed
+    slice holds the same tensors, or fewer, in the task's codec: a compressed update packs like the
+    weights it updates) and its sample count, the merge weight, not exceed
     what the task allows: its `max_samples`, and the samples the device registered.
     """
     manifest = result.weights
@@ -543,13 +672,21 @@ def _screened(ctx: RoundContext, replies: dict[str, str], report: MergeReport) -
 
 
 def _merge_slice(accumulator: MergeAccumulator, item: _Sent, arrived: SliceArrived) -> str:
-    """Validate one slice and fold it in (or keep it for the norm bound); a bad slice is rejected, changes nothing."""
+    """Validate one slice and fold it in (or keep it for the norm bound); a bad slice is rejected, changes nothing.
+
+    A compressed task's slice is the rounded update: it is added to the exact sub-model that was cut.
+    """
     try:
-        trained = unpack_weights(arrived.payload)
+        trained = unpack(arrived.payload, item.task.codec, update=item.exact is not None)
+        if item.exact is not None:
+            check_like(trained, item.exact)
+            trained = {name: item.exact[name] + update for name, update in trained.items()}
         accumulator.add(
-            SliceUpdate(arrived.device_id, item.task.round_idx, item.units, trained, arrived.result.n_samples)
+            SliceUpdate(
+                arrived.device_id, item.task.round_idx, item.units, trained, arrived.result.n_samples, base=item.base
+            )
         )
-    except (ArtifactError, InvalidSlice) as exc:
+    except (ArtifactError, InvalidSlice, ProtocolError) as exc:
         log.warning("rejected the slice of %s: %s", arrived.device_id, exc)
         return f"rejected: {exc}"
     return "merged"

@@ -16,6 +16,12 @@ rebuilt per tensor from the slices' unit sets by one matrix product. The
 accumulator is at most 2x the model's fp32 size (bench/fleet.py --merge
 prints it with the throughput and the error against a float64 merge).
 
+Late slices (asynchronous rounds): a slice trained for an earlier round
+carries `base`, the sub-model it was sent; its update (value - base) is
+added to this round's model with its sample count times the staleness
+weight (1 + s)^-a, s the rounds it is late (FedAsync's polynomial rule,
+Xie et al. 2019), and refused beyond `max_staleness` rounds.
+
 Poisoning defences (`MergeConfig`, the run file's `[engine.merge]`): a bound
 on each slice's update norm relative to the round's median (on by default:
 10x, reject), and robust aggregates (coordinate-wise trimmed mean, median)
@@ -89,12 +95,19 @@ class MergeConfig:
             trimmed mean (floor(trim x holders) each side), in [0, 0.5); the
             default 0.25 drops one of four holders each side (msfusion's
             windows give few holders per element: 0.2 would trim none of four).
+        staleness_exponent: a in the weight (1 + s)^-a of a slice merged s
+            rounds after the round it was trained for (asynchronous rounds;
+            0: late slices count in full). The default 0.5 halves a slice
+            three rounds late.
+        max_staleness: a slice more than this many rounds late is refused.
     """
 
     norm_bound: float = 10.0
     norm_action: NormAction = NormAction.REJECT
     aggregate: Aggregate = Aggregate.MEAN
     trim: float = 0.25
+    staleness_exponent: float = 0.5
+    max_staleness: int = 2
 
     def __post_init__(self) -> None:
         if not (self.norm_bound == 0 or (math.isfinite(self.norm_bound) and self.norm_bound >= 1)):
@@ -104,6 +117,14 @@ class MergeConfig:
             )
         if not 0.0 <= self.trim < 0.5:
             raise ConfigError(f"merge.trim must be in [0, 0.5), got {self.trim}")
+        if not (math.isfinite(self.staleness_exponent) and self.staleness_exponent >= 0):
+            raise ConfigError(f"merge.staleness_exponent must be >= 0, got {self.staleness_exponent}")
+        if self.max_staleness < 0:
+            raise ConfigError(f"merge.max_staleness must be >= 0, got {self.max_staleness}")
+
+    def staleness_weight(self, staleness: int) -> float:
+        """(1 + s)^-a: how much a slice `staleness` rounds late counts, per sample, against a fresh one."""
+        return float((1.0 + staleness) ** -self.staleness_exponent)
 
     @property
     def keeps_slices(self) -> bool:
@@ -121,6 +142,10 @@ class SliceUpdate:
         units: unit indices per group it held (as planned), 1-D integer arrays.
         weights: the trained sub-model weights.
         n_samples: local samples trained on (the merge weight).
+        base: for a slice of an earlier round (asynchronous rounds), the
+            sub-model it was sent, under the same names and shapes: its update
+            is (weights - base). None: the round's own slice, whose update is
+            against the model being merged.
     """
 
     device_id: str
@@ -128,6 +153,7 @@ class SliceUpdate:
     units: Mapping[str, IndexArray]
     weights: Mapping[str, npt.NDArray[np.float32]]
     n_samples: int
+    base: Mapping[str, npt.NDArray[np.float32]] | None = None
 
 
 @dataclass(frozen=True)
@@ -227,6 +253,14 @@ class _Valid:
     values: Mapping[str, npt.NDArray[np.floating[Any]]]  # as the device returned them (by reference)
     norm: float
     scale: float = 1.0  # < 1: its update is clipped to the norm bound
+    base: Mapping[str, npt.NDArray[np.floating[Any]]] | None = None  # a late slice's sent sub-model
+
+
+def _start(
+    base: Mapping[str, npt.NDArray[Any]] | None, name: str, old: npt.NDArray[np.float32], full: Any, sub: Any
+) -> npt.NDArray[Any]:
+    """What a slice's values at `sub` (`full` in the tensor) are an update from: the model, or a late slice's base."""
+    return old[full] if base is None else base[name][sub]
 
 
 class _Scratch:
@@ -267,13 +301,13 @@ class _Sums:
 
     def fold(self, valid: _Valid, old: Mapping[str, npt.NDArray[np.float32]]) -> None:
         for name, place in valid.places.items():
-            arr, sent = valid.values[name], old[name]
+            arr = valid.values[name]
             total, square = self.sum[name], self.sq[name]
             scratch = _Scratch(np.result_type(arr.dtype, np.float32))
             for full, sub, grid in place.pieces():
                 piece = arr[sub]
                 update = scratch.take(0, piece.shape)
-                np.subtract(piece, sent[full], out=update)
+                np.subtract(piece, _start(valid.base, name, old[name], full, sub), out=update)
                 if valid.scale != 1.0:
                     update *= valid.scale
                 squared = scratch.take(1, piece.shape)
@@ -433,8 +467,14 @@ class MergeAccumulator:
         return units
 
     def _validate(self, update: SliceUpdate) -> _Valid:
-        if update.round_idx != self._round:
+        late = self._round - update.round_idx if isinstance(update.round_idx, int) else -1
+        if late != 0 and (update.base is None or late < 0):
             raise InvalidSlice(f"slice is for round {update.round_idx}, merging round {self._round}")
+        if late > self._config.max_staleness:
+            raise InvalidSlice(
+                f"slice is for round {update.round_idx}, {late} rounds late "
+                f"(merge.max_staleness is {self._config.max_staleness})"
+            )
         if update.device_id in self._accepted:
             raise InvalidSlice(f"duplicate slice from {update.device_id} in round {self._round}")
         n_samples = update.n_samples
@@ -448,6 +488,7 @@ class MergeAccumulator:
         if missing or extra:
             raise InvalidSlice(f"tensor names differ: missing {sorted(missing)}, unexpected {sorted(extra)}")
         widths = {g: len(u) for g, u in units.items()}
+        base = self._validate_base(update, widths) if update.base is not None else None
         unit_runs = {g: runs(u) for g, u in units.items()}
         places: dict[str, _Place] = {}
         square_sum = 0.0
@@ -469,7 +510,7 @@ class MergeAccumulator:
             for full, sub, _ in place.pieces():
                 piece = arr[sub]
                 d = scratch.take(0, piece.shape)
-                np.subtract(piece, sent[full], out=d)
+                np.subtract(piece, _start(base, name, sent, full, sub), out=d)
                 flat = d.reshape(-1)
                 squares += float(np.dot(flat, flat))
             if not math.isfinite(squares):
@@ -477,14 +518,33 @@ class MergeAccumulator:
                     raise InvalidSlice(f"{name}: non-finite values")
                 squares = 0.0  # finite values whose float32 squares overflow: again in float64
                 for full, sub, _ in place.pieces():
-                    squares += float(np.square(arr[sub].astype(np.float64) - sent[full]).sum())
+                    squares += float(np.square(arr[sub].astype(np.float64) - _start(base, name, sent, full, sub)).sum())
             places[name] = place
             square_sum += squares
             elements += arr.size
         norm = math.sqrt(square_sum / elements) if elements else 0.0
         if not math.isfinite(norm):  # finite float32 values whose squares overflow float64 cannot, but be sure
             raise InvalidSlice(f"update norm is not finite ({norm})")
-        return _Valid(update.device_id, float(n_samples), units, places, dict(update.weights), norm)
+        weight = float(n_samples) * self._config.staleness_weight(late)
+        return _Valid(update.device_id, weight, units, places, dict(update.weights), norm, base=base)
+
+    def _validate_base(
+        self, update: SliceUpdate, widths: Mapping[str, int]
+    ) -> dict[str, npt.NDArray[np.floating[Any]]]:
+        """A late slice's sent sub-model: the slice's tensor names and shapes, finite floats."""
+        assert update.base is not None
+        if set(update.base) != set(self._spec.shapes):
+            raise InvalidSlice("its base (the sub-model it was sent) names other tensors than the model")
+        base = {}
+        for name in self._spec.shapes:
+            arr = update.base[name]
+            expected = self._spec.sub_shape(name, widths)
+            if not isinstance(arr, np.ndarray) or arr.dtype.kind != "f" or tuple(arr.shape) != expected:
+                raise InvalidSlice(f"{name}: its base is not a floating-point array of shape {expected}")
+            if not np.all(np.isfinite(arr)):
+                raise InvalidSlice(f"{name}: its base has non-finite values")
+            base[name] = arr
+        return base
 
     def add(self, update: SliceUpdate) -> None:
         """Validate one slice and fold it in (or keep it for `result()`); a slice that fails changes nothing.
@@ -619,8 +679,11 @@ def _robust(
     for row, valid in zip(stack, survivors):
         arr, place = valid.values[name], valid.places[name]
         for full, sub, _ in place.pieces():
-            sent = old[full].astype(np.float64)
-            row[full] = arr[sub] if valid.scale == 1.0 else sent + valid.scale * (arr[sub] - sent)
+            if valid.base is None and valid.scale == 1.0:
+                row[full] = arr[sub]
+                continue
+            sent = old[full].astype(np.float64)  # a late slice's update lands on this round's model
+            row[full] = sent + valid.scale * (arr[sub] - _start(valid.base, name, old, full, sub))
     ordered = np.sort(stack, axis=0)  # per element: its holders' values ascending, then NaN (not held)
     if config.aggregate is Aggregate.MEDIAN:
         # leaves the middle one (odd) or two (even); an element no one held (-1 // 2 = -1) keeps nothing

@@ -26,16 +26,17 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Literal, Mapping
+from typing import Mapping
 
 import numpy as np
 import numpy.typing as npt
 from safetensors.numpy import load, save
 
-from msfusion.errors import ProtocolError
+from msfusion.errors import InvalidSlice, ProtocolError
+from msfusion.wire.protocol import CODECS, Codec
+from msfusion.wire.weights import _canonical_header, pack_weights, unpack_weights
 
-Codec = Literal["fp32", "fp16", "int8"]
-CODECS: tuple[Codec, ...] = ("fp32", "fp16", "int8")
+__all__ = ["CODECS", "Codec"]  # their home is the wire schema (`TrainTask.codec`); re-exported here
 VALUES = "values"  # fp16 / int8: every tensor, flattened, in layout order
 SCALES = "scales"  # int8: every tensor's per-channel fp16 scales, in layout order
 MAX_TENSORS = 4096
@@ -215,3 +216,60 @@ def compress_update(
     }
     sent = roundtrip(corrected, codec)
     return sent, {n: corrected[n] - sent[n] for n in corrected}
+
+
+def pack(weights: Mapping[str, npt.NDArray[np.float32]], codec: Codec) -> bytes:
+    """A task's weights payload: fp32 as `weights.pack_weights` (checksummed, what any device reads), else `encode`.
+
+    The same weights always pack to the same bytes (safetensors orders its metadata at random).
+    """
+    return pack_weights(weights) if codec == "fp32" else _canonical_header(encode(weights, codec))
+
+
+def pack_update(
+    update: Mapping[str, npt.NDArray[np.float32]], codec: Codec, residual: Mapping[str, npt.NDArray[np.float32]] | None
+) -> tuple[bytes, Weights | None]:
+    """A compressed slice's payload: `update` (plus the int8 residual) encoded, and the new residual.
+
+    As `compress_update`, but the payload is encoded from the corrected update itself, so what
+    the receiver decodes is exactly what the new residual was computed against.
+    """
+    if codec != "int8":
+        return _canonical_header(encode(update, codec, update=True)), None
+    corrected = {
+        n: np.asarray(u, np.float32) + (residual[n] if residual and n in residual else 0.0) for n, u in update.items()
+    }
+    sent = roundtrip(corrected, codec)  # what `decode` gives of the payload, bit for bit
+    return _canonical_header(encode(corrected, codec, update=True)), {n: corrected[n] - sent[n] for n in corrected}
+
+
+def unpack(data: bytes, codec: Codec, update: bool) -> Weights:
+    """The float32 tensors of a payload that must be in `codec` (fp32: `pack_weights` bytes) and an update or not.
+
+    Raises:
+        ArtifactError: a fp32 payload that is not `pack_weights` bytes or fails its checksum.
+        ProtocolError: a compressed payload that is malformed, non-finite, in another codec, or not
+            what `update` says.
+    """
+    if codec == "fp32":
+        return unpack_weights(data)
+    weights, got, is_update = decode(data)
+    if got != codec or is_update != update:
+        what = "an update" if is_update else "weights"
+        raise ProtocolError(
+            f"the payload is {what} in {got}; expected {'an update' if update else 'weights'} in {codec}"
+        )
+    return weights
+
+
+def check_like(update: Mapping[str, npt.NDArray[np.float32]], sent: Mapping[str, npt.NDArray[np.float32]]) -> None:
+    """An update's tensors must be tensors of `sent`, in their shapes (before they are added to it).
+
+    Raises:
+        InvalidSlice: naming the first tensor that is not.
+    """
+    for name, values in update.items():
+        if name not in sent:
+            raise InvalidSlice(f"the update names tensor {name!r}, which was not sent")
+        if values.shape != sent[name].shape:
+            raise InvalidSlice(f"the update of {name!r} has shape {values.shape}, {sent[name].shape} was sent")

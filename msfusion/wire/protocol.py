@@ -64,6 +64,11 @@ Seconds = Annotated[float, Meta(ge=0.0)]
 Ratio = Annotated[float, Meta(gt=0.0, le=1.0)]
 
 DeviceState = Literal["idle", "training", "uploading", "offline"]
+# Transfer codecs (`wire/codec.py`). A device lists what it decodes as plain names, so a newer device's
+# codec does not make an older coordinator refuse its registration; a task names one the device listed.
+Codec = Literal["fp32", "fp16", "int8"]
+CODECS: tuple[Codec, ...] = ("fp32", "fp16", "int8")
+CodecName = Annotated[str, Meta(min_length=1, max_length=16)]
 BulkKind = Literal["artifact", "weights", "slice"]
 FailureCode = Literal["memory_budget", "artifact", "data", "protocol", "deadline", "internal", "bad_signature"]
 
@@ -108,6 +113,8 @@ class Capacity(_Struct, frozen=True):
     backends: Annotated[list[Id], Meta(min_length=1, max_length=8)]  # artifact kinds it can train
     max_width_ratio: Ratio | None = None
     board: Annotated[str, Meta(max_length=64)] = ""  # its board profile ("" when not flashed with one)
+    # The transfer codecs it decodes (an older device: fp32 only); a task in any other gets fp32.
+    codecs: Annotated[list[CodecName], Meta(max_length=16)] = msgspec.field(default_factory=lambda: ["fp32"])
 
 
 class ProfileEntry(_Struct, frozen=True):
@@ -260,8 +267,13 @@ class TrainTask(_Message, frozen=True, tag="task"):
     # in the last merged round ("": none, train against the global sub-model). Never a slice of a discarded
     # attempt, nor of another coordinator session.
     negative_task_id: OptionalId = ""
+    # How `weights` is encoded and how the slice must come back (`wire/codec.py`): fp32, the weights both
+    # ways (`weights.pack_weights`); fp16 / int8, the rounded weights down and the rounded update up.
+    codec: Codec = "fp32"
 
     def __post_init__(self) -> None:
+        if self.codec not in CODECS:  # decode checks the literal too; this catches a struct built here
+            raise ValueError(f"unknown codec {self.codec!r}; expected one of {', '.join(CODECS)}")
         for tensor, axes in self.tensor_axes.items():
             for axis in axes:
                 if axis.group not in self.units:

@@ -48,6 +48,7 @@ def _lines(output: str) -> list[str]:
     [
         (["simulate", "--backend", "tflite"], "--backend must be one of ort, executorch, got 'tflite'"),
         (["simulate", "--channels", "a,b"], "--channels must be comma-separated positive integers"),
+        (["simulate", "--engine", "k8s"], "--engine must be one of process, ray, got 'k8s'"),
         (["train", "--channels", "8,0,16"], "--channels must be comma-separated positive integers"),
         (["plan", "--devices", "4", "--budget", "1/4", "--channels", "a,b"], "got 'a,b'"),
     ],

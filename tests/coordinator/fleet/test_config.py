@@ -161,3 +161,17 @@ def test_an_engine_merge_table_sets_the_merge_defences_and_a_bad_value_is_named(
     ):
         with pytest.raises(ConfigError, match=message):
             load_config(_write(tmp_path, base + table.replace(*edit)))
+
+
+def test_asynchronous_rounds_give_devices_until_their_slice_is_too_late(tmp_path: Path) -> None:
+    # Prepare
+    base = '[engine.model]\narch = "cnn"\n[engine.merge]\nmax_staleness = 3\nstaleness_exponent = 1.0\n'
+    # Execute
+    sync = load_config(_write(tmp_path, base + "[round]\ndeadline_s = 10\n"))
+    late = load_config(_write(tmp_path, base + "[round]\ndeadline_s = 10\nasynchronous = true\n"))
+    # Assert: synchronous by default; asynchronous, a task may run until its slice is max_staleness rounds late
+    assert not sync.round.asynchronous and sync.round.task_deadline_s(3) == 10.0
+    assert late.round.asynchronous and late.round.task_deadline_s(late.engine.merge.max_staleness) == 40.0
+    assert late.engine.merge.staleness_weight(3) == pytest.approx(0.25)
+    with pytest.raises(ConfigError, match="asynchronous"):
+        load_config(_write(tmp_path, base + '[round]\nasynchronous = "yes"\n'))

@@ -461,6 +461,8 @@ def test_the_median_outvotes_a_poisoned_holder_the_mean_does_not(
         ({"norm_bound": float("inf")}, "norm_bound"),
         ({"trim": 0.5}, "trim"),
         ({"trim": -0.1}, "trim"),
+        ({"staleness_exponent": -1.0}, "staleness_exponent"),
+        ({"max_staleness": -1}, "max_staleness"),
     ],
 )
 def test_a_bad_merge_config_is_refused(kwargs: dict[str, float], message: str) -> None:
@@ -543,3 +545,62 @@ def test_block_merge_equals_a_float64_reference_on_wrap_around_windows(arch: str
         np.testing.assert_allclose(merged[name], expected[name], rtol=1e-5, atol=1e-5, err_msg=name)
     assert report.disagreement == pytest.approx(disagreement, rel=1e-4)
     assert report.merged == tuple(plan.windows)
+
+
+def test_a_late_slice_adds_its_update_from_its_base_with_the_staleness_weight(
+    tiny_spec: ModelSpec, tiny_weights: dict[str, np.ndarray]
+) -> None:
+    # Prepare: round 3's model moved on from round 1's; one fresh slice of round 3, one slice trained
+    # for round 1 from round 1's model (its base), two rounds late.
+    rng = np.random.default_rng(5)
+    then = {n: a + rng.standard_normal(a.shape).astype(np.float32) for n, a in tiny_weights.items()}
+    now = tiny_weights
+    fresh_units = {"a": np.array([0, 1, 2, 3]), "b": np.array([0, 1])}
+    late_units = {"a": np.array([2, 3, 4, 5]), "b": np.array([1, 2])}
+    fresh = {n: a + 0.5 for n, a in slice_weights(now, tiny_spec, fresh_units).items()}
+    base = slice_weights(then, tiny_spec, late_units)
+    late = {n: a - 1.0 for n, a in base.items()}  # its update: -1 everywhere it held
+    config = MergeConfig(norm_bound=0, staleness_exponent=0.5, max_staleness=2)
+    # Execute
+    merged, report = merge_slices(
+        now,
+        tiny_spec,
+        [
+            SliceUpdate("fresh", 3, fresh_units, fresh, 10),
+            SliceUpdate("late", 1, late_units, late, 10, base=base),
+        ],
+        3,
+        config,
+    )
+    # Assert: element by element, the documented rule: old + sum(w u) / sum(w), w = n (1 + s)^-0.5.
+    w_late = 10 * 3**-0.5
+    assert config.staleness_weight(2) == pytest.approx(3**-0.5)
+    assert report.merged == ("fresh", "late")
+    bias = merged["l1.bias"]
+    np.testing.assert_allclose(bias[[0, 1]], now["l1.bias"][[0, 1]] + 0.5, rtol=1e-6)
+    np.testing.assert_allclose(
+        bias[[2, 3]], now["l1.bias"][[2, 3]] + (10 * 0.5 + w_late * -1.0) / (10 + w_late), rtol=1e-5
+    )
+    np.testing.assert_allclose(bias[[4, 5]], now["l1.bias"][[4, 5]] - 1.0, rtol=1e-6)
+    np.testing.assert_array_equal(bias[6:], now["l1.bias"][6:])
+
+
+def test_a_late_slice_without_its_base_or_beyond_max_staleness_is_refused(
+    tiny_spec: ModelSpec, tiny_weights: dict[str, np.ndarray]
+) -> None:
+    units = {"a": np.array([0, 1]), "b": np.array([0])}
+    base = slice_weights(tiny_weights, tiny_spec, units)
+    config = MergeConfig(norm_bound=0, max_staleness=2)
+    accumulator = MergeAccumulator(tiny_weights, tiny_spec, 5, config)
+    with pytest.raises(InvalidSlice, match="for round 4, merging round 5"):
+        accumulator.add(SliceUpdate("a", 4, units, base, 3))  # no base: its update has no start
+    with pytest.raises(InvalidSlice, match="3 rounds late"):
+        accumulator.add(SliceUpdate("b", 2, units, base, 3, base=base))
+    with pytest.raises(InvalidSlice, match="for round 6"):
+        accumulator.add(SliceUpdate("c", 6, units, base, 3, base=base))  # from the future
+    bad = {**base, "l1.bias": np.full_like(base["l1.bias"], np.nan)}
+    with pytest.raises(InvalidSlice, match="base has non-finite"):
+        accumulator.add(SliceUpdate("d", 4, units, base, 3, base=bad))
+    merged, report = accumulator.result()
+    assert report.merged == ()
+    assert all(np.array_equal(merged[n], tiny_weights[n]) for n in tiny_weights)

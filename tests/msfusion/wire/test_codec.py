@@ -125,3 +125,56 @@ def test_fp16_needs_no_residual(weights: dict[str, np.ndarray]) -> None:
     sent, residual = compress_update(weights, "fp16", None)
     assert residual is None
     np.testing.assert_array_equal(sent["conv.weight"], roundtrip(weights, "fp16")["conv.weight"])
+
+
+def test_pack_and_unpack_are_fp32_pack_weights_or_the_codecs_payload(weights: dict[str, np.ndarray]) -> None:
+    from msfusion.wire.codec import pack, unpack
+    from msfusion.wire.weights import unpack_weights
+
+    # fp32 is `pack_weights` (checksummed): what a device without codecs reads
+    assert pack(weights, "fp32") == pack_weights(weights)
+    assert set(unpack_weights(pack(weights, "fp32"))) == set(weights)
+    for codec in ("fp16", "int8"):
+        data = pack(weights, codec)
+        assert data == pack(weights, codec)  # the same weights, the same bytes (metadata in a fixed order)
+        got = unpack(data, codec, update=False)
+        for name in weights:
+            np.testing.assert_array_equal(got[name], roundtrip(weights, codec)[name])
+
+
+@pytest.mark.parametrize(
+    ("data_codec", "update", "want_codec", "want_update", "reason"),
+    [
+        ("int8", False, "int8", True, "weights in int8; expected an update in int8"),
+        ("fp16", True, "int8", True, "an update in fp16; expected an update in int8"),
+        ("int8", True, "int8", False, "an update in int8; expected weights in int8"),
+    ],
+)
+def test_unpack_refuses_a_payload_of_another_codec_or_kind(  # type: ignore[no-untyped-def]
+    weights: dict[str, np.ndarray], data_codec, update, want_codec, want_update, reason
+) -> None:
+    from msfusion.wire.codec import unpack
+
+    with pytest.raises(ProtocolError, match=reason):
+        unpack(encode(weights, data_codec, update=update), want_codec, update=want_update)
+
+
+def test_pack_update_payload_and_residual_add_up_to_the_corrected_update(weights: dict[str, np.ndarray]) -> None:
+    from msfusion.wire.codec import pack_update
+
+    # Prepare
+    rng = np.random.default_rng(1)
+    update = {n: (0.01 * rng.standard_normal(v.shape)).astype(np.float32) for n, v in weights.items()}
+    residual = {n: (1e-4 * rng.standard_normal(v.shape)).astype(np.float32) for n, v in weights.items()}
+    # Execute
+    data, kept = pack_update(update, "int8", residual)
+    sent, codec, is_update = decode(data)
+    # Assert: what went up plus what the device keeps is the update plus the old residual, to float rounding
+    assert codec == "int8" and is_update and kept is not None
+    for name in update:
+        np.testing.assert_allclose(sent[name] + kept[name], update[name] + residual[name], atol=1e-8)
+    expected, _ = compress_update(update, "int8", residual)
+    for name in update:
+        np.testing.assert_array_equal(sent[name], expected[name])
+    data16, none = pack_update(update, "fp16", residual)
+    assert none is None and decode(data16)[1:] == ("fp16", True)

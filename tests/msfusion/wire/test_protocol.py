@@ -258,3 +258,34 @@ def test_failure_codes() -> None:
     assert p.failure_code(DataError("x")) == "data"
     assert p.failure_code(ProtocolError("x")) == "protocol"
     assert p.failure_code(KeyError("x")) == "internal"
+
+
+def test_a_task_names_its_codec_and_an_older_peers_messages_still_decode() -> None:
+    # Prepare: an int8 task; the same task and a capacity as a peer before codecs sends them (no such fields)
+    int8 = msgspec.structs.replace(_task(), codec="int8")
+    older_task = _raw(_task())
+    del older_task["codec"]
+    capacity = p.Capacity(memory_budget_bytes=1 << 30, cores=4, arch="aarch64", backends=["ort"])
+    older_capacity = _raw(p.Registration(run_id="run1", device_id="pi-4.a", capacity=capacity, runtime_version="1"))
+    del older_capacity["capacity"]["codecs"]
+    # A newer device may list a codec this side does not know: its registration still decodes
+    newer = _raw(p.Registration(run_id="run1", device_id="pi-4.a", capacity=capacity, runtime_version="1"))
+    newer["capacity"]["codecs"] = ["fp32", "int8", "int4"]
+    # Execute / Assert
+    decoded = p.decode(p.encode(int8))
+    assert isinstance(decoded, p.TrainTask) and decoded.codec == "int8"
+    older = p.decode(_bytes(older_task))
+    assert isinstance(older, p.TrainTask) and older.codec == "fp32"
+    registration = p.decode(_bytes(older_capacity))
+    assert isinstance(registration, p.Registration) and registration.capacity.codecs == ["fp32"]
+    registration = p.decode(_bytes(newer))
+    assert isinstance(registration, p.Registration) and registration.capacity.codecs == ["fp32", "int8", "int4"]
+
+
+def test_a_task_in_an_unknown_codec_is_refused_on_decode_and_on_construction() -> None:
+    raw = _raw(_task())
+    raw["codec"] = "int4"
+    with pytest.raises(ProtocolError, match="codec"):
+        p.decode(_bytes(raw))
+    with pytest.raises(ValueError, match="unknown codec 'int4'"):
+        msgspec.structs.replace(_task(), codec="int4")  # type: ignore[arg-type]
