@@ -1,4 +1,4 @@
-"""On-device training benchmark: ONNX Runtime Training, ExecuTorch and torch eager side by side.
+"""On-device training benchmark: ONNX Runtime Training, ExecuTorch, the torch backend and torch eager side by side.
 
 For each model (cnn, resnet, charlm: the accuracy benchmark's configurations)
 at widths 1, 1/2 and 1/4 of every width group, it measures
@@ -6,7 +6,8 @@ at widths 1, 1/2 and 1/4 of every width group, it measures
 - export time and artifact size per backend (validation time beside it),
 - the weight-transfer size (the sub-model's weights packed as on the wire),
 - step time (median over the timed steps, after warm-up steps) and peak RSS
-  of local training, for ORT, ExecuTorch and torch eager,
+  of local training, for ORT, ExecuTorch, the torch-native backend's .pt2
+  program (`torch-export`) and torch eager,
 
 with the local objective of the accuracy benchmark (MOON term on, mu 0.1, by
 default) and its optimizers (SGD momentum 0.9 for the image models, AdamW for
@@ -79,7 +80,11 @@ WIDTHS = {"1": 1.0, "1/2": 0.5, "1/4": 0.25}
 # torch-native: torch eager with torch's own group_norm/layer_norm kernels in place of the
 # models' elementwise norms (written so for ONNX export, not for torch): the fastest torch
 # formulation of the same function, so ORT's figure is also shown against the best eager.
-RUNTIMES = ("torch", "torch-native", "ort", "executorch")
+# torch-export: the torch-native backend (edge_runtime/backends/torch_native.py), training the
+# exported .pt2 program with torch's kernels and autograd, as a board with torch would.
+RUNTIMES = ("torch", "torch-native", "ort", "executorch", "torch-export")
+# The runtimes that train an exported artifact, and its kind.
+ARTIFACT_KINDS = {"ort": "ort", "executorch": "executorch", "torch-export": "torch"}
 BATCH = 32
 
 
@@ -180,7 +185,7 @@ def worker_train(opts: argparse.Namespace) -> dict[str, Any]:
     losses: list[float] = []
     _import_runtime(opts.runtime, opts.threads)  # libraries are the baseline; the sampler sees load + training
     with MemorySampler() as sampler:
-        torch_runtime = opts.runtime.startswith("torch")
+        torch_runtime = opts.runtime not in ARTIFACT_KINDS
         step = (
             _torch_stepper(opts, start, global_ref, previous)
             if torch_runtime
@@ -225,6 +230,8 @@ def _import_runtime(runtime: str, threads: int) -> None:
         import executorch.extension.training  # noqa: F401
 
         import msfusion.edge_runtime.backends.executorch  # noqa: F401
+    elif runtime == "torch-export":
+        import msfusion.edge_runtime.backends.torch_native  # noqa: F401 (torch, not the models)
     else:
         import msfusion.export.validate  # noqa: F401 (torch, the models, the objective)
     if runtime != "ort" and threads > 0:
@@ -317,10 +324,12 @@ def measure(opts: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
             (work / "previous.safetensors").write_bytes(pack_weights(random_weights(cfg, widths, seed=3)))
             common = ["--model", model, "--ratio", str(WIDTHS[label]), "--loss", opts.loss, "--size", opts.size]
             exports: dict[str, dict[str, Any]] = {}
-            for kind in [k for k in ("ort", "executorch") if k in opts.runtimes]:
+            for runtime, kind in ARTIFACT_KINDS.items():
+                if runtime not in opts.runtimes:
+                    continue
                 artifact = work / kind
-                exports[kind] = _run_worker(["export", *common, "--kind", kind, "--dir", str(artifact)], 1800)
-                exports[kind]["artifact"] = str(artifact)
+                exports[runtime] = _run_worker(["export", *common, "--kind", kind, "--dir", str(artifact)], 1800)
+                exports[runtime]["artifact"] = str(artifact)
             # Each repeat runs every runtime once, in turn, so a slow spell of the machine hits
             # all of them alike (figures combined by _combine_runs).
             runs: dict[str, list[dict[str, Any]]] = {runtime: [] for runtime in opts.runtimes}
@@ -329,7 +338,7 @@ def measure(opts: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
                     args = ["train", *common, "--runtime", runtime, "--dir", str(work), "--threads", str(opts.threads)]
                     args += ["--steps", str(opts.steps), "--warmup", str(opts.warmup)]
                     export = exports.get(runtime, {})
-                    if not runtime.startswith("torch"):
+                    if runtime in ARTIFACT_KINDS:
                         if "error" in export:
                             continue
                         args += ["--artifact", export["artifact"]]
@@ -565,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
     from msfusion.export.versions import runtime_versions
     from msfusion.wire.artifacts import ArtifactKind
 
-    meta["versions"] = {**runtime_versions(ArtifactKind.ORT), **runtime_versions(ArtifactKind.EXECUTORCH)}
+    meta["versions"] = {k: v for kind in ArtifactKind for k, v in runtime_versions(kind).items()}
     opts.out.parent.mkdir(parents=True, exist_ok=True)
     opts.out.write_text(json.dumps({"meta": meta, "rows": rows, "summary": lines}, indent=1))
     print(f"wrote {opts.out}")

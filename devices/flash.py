@@ -275,23 +275,9 @@ def _build(
     out_dir.chmod(0o700)
 
     # 1. The wheels: msfusion's own, pure-Python sdists, then the closure for the board.
-    with step(progress, "build the msfusion wheel"):
-        own = build_project_wheel(project_dir, wheelhouse)
-    version = parse_wheel_filename(own.name).version
-    extra = f"[{profile.backend}]" if options.include_backend else ""
-    if options.include_backend:
-        with step(progress, f"build the pure-Python wheels of {profile.backend}"):
-            build_pure_wheels(PURE_SDISTS[profile.backend], wheelhouse, options.sources)
-    requirements = [f"msfusion{extra} @ {own.resolve().as_uri()}", "pip"]  # pip: install.sh upgrades the board's first
-    with step(progress, f"download the wheels for {profile.name} (Python {profile.python_version})"):
-        download_wheels(requirements, profile, profile.python_version, wheelhouse, options.sources)
-    with step(progress, "check the wheelhouse"):
-        problems = check_wheelhouse(wheelhouse, profile.python_version, profile.platform_tags)
-    if problems:
-        raise BundleError(f"wheels that will not install on {profile.name}:\n" + "\n".join(problems))
+    requirement = fill_wheelhouse(profile, wheelhouse, options, project_dir, progress)
 
     # 2. The config, the units and the install script.
-    requirement = f"msfusion{extra}=={version}"
     with step(progress, "write device.toml, the units and install.sh"):
         _write(out_dir / CONFIG, to_toml(config), 0o600)
         _write(out_dir / units.DEVICE_UNIT, units.device_unit(profile.memory_max_bytes, profile.cores), 0o644)
@@ -333,6 +319,42 @@ def _build(
     )
     _write(out_dir / MANIFEST, manifest.to_json(), 0o644)
     return manifest
+
+
+def fill_wheelhouse(
+    profile: BoardProfile,
+    wheelhouse: Path,
+    options: BundleOptions,
+    project_dir: Path,
+    progress: ProgressCallback | None = None,
+) -> str:
+    """Put every wheel the board's install needs into `wheelhouse`, and check them: a bundle's first step.
+
+    msfusion's own wheel (built from `project_dir`), the backend's pure-Python
+    sdists built as wheels, then the whole closure for the board's platform and
+    Python (`download_wheels`; a wheel already in `wheelhouse` is not fetched again).
+
+    Returns:
+        The requirement install.sh installs from it, "msfusion[executorch]==0.1.0".
+
+    Raises:
+        BundleError: a build or download failed, or a wheel does not fit the board.
+    """
+    with step(progress, "build the msfusion wheel"):
+        own = build_project_wheel(project_dir, wheelhouse)
+    version = parse_wheel_filename(own.name).version
+    extra = f"[{profile.backend}]" if options.include_backend else ""
+    if options.include_backend:
+        with step(progress, f"build the pure-Python wheels of {profile.backend}"):
+            build_pure_wheels(PURE_SDISTS[profile.backend], wheelhouse, options.sources)
+    requirements = [f"msfusion{extra} @ {own.resolve().as_uri()}", "pip"]  # pip: install.sh upgrades the board's first
+    with step(progress, f"download the wheels for {profile.name} (Python {profile.python_version})"):
+        download_wheels(requirements, profile, profile.python_version, wheelhouse, options.sources)
+    with step(progress, "check the wheelhouse"):
+        problems = check_wheelhouse(wheelhouse, profile.python_version, profile.platform_tags)
+    if problems:
+        raise BundleError(f"wheels that will not install on {profile.name}:\n" + "\n".join(problems))
+    return f"msfusion{extra}=={version}"
 
 
 def install_bundle(bundle_dir: Path, rootfs: Path) -> BundleManifest:

@@ -66,15 +66,17 @@ class WheelSources:
         index_url: replaces pip's index (None: pip's configuration).
         extra_index_urls: further indexes.
         find_links: local folders or pages of wheels.
+        no_index: no index at all: `find_links` only (offline).
     """
 
     index_url: str | None = None
     extra_index_urls: tuple[str, ...] = ()
     find_links: tuple[str, ...] = ()
+    no_index: bool = False
 
     def pip_args(self) -> list[str]:
         """These sources as pip options."""
-        args = ["--index-url", self.index_url] if self.index_url else []
+        args = ["--no-index"] if self.no_index else (["--index-url", self.index_url] if self.index_url else [])
         for url in self.extra_index_urls:
             args += ["--extra-index-url", url]
         for link in self.find_links:
@@ -192,6 +194,16 @@ def resolve_wheels(
         _run(command, "pip resolve", profile.notes)
         installs = json.loads(report.read_text(encoding="utf-8"))["install"]
     return [item["download_info"]["url"].rsplit("/", 1)[-1] for item in installs]
+
+
+def install_command(wheels: Sequence[Path], profile: BoardProfile, python_version: str, target: Path) -> list[str]:
+    """The command that unpacks exactly `wheels` into `target` (`pip install --target`) as the board's pip would.
+
+    No index and no dependency resolution: `wheels` is the closure already
+    (`resolve_wheels`). For a board emulated on this machine (`devices/emulation.py`).
+    """
+    args = ["install", "--no-deps", "--no-index", "--quiet", "--progress-bar", "off", "--target", str(target)]
+    return _pip_for_target(profile, python_version, [*args, *map(str, wheels)])
 
 
 def build_project_wheel(project_dir: Path, dest: Path) -> Path:

@@ -72,7 +72,8 @@ def profile_main(argv: list[str]) -> int:
         "--artifacts",
         type=Path,
         required=True,
-        help="a profile set, made on the coordinator by `msfusion devices profile-set`",
+        help="a profile set, or a folder of them (one per backend), made on the coordinator by "
+        "`msfusion devices profile-set`; every backend of this device's `backends` that it holds is profiled",
     )
     parser.add_argument("--widths", type=_floats, default=None, help="width ratios (default 1,0.5,0.25,0.125)")
     parser.add_argument(
@@ -91,7 +92,7 @@ def profile_main(argv: list[str]) -> int:
         PROFILE_FILE,
         ProfileOptions,
         format_table,
-        load_profile_set,
+        load_profile_sets,
         profile_report,
         run_profile,
         save_profile,
@@ -102,16 +103,27 @@ def profile_main(argv: list[str]) -> int:
         config = load_device_config(args.config)
         data_dir = config.data_dir if config.data_dir is not None and (config.data_dir / DATA_FILE).exists() else None
         options = ProfileOptions(
-            steps=args.steps, warmup=args.warmup, threads=config.threads, backends=config.backends, data_dir=data_dir
+            steps=args.steps,
+            warmup=args.warmup,
+            threads=config.threads,
+            backends=config.backends,
+            data_dir=data_dir,
+            device=config.device,
         )
-        profile_set = load_profile_set(args.artifacts)
-        results = run_profile(profile_set, args.widths, args.batch_sizes, options)
-        report = profile_report(config.run_id, config.device_id, profile_set.model_key, results)
+        every = load_profile_sets(args.artifacts)
+        # Every backend this board runs that the folder holds (the coordinator picks the fastest that fits).
+        sets = [s for s in every if s.kind in config.backends]
+        if not sets:
+            raise ConfigError(
+                f"{args.artifacts} holds {[s.kind for s in every]} artifacts; this device runs {list(config.backends)}"
+            )
+        results = [r for s in sets for r in run_profile(s, args.widths, args.batch_sizes, options)]
+        report = profile_report(config.run_id, config.device_id, sets[0].model_key, results)
     except MsfusionError as exc:
         log.error("%s", exc)
         return int(ProfileExit.CONFIG)
     print(
-        f"{config.device_id}: {profile_set.kind} artifacts of model {profile_set.model_key[:12]}, "
+        f"{config.device_id}: {', '.join(s.kind for s in sets)} artifacts of model {sets[0].model_key[:12]}, "
         f"budget {config.memory_budget_bytes >> 20} MiB"
     )
     print("\n".join(format_table(results, config.memory_budget_bytes)))

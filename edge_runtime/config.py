@@ -17,7 +17,9 @@ Example `device.toml`::
     data_dir = "/var/lib/msfusion/shard"     # a shard written by `msfusion partition` (or a [data] table)
     state_dir = "/var/lib/msfusion/state"    # previous slice, handled tasks, artifact cache
     memory_budget_bytes = 536870912
-    backends = ["ort"]            # artifact kinds this board trains: "ort", "executorch"
+    backends = ["ort"]            # artifact kinds this board trains: "ort", "executorch", "torch"
+    # backend = "torch"           # pin one of them ("": the coordinator picks the fastest that fits, by profile)
+    # device = "cuda"             # where the torch backend trains: "cpu" or "cuda" (a Jetson's GPU)
     # max_width_ratio = 0.5       # optional cap reported to the coordinator
     # heartbeat_s = 5.0
     # keepalive_s = 10
@@ -48,8 +50,11 @@ import tomllib
 
 from msfusion.data.sources import DataSpec
 from msfusion.errors import ConfigError, DataError
+from msfusion.wire.artifacts import ArtifactKind
 from msfusion.wire.protocol import ID_PATTERN
 from msfusion.wire.transport import parse_broker, parse_broker_url
+
+BACKEND_KINDS = tuple(kind.value for kind in ArtifactKind)  # "ort", "executorch", "torch"
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,8 @@ class DeviceConfig:
     username: str | None = None
     password: str | None = None
     backends: tuple[str, ...] = ("ort",)
+    backend: str = ""  # pinned: the one of `backends` the coordinator must use ("": the fastest that fits)
+    device: str = "cpu"  # where the torch backend trains: "cpu" or "cuda"
     max_width_ratio: float | None = None
     heartbeat_s: float = 5.0
     keepalive_s: int = 10
@@ -96,8 +103,14 @@ class DeviceConfig:
         parse_broker_url(self.broker)
         if not isinstance(self.memory_budget_bytes, int) or self.memory_budget_bytes < 1:
             raise ConfigError(f"memory_budget_bytes must be a positive integer, got {self.memory_budget_bytes!r}")
-        if not self.backends or any(b not in ("ort", "executorch") for b in self.backends):
-            raise ConfigError(f"backends must name 'ort' and/or 'executorch', got {self.backends!r}")
+        if not self.backends or any(b not in BACKEND_KINDS for b in self.backends):
+            raise ConfigError(f"backends must name some of {', '.join(BACKEND_KINDS)}, got {self.backends!r}")
+        if self.backend and self.backend not in self.backends:
+            raise ConfigError(f"backend = {self.backend!r} pins a backend this device lacks: {list(self.backends)}")
+        if self.device not in ("cpu", "cuda"):
+            raise ConfigError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        if self.device == "cuda" and ArtifactKind.TORCH.value not in self.backends:
+            raise ConfigError("device = 'cuda' is for the torch backend: add 'torch' to backends")
         if self.max_width_ratio is not None and not 0.0 < self.max_width_ratio <= 1.0:
             raise ConfigError(f"max_width_ratio must be in (0, 1], got {self.max_width_ratio}")
         if self.heartbeat_s <= 0 or self.keepalive_s < 1 or self.stall_s <= 0 or self.threads < 1:
@@ -171,7 +184,7 @@ def load_device_config(path: str | Path, **overrides: Any) -> DeviceConfig:
 
 
 _TEXT_KEYS = frozenset(
-    {"device_id", "run_id", "state_dir", "data_dir", "broker", "username", "password", "board"}
+    {"device_id", "run_id", "state_dir", "data_dir", "broker", "username", "password", "board", "backend", "device"}
     | {"ca_cert", "tls_cert", "tls_key", "mqtt", "task_signing_public_key", "result_key"}
 )
 _INTEGER_KEYS = frozenset({"memory_budget_bytes", "keepalive_s", "threads"})

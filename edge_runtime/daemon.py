@@ -320,6 +320,8 @@ class Daemon:
             max_width_ratio=cfg.max_width_ratio,
             board=cfg.board,
             codecs=list(CODECS),  # every transfer codec decodes here (`wire/codec.py`)
+            pinned_backend=cfg.backend,
+            device="cuda" if cfg.device == "cuda" else "cpu",
         )
         msg = Registration(
             run_id=cfg.run_id,
@@ -529,7 +531,7 @@ class Daemon:
 
     def _warm_up(self) -> None:
         """Import the backends' runtimes before the first task (a synthetic device has none to import)."""
-        warm_up(self.config.backends)
+        warm_up(self.config.backends, self.config.device)
 
     def _train(self, task: TrainTask) -> TaskOutcome:
         """Train one task (a synthetic device, `edge_runtime/synthetic.py`, answers without training)."""

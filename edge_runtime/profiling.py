@@ -17,9 +17,18 @@ The artifacts come as a *profile set*: a folder with one artifact per
 The coordinator writes one (`msfusion devices profile-set`, or
 `coordinator.artifacts.export_profile_set`); `model_key` names the model,
 loss and optimizer the graphs implement, so the coordinator uses only
-profiles of the model it trains. The result is a `ProfileReport`, saved as
-JSON in the device's state folder (`PROFILE_FILE`), which the daemon sends
-with its registration.
+profiles of the model it trains. A board that runs several backends profiles
+each: `--artifacts` may name a folder of profile sets, one per kind
+(`<dir>/<kind>/profile-set.json`, `load_profile_sets`), and every set of a
+kind the device runs is measured. The result is one `ProfileReport` whose
+entries name their backend, saved as JSON in the device's state folder
+(`PROFILE_FILE`), which the daemon sends with its registration; the
+coordinator picks, per device, the fastest backend whose predicted peak fits
+(`coordinator/fleet/registry.py`, `choose_backend`).
+
+On a GPU (the torch backend with device = "cuda") the process's RSS does not
+hold the tensors: each point also records the GPU's peak from torch's own
+counter (`PointResult.peak_accelerator_bytes`).
 """
 
 from __future__ import annotations
@@ -145,6 +154,25 @@ def load_profile_set(root: Path) -> ProfileSet:
     return profile_set
 
 
+def load_profile_sets(root: Path) -> list[ProfileSet]:
+    """The profile set in `root`, or else one per subfolder that holds one (one per backend), by kind.
+
+    Raises:
+        ConfigError: no set at all, a malformed one, two of one kind, or sets of different models.
+    """
+    root = Path(root)
+    if (root / PROFILE_SET_INDEX).is_file():
+        return [load_profile_set(root)]
+    folders = sorted(p for p in root.iterdir() if (p / PROFILE_SET_INDEX).is_file()) if root.is_dir() else []
+    sets = [load_profile_set(folder) for folder in folders]
+    if not sets:
+        raise ConfigError(f"{root} is not a profile set (no {PROFILE_SET_INDEX} in it or in a subfolder)")
+    kinds = [s.kind for s in sets]
+    if len(set(kinds)) != len(kinds) or len({s.model_key for s in sets}) != 1:
+        raise ConfigError(f"{root}: the profile sets must be of one model and one per kind, got {kinds}")
+    return sets
+
+
 @dataclass(frozen=True)
 class PointResult:
     """What one profiled point measured (bytes, seconds); `error` is set when it failed.
@@ -160,6 +188,8 @@ class PointResult:
         steps: timed steps.
         wall_s: the child's whole run, imports included.
         error: why the point failed ("" when it did not).
+        backend: the artifact kind it trained.
+        peak_accelerator_bytes: the GPU's peak (torch's counter) when it trained there, else 0.
     """
 
     width_ratio: float
@@ -172,6 +202,8 @@ class PointResult:
     steps: int = 0
     wall_s: float = 0.0
     error: str = ""
+    backend: str = ""
+    peak_accelerator_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -186,6 +218,7 @@ class ProfileOptions:
         backends: the runtimes the daemon warms up (its imports are in the baseline).
         data_dir: the device's shard, read as the daemon reads it (None: random batches).
         timeout_s: seconds one point may take.
+        device: where the torch backend trains ("cpu" or "cuda", device.toml's `device`).
     """
 
     steps: int = 3
@@ -194,6 +227,7 @@ class ProfileOptions:
     backends: tuple[str, ...] = ("ort",)
     data_dir: Path | None = None
     timeout_s: float = 300.0
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.warmup < 0 or self.threads < 1 or self.timeout_s <= 0:
@@ -237,13 +271,13 @@ def measure_point(artifact_dir: Path, options: ProfileOptions) -> PointResult:
         ArtifactError: the artifact cannot be loaded or trained.
         ConfigError, DataError: the shard does not fit the artifact.
     """
-    from msfusion.edge_runtime.backends.base import make_backend
+    from msfusion.edge_runtime.backends.base import MeasuresAccelerator, backend_device, make_backend
     from msfusion.edge_runtime.memory import MemorySampler
     from msfusion.edge_runtime.trainer import warm_up
     from msfusion.wire.artifacts import load_manifest, reference_weights
 
     began = time.perf_counter()
-    warm_up(options.backends)  # the daemon's imports: part of every task's memory
+    warm_up(options.backends, options.device)  # the daemon's imports: part of every task's memory
     manifest = load_manifest(artifact_dir)
     x_info, y_info = manifest.inputs
     batches = _batches(x_info.shape, x_info.dtype, y_info.shape, options.data_dir, options.warmup + options.steps)
@@ -252,7 +286,10 @@ def measure_point(artifact_dir: Path, options: ProfileOptions) -> PointResult:
         manifest, trainable, _start_weights([(t.name, t.shape) for t in manifest.params], seed=2)
     )
     times: list[float] = []
-    backend = make_backend(manifest.kind, num_threads=options.threads)
+    backend = make_backend(
+        manifest.kind, num_threads=options.threads, device=backend_device(manifest.kind, options.device)
+    )
+    accelerator = 0
     try:
         with MemorySampler() as sampler:  # stopped before close(): USS is read while the runtime holds its buffers
             backend.load(artifact_dir, manifest)
@@ -262,6 +299,8 @@ def measure_point(artifact_dir: Path, options: ProfileOptions) -> PointResult:
                 backend.train_step(x, y, 0.01)
                 if index >= options.warmup:
                     times.append(time.perf_counter() - started)
+        if isinstance(backend, MeasuresAccelerator):
+            accelerator = backend.peak_accelerator_bytes()
     finally:
         backend.close()
     report = sampler.report
@@ -277,6 +316,8 @@ def measure_point(artifact_dir: Path, options: ProfileOptions) -> PointResult:
         step_time_s=statistics.median(times),
         steps=len(times),
         wall_s=time.perf_counter() - began,
+        backend=manifest.kind.value,
+        peak_accelerator_bytes=accelerator,
     )
 
 
@@ -286,7 +327,7 @@ def run_point(profile_set: ProfileSet, point: ProfileSetPoint, options: ProfileO
     request["data_dir"] = str(options.data_dir) if options.data_dir is not None else None
     env = {**os.environ, "OMP_NUM_THREADS": str(options.threads)}
     command = [sys.executable, "-m", "msfusion.edge_runtime.profiling", json.dumps(request)]
-    failed = PointResult(point.width_ratio, point.batch_size)
+    failed = PointResult(point.width_ratio, point.batch_size, backend=profile_set.kind)
     try:
         proc = subprocess.run(command, capture_output=True, text=True, timeout=options.timeout_s, env=env)
     except subprocess.TimeoutExpired:
@@ -342,6 +383,8 @@ def profile_report(run_id: str, device_id: str, model_key: str, results: Sequenc
             peak_rss_bytes=r.peak_rss_bytes,
             step_time_s=r.step_time_s,
             peak_uss_bytes=r.peak_uss_bytes,
+            backend=r.backend,
+            peak_accelerator_bytes=r.peak_accelerator_bytes,
         )
         for r in results
         if not r.error
@@ -384,19 +427,26 @@ def load_profile(path: Path) -> ProfileReport | None:
 
 
 def format_table(results: Sequence[PointResult], budget_bytes: int | None = None) -> list[str]:
-    """The profile as text lines: one row per point (MiB, milliseconds)."""
+    """The profile as text lines: one row per point (MiB, milliseconds).
+
+    `fits` compares the peak RSS plus the GPU's peak with the budget: a Jetson's GPU
+    allocates from the board's one RAM.
+    """
     mib = 1 << 20
     lines = [
-        f"{'width':>6} {'batch':>5} {'peak RSS':>9} {'peak USS':>9} {'VmHWM':>8} {'baseline':>9} {'ms/step':>8}  fits"
+        f"{'backend':>10} {'width':>6} {'batch':>5} {'peak RSS':>9} {'peak USS':>9} {'VmHWM':>8} {'baseline':>9} "
+        f"{'GPU':>7} {'ms/step':>8}  fits"
     ]
     for r in results:
         if r.error:
-            lines.append(f"{r.width_ratio:6.3f} {r.batch_size:5d}  failed: {r.error}")
+            lines.append(f"{r.backend:>10} {r.width_ratio:6.3f} {r.batch_size:5d}  failed: {r.error}")
             continue
-        fits = "" if budget_bytes is None else ("yes" if r.peak_rss_bytes <= budget_bytes else "NO")
+        used = r.peak_rss_bytes + r.peak_accelerator_bytes
+        fits = "" if budget_bytes is None else ("yes" if used <= budget_bytes else "NO")
         lines.append(
-            f"{r.width_ratio:6.3f} {r.batch_size:5d} {r.peak_rss_bytes / mib:8.0f}M {r.peak_uss_bytes / mib:8.0f}M "
-            f"{r.hwm_bytes / mib:7.0f}M {r.baseline_rss_bytes / mib:8.0f}M {r.step_time_s * 1000:8.1f}  {fits}"
+            f"{r.backend:>10} {r.width_ratio:6.3f} {r.batch_size:5d} {r.peak_rss_bytes / mib:8.0f}M "
+            f"{r.peak_uss_bytes / mib:8.0f}M {r.hwm_bytes / mib:7.0f}M {r.baseline_rss_bytes / mib:8.0f}M "
+            f"{r.peak_accelerator_bytes / mib:6.0f}M {r.step_time_s * 1000:8.1f}  {fits}"
         )
     return lines
 
@@ -411,6 +461,7 @@ def _child(request_json: str) -> int:
         backends=tuple(request["backends"]),
         data_dir=Path(request["data_dir"]) if request["data_dir"] else None,
         timeout_s=request["timeout_s"],
+        device=request.get("device", "cpu"),
     )
     try:
         result = measure_point(Path(request["artifact_dir"]), options)

@@ -27,7 +27,7 @@ from msfusion.algorithm.batches import batch_indices, samples_per_epoch
 from msfusion.algorithm.indexing import TensorIndex, reslice_previous
 from msfusion.algorithm.slicing import Weights
 from msfusion.data.sources import Source, open_source
-from msfusion.edge_runtime.backends.base import TrainingBackend, make_backend
+from msfusion.edge_runtime.backends.base import TrainingBackend, backend_device, make_backend
 from msfusion.edge_runtime.config import data_spec
 from msfusion.edge_runtime.ledger import LocalState, slice_index
 from msfusion.edge_runtime.memory import MemoryReport, MemorySampler, current_rss_bytes
@@ -244,16 +244,20 @@ def check_task_sizes(task: TrainTask, memory_budget_bytes: int) -> None:
         )
 
 
-def warm_up(backends: tuple[str, ...]) -> None:
+def warm_up(backends: tuple[str, ...], device: str = "cpu") -> None:
     """Import each backend's runtime now, so the first task does not pay for it (ONNX Runtime: ~2 s).
 
+    Args:
+        backends: the artifact kinds the device trains.
+        device: where the torch backend trains ("cpu" or "cuda", device.toml's `device`).
+
     Raises:
-        ArtifactError: a runtime is not installed.
+        ArtifactError: a runtime is not installed, or device = "cuda" where torch sees no GPU.
     """
     for kind in backends:
         # Creating a backend imports its runtime. Not onnxruntime.training.api: that
         # package's __init__ imports torch, which a board does not have (backends/ort.py).
-        make_backend(kind).close()
+        make_backend(kind, device=backend_device(kind, device)).close()
 
 
 class _Progress:
@@ -387,7 +391,9 @@ def train_task(
         negative = reslice_previous(start, index_now, prev_weights, prev_index)
         # The device's own data, turned into the model's inputs by the run's preprocessing (lazily for images).
         x, y = (source or open_source(data_spec(config))).arrays(task.preprocessing)
-        backend = make_backend(task.backend, num_threads=config.threads)
+        backend = make_backend(
+            task.backend, num_threads=config.threads, device=backend_device(task.backend, config.device)
+        )
         try:
             backend.load(artifact_dir, manifest)
             loaded_rss = current_rss_bytes()

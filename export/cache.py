@@ -90,11 +90,16 @@ class CachedArtifact:
 
 
 def default_exporter(kind: ArtifactKind) -> Exporter:
-    """The `export_submodel` of `kind`'s exporter (imported on first use: both are heavy)."""
-    if ArtifactKind(kind) is ArtifactKind.ORT:
+    """The `export_submodel` of `kind`'s exporter (imported on first use: all are heavy)."""
+    kind = ArtifactKind(kind)
+    if kind is ArtifactKind.ORT:
         from msfusion.export.onnx_training import export_submodel
 
         return export_submodel
+    if kind is ArtifactKind.TORCH:
+        from msfusion.export.torch_native import export_submodel as export_torch
+
+        return export_torch
     from msfusion.export.executorch import export_submodel as export_executorch
 
     return export_executorch

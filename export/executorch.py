@@ -37,11 +37,13 @@ backward. Same function; validation checks every program against torch.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
+from torch.export import ExportedProgram
 
 from msfusion.edge_runtime.backends.executorch import METHOD, PROGRAM
 from msfusion.errors import ArtifactError
@@ -114,13 +116,81 @@ def export_submodel(
         ArtifactError: torch.export, autograd or lowering failed.
     """
     from executorch.exir import EdgeCompileConfig, to_edge
-    from torch.export import export
     from torch.export.experimental import _export_forward_backward
 
     optimizer = OptimizerConfig.of(optimizer)
-    widths = resolve_widths(model_spec(model_cfg), widths)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    graph = loss_program(model_cfg, widths, loss, batch_size, seed)
+    try:
+        program = graph.program.run_decompositions(
+            {
+                torch.ops.aten.max_pool2d.default: _max_pool2d_as_amax,
+                torch.ops.aten.conv2d.default: _conv2d_as_matmul,
+                torch.ops.aten.linear.default: _linear_as_mm,
+            }
+        )
+        program = _export_forward_backward(program)
+        edge = to_edge(program, compile_config=EdgeCompileConfig(_check_ir_validity=False))
+        executorch_program = edge.to_executorch()
+    except ArtifactError:
+        raise
+    except Exception as exc:  # noqa: BLE001 (export, autograd and lowering raise many types)
+        raise ArtifactError(f"ExecuTorch export failed: {type(exc).__name__}: {str(exc)[-600:]}") from exc
+    (out_dir / PROGRAM).write_bytes(executorch_program.buffer)
+
+    manifest = ArtifactManifest(
+        kind=ArtifactKind.EXECUTORCH,
+        key=key,
+        arch=model_cfg.arch,
+        files=describe_files(out_dir, [PROGRAM]),
+        params=graph.params,
+        frozen=graph.frozen,
+        inputs=graph.inputs,
+        optimizer=optimizer,
+        loss=loss_signature(loss),
+        param_prefix=PARAM_PREFIX,
+        versions=runtime_versions(ArtifactKind.EXECUTORCH),
+        grad_scales=graph.grad_scales if optimizer.compensates else {},
+    )
+    write_manifest(out_dir, manifest)
+    log.info("exported ExecuTorch program %s (%d bytes, method %s)", key[:12], len(executorch_program.buffer), METHOD)
+    return manifest
+
+
+@dataclass(frozen=True)
+class LossProgram:
+    """The local objective's loss as a `torch.export` program, the frozen references among its inputs.
+
+    Attributes:
+        program: forward(x, y, *frozen) -> (loss,); the sub-model's weights are its parameters
+            (graph names `PARAM_PREFIX + spec name`).
+        params: the trainable tensors (spec names), in program order.
+        frozen: the frozen references (`global_ref.` / `prev_ref.` + spec name), in input order.
+        inputs: the static batch (x, y).
+        grad_scales: spec name -> the scaler compensation factor of its gradient.
+    """
+
+    program: ExportedProgram
+    params: tuple[TensorInfo, ...]
+    frozen: tuple[TensorInfo, ...]
+    inputs: tuple[TensorInfo, TensorInfo]
+    grad_scales: Mapping[str, float]
+
+
+def loss_program(
+    model_cfg: ModelConfig, widths: Mapping[str, int] | None, loss: LossConfig, batch_size: int, seed: int = 0
+) -> LossProgram:
+    """Export the sub-model at `widths` with its local objective as a loss graph (`torch.export.export`).
+
+    The ExecuTorch exporter lowers it further; the torch-native one (`export/torch_native.py`) saves it as is.
+
+    Raises:
+        ArtifactError: torch.export failed.
+    """
+    from torch.export import export
+
+    widths = resolve_widths(model_spec(model_cfg), widths)
     objective = build_objective(
         model_cfg,
         widths,
@@ -149,40 +219,15 @@ def export_submodel(
     try:
         with traceable_norms():
             program = export(wrapper, example, strict=False)
-        program = program.run_decompositions(
-            {
-                torch.ops.aten.max_pool2d.default: _max_pool2d_as_amax,
-                torch.ops.aten.conv2d.default: _conv2d_as_matmul,
-                torch.ops.aten.linear.default: _linear_as_mm,
-            }
-        )
-        program = _export_forward_backward(program)
-        edge = to_edge(program, compile_config=EdgeCompileConfig(_check_ir_validity=False))
-        executorch_program = edge.to_executorch()
-    except ArtifactError:
-        raise
-    except Exception as exc:  # noqa: BLE001 (export, autograd and lowering raise many types)
-        raise ArtifactError(f"ExecuTorch export failed: {type(exc).__name__}: {str(exc)[-600:]}") from exc
-    (out_dir / PROGRAM).write_bytes(executorch_program.buffer)
-
-    params = tuple(TensorInfo(name, tuple(tensor.shape)) for name, tensor in objective.model.named_parameters())
-    manifest = ArtifactManifest(
-        kind=ArtifactKind.EXECUTORCH,
-        key=key,
-        arch=model_cfg.arch,
-        files=describe_files(out_dir, [PROGRAM]),
-        params=params,
+    except Exception as exc:  # noqa: BLE001 (torch.export raises many types)
+        raise ArtifactError(f"torch.export failed: {type(exc).__name__}: {str(exc)[-600:]}") from exc
+    return LossProgram(
+        program=program,
+        params=tuple(TensorInfo(name, tuple(tensor.shape)) for name, tensor in objective.model.named_parameters()),
         frozen=tuple(TensorInfo(name, tuple(tensor.shape)) for name, tensor in refs.items()),
         inputs=(x_info, y_info),
-        optimizer=optimizer,
-        loss=loss_signature(loss),
-        param_prefix=PARAM_PREFIX,
-        versions=runtime_versions(ArtifactKind.EXECUTORCH),
-        grad_scales=objective.model.gradient_scales() if optimizer.compensates else {},
+        grad_scales=objective.model.gradient_scales(),
     )
-    write_manifest(out_dir, manifest)
-    log.info("exported ExecuTorch program %s (%d bytes, method %s)", key[:12], len(executorch_program.buffer), METHOD)
-    return manifest
 
 
 def _parameters_to_plain_tensors(module: nn.Module) -> None:

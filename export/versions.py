@@ -14,6 +14,7 @@ from msfusion.wire.artifacts import ArtifactKind
 _TOOLS = {
     ArtifactKind.ORT: ("torch", "onnx", "onnxruntime-training"),
     ArtifactKind.EXECUTORCH: ("torch", "executorch"),
+    ArtifactKind.TORCH: ("torch",),
 }
 
 EXPORTER_REVISION = "5"  # 4: ExecuTorch convolutions as im2col + mm, linear as mm + add; 5: im2col + bmm

@@ -11,14 +11,16 @@ command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=
 # Chromium and its driver: the browser tests of the dashboard and the run report.
 [ -x /usr/bin/chromium ] || need_apt+=(chromium)
 [ -x /usr/bin/chromedriver ] || need_apt+=(chromium-driver)
-if [ ${#need_apt[@]} -gt 0 ]; then
-  if [ "$(id -u)" = 0 ]; then
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
-  else
-    sudo apt-get update -qq
-    sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
-  fi
+# qemu-user and dpkg's arm64 architecture: the emulated aarch64 board (tests/devices/test_aarch64_emulated.py,
+# devices/emulation.py), whose fixture downloads Debian's arm64 Python 3.11 with apt-get download.
+[ -x /usr/bin/qemu-aarch64-static ] || need_apt+=(qemu-user-static)
+add_arm64=0
+dpkg --print-foreign-architectures | grep -qx arm64 || add_arm64=1
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+[ "$add_arm64" = 0 ] || as_root dpkg --add-architecture arm64
+if [ ${#need_apt[@]} -gt 0 ] || [ "$add_arm64" = 1 ]; then
+  as_root apt-get update -qq
+  [ ${#need_apt[@]} -eq 0 ] || as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
 fi
 
 # The virtual environment, with the coordinator (torch CPU, ONNX Runtime

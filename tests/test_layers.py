@@ -56,7 +56,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "msfusion.devices": (*CORE, "msfusion.edge_runtime.config", "msfusion.devices"),
     "msfusion.coordinator": ("*",),
 }
-# Folders whose every module imports without torch (edge_runtime's ExecuTorch backend loads it by design).
+# Folders whose every module imports without torch (edge_runtime's ExecuTorch and torch backends load it by design).
 TORCH_FREE = [
     "msfusion.errors",
     "msfusion.atomic",
@@ -69,7 +69,7 @@ TORCH_FREE = [
     "msfusion.edge_runtime",
     "msfusion.devices",
 ]
-TORCH_FREE_EXCEPT = {"msfusion.edge_runtime.backends.executorch"}
+TORCH_FREE_EXCEPT = {"msfusion.edge_runtime.backends.executorch", "msfusion.edge_runtime.backends.torch_native"}
 
 
 def product_modules() -> dict[str, Path]:

@@ -9,6 +9,7 @@ import typer
 from rich.text import Text
 
 from msfusion.coordinator.cli.common import (
+    check_backend,
     cli_errors,
     console,
     parse_list,
@@ -194,6 +195,12 @@ def devices_profile_set(
     out: Path = typer.Option(..., "--out", help="the folder to write (copy it to the boards)"),
     widths: str = typer.Option("1,0.5,0.25,0.125", help="width ratios"),
     batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="default: the run's batch size"),
+    backends: Optional[str] = typer.Option(
+        None,
+        "--backends",
+        help="artifact kinds, comma-separated: one set per kind in OUT/<kind>/, each board profiles those it "
+        "runs (default: the run's backend, in OUT)",
+    ),
 ) -> None:
     """Export the artifacts a board profiles (`msfusion-device profile --artifacts DIR`).
 
@@ -210,13 +217,24 @@ def devices_profile_set(
             if batch_sizes
             else (cfg.engine.local.batch_size,)
         )
+        kinds = [check_backend(k) for k in backends.split(",") if k] if backends else []
         with progress_bars() as progress:
-            profile_set = export_profile_set(
-                cfg.engine, cfg.backend, ratios, batches, out, cache_dir=cfg.artifact_cache, progress=progress
+            sets = [
+                export_profile_set(
+                    cfg.engine,
+                    kind,
+                    ratios,
+                    batches,
+                    out / kind if kinds else out,
+                    cfg.artifact_cache,
+                    progress=progress,
+                )
+                for kind in kinds or [cfg.backend]
+            ]
+    for profile_set in sets:
+        console.print(
+            Text(
+                f"profile set {profile_set.root}: {len(profile_set.points)} {profile_set.kind} artifacts of model "
+                f"{profile_set.model_key[:12]}"
             )
-    console.print(
-        Text(
-            f"profile set {out}: {len(profile_set.points)} {profile_set.kind} artifacts of model "
-            f"{profile_set.model_key[:12]}"
         )
-    )

@@ -57,15 +57,16 @@ class ExportedArtifacts:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE
         self.progress = progress
         self._cache = ArtifactCache(self.cache_dir)
-        self._blobs: dict[tuple[tuple[str, int], ...], tuple[BulkRef, bytes]] = {}
+        self._blobs: dict[tuple[ArtifactKind, tuple[tuple[str, int], ...]], tuple[BulkRef, bytes]] = {}
 
-    def get(self, widths: Mapping[str, int]) -> tuple[BulkRef, bytes]:
-        """The packed artifact for `widths` and its transfer manifest (named by its sha256).
+    def get(self, widths: Mapping[str, int], kind: str = "") -> tuple[BulkRef, bytes]:
+        """The packed artifact of `kind` ("": `backend`) for `widths` and its transfer manifest (named by its sha256).
 
         Raises:
             ArtifactError: the export or its validation failed.
         """
-        shape = tuple(sorted(widths.items()))
+        artifact_kind = ArtifactKind(kind) if kind else self.kind
+        shape = (artifact_kind, tuple(sorted(widths.items())))
         if shape not in self._blobs:
             cached = self._cache.get_or_export(
                 self.engine.model,
@@ -73,11 +74,12 @@ class ExportedArtifacts:
                 self.engine.loss,
                 self.engine.local.optimizer,
                 self.engine.local.batch_size,
-                self.kind,
+                artifact_kind,
                 progress=self.progress,
             )
             log.info(
-                "artifact for %s: %s (%s)",
+                "%s artifact for %s: %s (%s)",
+                artifact_kind.value,
                 dict(widths),
                 cached.manifest.key[:12],
                 "cached" if cached.hit else "exported",
@@ -90,10 +92,12 @@ class ExportedArtifacts:
         return self._blobs[shape]
 
 
-def profile_key(engine: EngineConfig, backend: str) -> str:
-    """Names what a device profile measures: the model, loss, optimizer and artifact kind (not the widths or batch).
+def profile_key(engine: EngineConfig) -> str:
+    """Names what a device profile measures: the model, loss and optimizer (not the widths, batch or backend).
 
-    A coordinator sizes a device from its profile only when the keys agree.
+    A coordinator sizes a device from its profile only when the keys agree. The
+    artifact kind is not part of it: one profile holds the points of every
+    backend the board runs, each entry naming its own (`ProfileEntry.backend`).
     """
     from msfusion.export.objective import loss_signature
 
@@ -101,7 +105,6 @@ def profile_key(engine: EngineConfig, backend: str) -> str:
         "model": dataclasses.asdict(engine.model),
         "loss": loss_signature(engine.loss),
         "optimizer": dataclasses.asdict(engine.local.optimizer),
-        "kind": ArtifactKind(backend).value,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=list).encode()).hexdigest()[:32]
 
@@ -162,5 +165,5 @@ def export_profile_set(
         points.append(ProfileSetPoint(ratio, batch, name))
         if progress is not None:
             progress(overall, len(points), len(grid))
-    write_profile_set_index(out_dir, profile_key(engine, backend), ArtifactKind(backend).value, points)
+    write_profile_set_index(out_dir, profile_key(engine), ArtifactKind(backend).value, points)
     return load_profile_set(out_dir)

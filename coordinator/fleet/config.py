@@ -5,7 +5,9 @@ A run file looks like this (every table and key is optional except `model`)::
     run_id = "fmnist"
     broker = "mqtt://127.0.0.1:1883"
     out = "runs/fmnist"
-    backend = "ort"            # artifact kind the devices train: "ort" or "executorch"
+    backend = "ort"            # artifact kind the devices train: "ort", "executorch" or "torch"
+    # backends = ["ort", "torch"]   # several: each device trains the fastest of those it runs that fits its
+                               # budget, by its profile (`msfusion devices profile-set --backends ...`)
     eval_shard = "runs/fmnist/shards/test"   # held-out data in any format msfusion/data/sources.py reads
     validation_shard = "runs/fmnist/shards/validation"   # optional: chooses the deployable model
     # artifact_cache = "~/.cache/msfusion/artifacts"
@@ -60,7 +62,7 @@ from msfusion.recipe import EngineConfig
 from msfusion.wire.protocol import ID_PATTERN, MAX_DEADLINE_S, Preprocessing
 from msfusion.wire.transport import is_loopback, parse_broker
 
-BACKENDS = ("ort", "executorch")
+BACKENDS = ("ort", "executorch", "torch")
 
 
 @dataclass(frozen=True)
@@ -163,7 +165,11 @@ class CoordinatorConfig:
         eval_shard: shard folder of held-out data to evaluate the global model on.
         validation_shard: shard folder of data held out of training and of `eval_shard`; at the end
             it chooses which full model the run writes (docs/algorithm.md, "The deployable model").
-        backend: the artifact kind devices train ("ort" or "executorch").
+        backend: the artifact kind devices train ("ort", "executorch" or "torch"); with `backends`, the one a
+            device without a usable profile trains.
+        backends: every artifact kind the run may use (empty: `backend` alone); each device trains the fastest
+            one it runs whose predicted peak fits its budget, or the one its device.toml pins
+            (`coordinator/fleet/registry.py`, `choose_backend`).
         artifact_cache: folder of exported artifacts, reused across runs (None: the exporter's default).
         round: per-round knobs.
         fleet: fleet knobs.
@@ -187,6 +193,7 @@ class CoordinatorConfig:
     eval_shard: Path | None = None
     validation_shard: Path | None = None
     backend: str = "ort"
+    backends: tuple[str, ...] = ()
     artifact_cache: Path | None = None
     round: RoundConfig = field(default_factory=RoundConfig)
     fleet: FleetConfig = field(default_factory=FleetConfig)
@@ -203,6 +210,9 @@ class CoordinatorConfig:
             raise ConfigError(f"run_id {self.run_id!r} is not a safe id ({ID_PATTERN})")
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        object.__setattr__(self, "backends", tuple(self.backends))
+        if any(b not in BACKENDS for b in self.backends) or len(set(self.backends)) != len(self.backends):
+            raise ConfigError(f"backends must name each of {BACKENDS} at most once, got {list(self.backends)}")
         address = parse_broker(self.broker)
         if not address.tls and not self.insecure and not is_loopback(address.host):
             raise ConfigError(

@@ -45,8 +45,12 @@ class MemorySample:
 
 
 def samples_from_profile(entries: Iterable[ProfileEntry]) -> list[MemorySample]:
-    """The samples of a device's `ProfileReport.entries` (the peak RSS is the peak)."""
-    return [MemorySample(e.width_ratio, e.batch_size, e.peak_rss_bytes) for e in entries]
+    """The samples of a device's `ProfileReport.entries` (of one backend).
+
+    The peak is the peak RSS plus the GPU's peak where it trained on one: a
+    Jetson's GPU allocates from the board's one RAM, which the budget covers.
+    """
+    return [MemorySample(e.width_ratio, e.batch_size, e.peak_rss_bytes + e.peak_accelerator_bytes) for e in entries]
 
 
 @dataclass(frozen=True)

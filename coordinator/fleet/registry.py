@@ -11,6 +11,16 @@ the widest ratio whose predicted peak fits its budget less a safety margin
 (`fleet.memory_margin`). The planner's capacity-aware double shifting keeps
 coverage even across the mixed widths.
 
+Backend per device (`choose_backend`): a board may run several backends
+(`Capacity.backends`) and profile each (`ProfileEntry.backend`). Each
+profiled backend the run allows gets its own memory model and widest ratio;
+the device trains at the widest of those ratios (memory decides the
+sub-model, never speed), with the fastest backend that fits it, by the step
+time measured at the profiled width nearest that ratio. A backend pinned in
+device.toml (`Capacity.pinned_backend`) is the only candidate. A device
+without a usable profile trains the run's `backend` if it has it, else the
+first of the run's backends it lists.
+
 Width from memory budget alone (no profile, or one of another model): a
 sub-model with P parameters costs about `BYTES_PER_PARAM` bytes per
 parameter to train (fp32 weights, gradients, one optimizer moment, and the
@@ -48,7 +58,7 @@ from msfusion.coordinator.fleet.memory_model import (
 from msfusion.coordinator.fleet.sizing import ModelSizes
 from msfusion.data.sources import ModelInputs, check_report
 from msfusion.errors import ConfigError, MemoryBudgetExceeded
-from msfusion.wire.protocol import DataReport, Heartbeat, ProfileReport, Registration, Welcome
+from msfusion.wire.protocol import DataReport, Heartbeat, ProfileEntry, ProfileReport, Registration, Welcome
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +90,99 @@ class Sizing:
             )
 
 
+@dataclass(frozen=True)
+class BackendChoice:
+    """The backend a profiled device trains with, and the figures it was chosen by.
+
+    Attributes:
+        backend: the artifact kind.
+        ratio: the width ratio it trains at (a multiple of 1/1024).
+        step_time_s: its measured time per step at the profiled width nearest `ratio`.
+        predicted_peak_bytes: its memory model's peak at `ratio` and the run's batch size.
+        model: that memory model.
+        ratios: every profiled candidate's widest fitting ratio (0.0: none fits), by backend.
+    """
+
+    backend: str
+    ratio: float
+    step_time_s: float
+    predicted_peak_bytes: int
+    model: MemoryModel
+    ratios: dict[str, float]
+
+
+def _step_time_near(entries: Sequence[ProfileEntry], ratio: float, batch_size: int) -> float:
+    """The measured step time at the profiled width nearest `ratio` (the run's batch size preferred)."""
+    same_batch = [e for e in entries if e.batch_size == batch_size] or list(entries)
+    return min(same_batch, key=lambda e: (abs(e.width_ratio - ratio), -e.width_ratio)).step_time_s
+
+
+def choose_backend(
+    profile: ProfileReport, budget_bytes: int, sizing: Sizing, candidates: Sequence[str]
+) -> BackendChoice:
+    """The fastest profiled backend whose predicted peak fits the budget at the widest ratio any of them affords.
+
+    Entries without a backend (an older device's profile of its one backend) count as `candidates[0]`'s.
+
+    Args:
+        profile: the device's profile.
+        budget_bytes: the device's memory budget.
+        sizing: the run's model sizes, key, batch size and margin.
+        candidates: the backends the device may train this run, in order of preference (ties go to the first).
+
+    Returns:
+        The choice and its figures.
+
+    Raises:
+        ConfigError: the profile is of another model, or no candidate is profiled well enough to fit.
+        MemoryBudgetExceeded: not even the narrowest sub-model fits with any candidate.
+    """
+    if profile.model_key != sizing.model_key:
+        raise ConfigError(
+            f"the profile is of model {profile.model_key or '(unnamed)'!r}, this run trains {sizing.model_key!r}"
+        )
+    if not candidates:
+        raise ConfigError("no candidate backend")
+    fitted: dict[str, tuple[MemoryModel, list[ProfileEntry]]] = {}
+    unfit: list[str] = []
+    for backend in candidates:
+        entries = [e for e in profile.entries if (e.backend or candidates[0]) == backend]
+        if not entries:
+            continue
+        try:
+            fitted[backend] = (fit_memory_model(samples_from_profile(entries), sizing.sizes), entries)
+        except ConfigError as exc:
+            unfit.append(f"{backend}: {exc}")
+    if not fitted:
+        raise ConfigError(f"the profile holds no usable points of {list(candidates)} ({'; '.join(unfit) or 'none'})")
+    ratios: dict[str, float] = {}
+    exceeded: MemoryBudgetExceeded | None = None
+    for backend, (model, _) in fitted.items():
+        try:
+            ratios[backend] = largest_affordable_ratio(model, budget_bytes, sizing.batch_size, sizing.safety_margin)
+        except MemoryBudgetExceeded as exc:
+            ratios[backend], exceeded = 0.0, exceeded or exc
+    widest = max(ratios.values())
+    if exceeded is not None and widest <= 0.0:  # every candidate raised it
+        raise exceeded
+    fitting = [b for b in fitted if ratios[b] >= widest]
+    times = {b: _step_time_near(fitted[b][1], widest, sizing.batch_size) for b in fitting}
+    best = min(fitting, key=lambda b: times[b])  # min keeps the first of equal times: candidates' order
+    model = fitted[best][0]
+    return BackendChoice(
+        backend=best,
+        ratio=widest,
+        step_time_s=times[best],
+        predicted_peak_bytes=math.ceil(model.predict(widest, sizing.batch_size)),
+        model=model,
+        ratios=ratios,
+    )
+
+
 def ratio_from_profile(profile: ProfileReport, budget_bytes: int, sizing: Sizing) -> tuple[float, MemoryModel]:
     """The widest ratio whose peak, predicted from the device's measured profile, fits its budget with the margin.
+
+    A profile of one backend (`choose_backend` picks among several).
 
     Args:
         profile: the device's profile (at least three points at two widths).
@@ -95,12 +196,9 @@ def ratio_from_profile(profile: ProfileReport, budget_bytes: int, sizing: Sizing
         ConfigError: the profile is of another model, or too thin to fit.
         MemoryBudgetExceeded: not even the narrowest sub-model fits.
     """
-    if profile.model_key != sizing.model_key:
-        raise ConfigError(
-            f"the profile is of model {profile.model_key or '(unnamed)'!r}, this run trains {sizing.model_key!r}"
-        )
-    model = fit_memory_model(samples_from_profile(profile.entries), sizing.sizes)
-    return largest_affordable_ratio(model, budget_bytes, sizing.batch_size, sizing.safety_margin), model
+    backends = list(dict.fromkeys(e.backend for e in profile.entries)) or [""]
+    choice = choose_backend(profile, budget_bytes, sizing, backends)
+    return choice.ratio, choice.model
 
 
 def ratio_for_memory(spec: ModelSpec, budget_bytes: int, reported_max: float | None = None) -> float:
@@ -145,6 +243,22 @@ class DeviceRecord:
     arch: str = ""
     cores: int = 0
     codecs: tuple[str, ...] = ("fp32",)  # the transfer codecs it decodes (`Capacity.codecs`)
+    backend: str = ""  # the artifact kind it trains this run (`choose_backend`, its pin, or the run's)
+    backend_chosen_by: str = ""  # "profile" (fastest that fits), "pinned" (device.toml) or "default"
+    step_time_s: float = 0.0  # the chosen backend's profiled time per step near its ratio (0: no profile)
+    predicted_peak_bytes: int = 0  # its memory model's peak at that ratio (0: no profile)
+
+
+def _backend_fields(
+    msg: Registration, candidates: Sequence[str], default: str, choice: BackendChoice | None
+) -> tuple[str, str, float, int]:
+    """A device's backend, what chose it, and its profiled step time and predicted peak (0 without a profile)."""
+    pinned = bool(msg.capacity.pinned_backend)
+    if choice is not None:
+        by = "pinned" if pinned else "profile"
+        return choice.backend, by, choice.step_time_s, choice.predicted_peak_bytes
+    backend = default if default in candidates else candidates[0]
+    return backend, "pinned" if pinned else "default", 0.0, 0
 
 
 class Fleet:
@@ -153,11 +267,13 @@ class Fleet:
     Args:
         spec: the global model's spec (sizes the width ratios).
         run_id: the run; messages of other runs are refused.
-        backend: the artifact kind this run trains; devices without it are refused.
+        backend: the run's default artifact kind (a device without a usable profile trains it if it can).
         heartbeat_timeout_s: silence after which a device counts as offline.
         sizing: sizes devices that register with a profile (None: the budget rule for all).
         inputs: what the run's model takes: a device whose reported data cannot train it is
             left out (None: data reports are not checked).
+        backends: every artifact kind the run may use, in order of preference (default: `backend`
+            alone); a device that lists none of them is refused.
 
     Attributes:
         devices: the admitted devices.
@@ -176,10 +292,12 @@ class Fleet:
         heartbeat_timeout_s: float,
         sizing: Sizing | None = None,
         inputs: ModelInputs | None = None,
+        backends: Sequence[str] = (),
     ) -> None:
         self._spec = spec
         self._run_id = run_id
         self._backend = backend
+        self._backends = tuple(dict.fromkeys((backend, *backends) if backend not in backends else backends))
         self._timeout_s = heartbeat_timeout_s
         self._sizing = sizing
         self._inputs = inputs
@@ -188,8 +306,20 @@ class Fleet:
         self.excluded: dict[str, str] = {}
         self.refused: dict[str, str] = {}
 
-    def _ratio(self, msg: Registration) -> tuple[float, str]:
-        """A registering device's width ratio and how it was found ("profile" or "budget").
+    def _candidates(self, msg: Registration) -> tuple[list[str], str]:
+        """The backends a registering device may train this run, or the reason it cannot train any."""
+        pinned = msg.capacity.pinned_backend
+        if pinned:
+            if pinned not in self._backends:
+                return [], f"device pins backend {pinned!r}; this run trains {list(self._backends)}"
+            return [pinned], ""
+        candidates = [b for b in self._backends if b in msg.capacity.backends]
+        if not candidates:
+            return [], f"run needs backend {self._backend!r}, device has {msg.capacity.backends}"
+        return candidates, ""
+
+    def _ratio(self, msg: Registration, candidates: Sequence[str]) -> tuple[float, str, BackendChoice | None]:
+        """A registering device's width ratio, how it was found ("profile" or "budget"), and its profiled choice.
 
         Raises:
             ConfigError, MemoryBudgetExceeded: the device cannot train even the narrowest sub-model.
@@ -197,36 +327,43 @@ class Fleet:
         capacity = msg.capacity
         if msg.profile is not None and self._sizing is not None:
             try:
-                ratio, model = ratio_from_profile(msg.profile, capacity.memory_budget_bytes, self._sizing)
+                choice = choose_backend(msg.profile, capacity.memory_budget_bytes, self._sizing, candidates)
             except ConfigError as exc:
                 log.warning("device %s: profile not used (%s); sizing it from its budget", msg.device_id, exc)
             else:
+                model = choice.model
                 log.info(
-                    "device %s: profile fit %.0f MiB + %.1f B/param + %.2f B/activation (max error %.1f%%)",
+                    "device %s: %s, profile fit %.0f MiB + %.1f B/param + %.2f B/activation (max error %.1f%%); "
+                    "widest fitting ratio by backend %s",
                     msg.device_id,
+                    choice.backend,
                     model.overhead_bytes / 2**20,
                     model.bytes_per_param,
                     model.bytes_per_activation,
                     100 * model.max_relative_error,
+                    choice.ratios,
                 )
+                ratio = choice.ratio
                 capped = min(ratio, capacity.max_width_ratio) if capacity.max_width_ratio is not None else ratio
-                return capped, "profile"
-        return ratio_for_memory(self._spec, capacity.memory_budget_bytes, capacity.max_width_ratio), "budget"
+                return capped, "profile", choice
+        ratio = ratio_for_memory(self._spec, capacity.memory_budget_bytes, capacity.max_width_ratio)
+        return ratio, "budget", None
 
     def register(self, msg: Registration, now: float) -> Welcome:
         """Admit (or re-admit) a device; the answer goes back on its control topic."""
         reason = ""
+        candidates, no_backend = self._candidates(msg)
         if msg.run_id != self._run_id:
             reason = f"this coordinator runs {self._run_id!r}, not {msg.run_id!r}"
-        elif self._backend not in msg.capacity.backends:
-            reason = f"run needs backend {self._backend!r}, device has {msg.capacity.backends}"
+        elif no_backend:
+            reason = no_backend
         elif msg.data is not None and self._inputs is not None and (why := check_report(msg.data, self._inputs)):
             reason = f"its data cannot train this run's model: {why}"
             self.excluded[msg.device_id] = reason  # left out of planning; the run goes on without it
-        ratio, sized_by = 0.0, "budget"
+        ratio, sized_by, choice = 0.0, "budget", None
         if not reason:
             try:
-                ratio, sized_by = self._ratio(msg)
+                ratio, sized_by, choice = self._ratio(msg, candidates)
             except (ConfigError, MemoryBudgetExceeded) as exc:
                 reason = str(exc)
         if reason:
@@ -259,16 +396,26 @@ class Fleet:
             cores=msg.capacity.cores,
             codecs=tuple(msg.capacity.codecs),
         )
+        record.backend, record.backend_chosen_by, record.step_time_s, record.predicted_peak_bytes = _backend_fields(
+            msg, candidates, self._backend, choice
+        )
         self.devices[msg.device_id] = record
         log.info(
-            "device %s registered: budget %d B -> width ratio %.4f (from its %s)%s",
+            "device %s registered: budget %d B -> width ratio %.4f (from its %s), backend %s (%s)%s",
             msg.device_id,
             record.memory_budget_bytes,
             ratio,
             sized_by,
+            record.backend,
+            record.backend_chosen_by,
             f", capped at {record.memory_cap:.4f} after running out of memory" if record.memory_cap < ratio else "",
         )
         return Welcome(run_id=self._run_id, device_id=msg.device_id, accepted=True)
+
+    def backend_of(self, device_id: str) -> str:
+        """The artifact kind a device trains this run (the run's default for one not registered)."""
+        record = self.devices.get(device_id)
+        return record.backend if record is not None and record.backend else self._backend
 
     def width_ratio(self, device_id: str) -> float:
         """The ratio a device trains at: its sized ratio under its memory cap."""

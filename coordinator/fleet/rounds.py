@@ -64,8 +64,8 @@ STALL_CHECK_S = 0.25  # how often a round looks for stalled slice uploads
 class ArtifactSource(Protocol):
     """Training artifacts by sub-model shape: exported once, then reused from the cache."""
 
-    def get(self, widths: Mapping[str, int]) -> tuple[BulkRef, bytes]:
-        """The artifact bundle for a sub-model at `widths` and its manifest."""
+    def get(self, widths: Mapping[str, int], kind: str = "") -> tuple[BulkRef, bytes]:
+        """The artifact bundle of `kind` ("": the run's backend) for a sub-model at `widths` and its manifest."""
         ...
 
 
@@ -129,6 +129,7 @@ class RoundOutcome:
     budget_bytes: dict[str, int] = field(default_factory=dict)  # each device's memory budget as registered
     step_time_s: dict[str, float] = field(default_factory=dict)  # each device's reported time per training step
     width_ratios: dict[str, float] = field(default_factory=dict)  # the ratio each device trained at
+    backends: dict[str, str] = field(default_factory=dict)  # the artifact kind each device trained
     start_sha256: str = ""  # weights_digest of the global weights the round started from
     end_sha256: str = ""  # ... and of the merged weights (empty when not merged)
     clipped: dict[str, str] = field(default_factory=dict)  # device -> why its update was scaled to the norm bound
@@ -171,7 +172,7 @@ def make_task(
         round_idx=round_idx,
         device_id=device_id,
         task_id=task_id,
-        backend=ctx.backend,
+        backend=ctx.fleet.backend_of(device_id),  # the run's backend, or the one chosen for the device
         artifact=artifact,
         weights=weights,
         units={group: [int(u) for u in us] for group, us in units.items()},
@@ -285,13 +286,13 @@ def run_round(
     }
     lap("plan_s")
 
-    # Export or reuse: one artifact per distinct sub-model shape.
-    artifacts: dict[tuple[tuple[str, int], ...], tuple[BulkRef, bytes]] = {}
+    # Export or reuse: one artifact per distinct sub-model shape and backend.
+    artifacts: dict[tuple[str, tuple[tuple[str, int], ...]], tuple[BulkRef, bytes]] = {}
     for device in devices:
         widths = plan.widths(device.device_id)
-        shape = tuple(sorted(widths.items()))
+        shape = (ctx.fleet.backend_of(device.device_id), tuple(sorted(widths.items())))
         if shape not in artifacts:
-            artifacts[shape] = ctx.artifacts.get(widths)
+            artifacts[shape] = ctx.artifacts.get(widths, shape[0])
             ctx.link.offer(*artifacts[shape])
     lap("export_s")
 
@@ -304,7 +305,8 @@ def run_round(
         codec = task_codec(ctx, device.device_id)
         packed = pack(sub, codec)  # fp32: the weights; fp16 / int8: their rounding (the update comes back)
         manifest = make_manifest(transfer_id("w", task_id, device.device_id), "weights", packed)
-        artifact = artifacts[tuple(sorted(plan.widths(device.device_id).items()))][0]
+        shape = (ctx.fleet.backend_of(device.device_id), tuple(sorted(plan.widths(device.device_id).items())))
+        artifact = artifacts[shape][0]
         # Its negative: its slice merged in the last merged round, never one of a discarded attempt.
         negative = state.negatives.get(device.device_id, "")
         task = make_task(ctx, round_idx, task_id, device.device_id, index, units, artifact, manifest, negative, codec)
@@ -356,6 +358,7 @@ def run_round(
         budget_bytes={d: ctx.fleet.devices[d].memory_budget_bytes for d in sent if d in ctx.fleet.devices},
         step_time_s={d: r.step_time_s for d, r in results.items()},
         width_ratios={d: item.width_ratio for d, item in sent.items()},
+        backends={d: item.task.backend for d, item in sent.items()},
         timings_s=timings,
         start_sha256=weights_digest(weights),
         late=late_notes,
@@ -505,13 +508,15 @@ def _collect(
             case Inbound(message=SliceResult() | TaskFailed()) as inbound:
                 _on_reply(ctx, sent, replies, rejected, inbound)
             case Inbound() as inbound:
+                # A fresh registration means a new connection: the device restarted (whatever it held of
+                # its task is gone) or reconnected (its reply may have died with the old connection; a
+                # daemon answers a task it already handled with the same reply, without training again).
                 came_back = isinstance(inbound.message, Registration) and not inbound.retained
-                came_back = came_back and not ctx.fleet.online(inbound.device_id, time.monotonic())
                 handle_fleet_message(ctx, inbound, time.monotonic())
                 if came_back and inbound.device_id in sent and inbound.device_id not in replies:
-                    _resend(ctx, sent, [inbound.device_id])  # it restarted: whatever it held of this task is gone
+                    _resend(ctx, sent, [inbound.device_id])
                 elif came_back and inbound.device_id in late:
-                    late_replies[inbound.device_id] = "lost: the device restarted"
+                    _resend(ctx, late, [inbound.device_id])
         if late_replies:
             settle_late()
     for arrived in ctx.link.take_ready():  # complete as the deadline passed: as good as any other

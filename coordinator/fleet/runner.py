@@ -215,7 +215,7 @@ def run_sizing(config: CoordinatorConfig) -> Sizing:
     engine = config.engine
     return Sizing(
         model_sizes(engine.model),
-        profile_key(engine, config.backend),
+        profile_key(engine),
         engine.local.batch_size,
         config.fleet.memory_margin,
     )
@@ -350,6 +350,7 @@ def run_coordinator(
         config.fleet.heartbeat_timeout_s,
         run_sizing(config),
         inputs=config.engine.model.inputs(),
+        backends=config.backends,
     )
 
     events = RunEvents(out)

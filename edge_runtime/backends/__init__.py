@@ -1,1 +1,1 @@
-"""Training backends (ONNX Runtime Training, ExecuTorch), picked by artifact kind."""
+"""Training backends (ONNX Runtime Training, ExecuTorch, torch-native), picked by artifact kind."""

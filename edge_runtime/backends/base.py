@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Protocol
+from typing import Mapping, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -60,36 +60,61 @@ class TrainingBackend(Protocol):
         ...
 
 
-def make_backend(kind: ArtifactKind | str, *, num_threads: int = 0) -> TrainingBackend:
+def make_backend(kind: ArtifactKind | str, *, num_threads: int = 0, device: str = "cpu") -> TrainingBackend:
     """The backend that trains artifacts of `kind`.
 
     The runtime is imported here, not at module import: the ONNX Runtime
-    backend needs onnxruntime-training only, the ExecuTorch one loads torch.
+    backend needs onnxruntime-training only, the ExecuTorch and torch ones load torch.
 
     Args:
-        kind: artifact kind (or its wire name, "ort" / "executorch").
+        kind: artifact kind (or its wire name, "ort" / "executorch" / "torch").
         num_threads: intra-op threads (0 = the runtime's default).
+        device: where it trains: "cpu", or "cuda" (the torch backend only).
 
     Returns:
         An unloaded backend.
 
     Raises:
-        ArtifactError: an unknown kind, or its runtime is not installed.
+        ArtifactError: an unknown kind, its runtime is not installed, or a device it cannot train on
+            ("cuda" for ONNX Runtime or ExecuTorch, or where torch sees no CUDA GPU).
     """
     try:
         kind = ArtifactKind(kind)
     except ValueError as exc:
         raise ArtifactError(f"unknown artifact kind {kind!r}") from exc
+    if device != "cpu" and kind is not ArtifactKind.TORCH:
+        raise ArtifactError(f"the {kind.value} backend trains on the CPU only, not on {device!r}")
     backend: TrainingBackend
     try:
         if kind is ArtifactKind.ORT:
             from msfusion.edge_runtime.backends.ort import OrtBackend
 
             backend = OrtBackend(num_threads=num_threads)
-        else:
+        elif kind is ArtifactKind.EXECUTORCH:
             from msfusion.edge_runtime.backends.executorch import ExecuTorchBackend
 
             backend = ExecuTorchBackend(num_threads=num_threads)
+        else:
+            from msfusion.edge_runtime.backends.torch_native import TorchBackend
+
+            backend = TorchBackend(num_threads=num_threads, device=device)
     except ImportError as exc:
         raise ArtifactError(f"the {kind.value} runtime is not installed on this device: {exc}") from exc
     return backend
+
+
+def backend_device(kind: ArtifactKind | str, device: str) -> str:
+    """Where a backend of `kind` trains on a board whose device.toml says `device`.
+
+    The torch backend trains on `device`; ONNX Runtime and ExecuTorch train on the CPU.
+    """
+    return device if ArtifactKind(kind) is ArtifactKind.TORCH else "cpu"
+
+
+@runtime_checkable
+class MeasuresAccelerator(Protocol):
+    """A backend that trains on an accelerator, whose memory the process's RSS does not show."""
+
+    def peak_accelerator_bytes(self) -> int:
+        """Peak bytes held on the accelerator since the last `load` (the runtime's own counter)."""
+        ...

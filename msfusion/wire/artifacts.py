@@ -1,7 +1,7 @@
 """Training artifacts as the device sees them: kind, manifest, checksums, packing (torch-free).
 
 An artifact is a directory of files (ONNX Runtime Training graphs and a
-nominal checkpoint, or one ExecuTorch program) plus `manifest.json`, which
+nominal checkpoint, one ExecuTorch program, or one torch.export program) plus `manifest.json`, which
 names every file with its sha256 and size and describes the tensors the graph
 expects. The graph depends only on the sub-model's shape, the loss and the
 optimizer: weights never live in an artifact, they travel separately
@@ -43,6 +43,7 @@ class ArtifactKind(str, enum.Enum):
 
     ORT = "ort"  # ONNX Runtime Training: training/eval/optimizer graphs + checkpoint
     EXECUTORCH = "executorch"  # one ExecuTorch program with a joint forward-backward method
+    TORCH = "torch"  # one torch.export program (.pt2) of the loss, trained with torch's own kernels and autograd
 
 
 @dataclass(frozen=True)

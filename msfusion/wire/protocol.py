@@ -115,6 +115,8 @@ class Capacity(_Struct, frozen=True):
     board: Annotated[str, Meta(max_length=64)] = ""  # its board profile ("" when not flashed with one)
     # The transfer codecs it decodes (an older device: fp32 only); a task in any other gets fp32.
     codecs: Annotated[list[CodecName], Meta(max_length=16)] = msgspec.field(default_factory=lambda: ["fp32"])
+    pinned_backend: Annotated[str, Meta(max_length=32)] = ""  # device.toml's `backend` ("": the coordinator picks)
+    device: Literal["cpu", "cuda"] = "cpu"  # where its torch backend trains (device.toml's `device`)
 
 
 class ProfileEntry(_Struct, frozen=True):
@@ -125,6 +127,8 @@ class ProfileEntry(_Struct, frozen=True):
     peak_rss_bytes: Count  # the process's peak: sampled RSS and the kernel's VmHWM
     step_time_s: Seconds
     peak_uss_bytes: Count = 0  # memory this process alone held (0: not measured)
+    backend: Annotated[str, Meta(max_length=32)] = ""  # the artifact kind measured ("": an older device's only one)
+    peak_accelerator_bytes: Count = 0  # the GPU's peak (torch's counter) when it trained there (0: the CPU)
 
 
 class AxisUnits(_Struct, frozen=True):
@@ -189,7 +193,7 @@ class ProfileReport(_Message, frozen=True, tag="profile"):
     run_id: Id
     device_id: Id
     entries: Annotated[list[ProfileEntry], Meta(max_length=1024)]
-    # Names the model, loss and optimizer the profiled artifacts implement
+    # Names the model, loss and optimizer the profiled artifacts implement, whatever their kind
     # (coordinator.artifacts.profile_key): a coordinator ignores a profile of another model.
     model_key: Annotated[str, Meta(max_length=64)] = ""
 

@@ -1,4 +1,4 @@
-"""One contract, checked over every training backend (ONNX Runtime Training and ExecuTorch)."""
+"""One contract, checked over every training backend (ONNX Runtime Training, ExecuTorch, torch-native)."""
 
 from __future__ import annotations
 

@@ -24,6 +24,7 @@ from msfusion.edge_runtime.profiling import (
     format_table,
     load_profile,
     load_profile_set,
+    load_profile_sets,
     profile_report,
     run_profile,
     save_profile,
@@ -167,10 +168,57 @@ def test_the_profile_command_prints_a_table_and_saves_what_the_daemon_sends(
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("dev007: ort artifacts of model case-model, budget 4096 MiB")
-    assert [line.split()[0] for line in lines[2:4]] == ["1.000", "0.250"] and lines[2].endswith("yes")
+    assert [line.split()[:2] for line in lines[2:4]] == [["ort", "1.000"], ["ort", "0.250"]]
+    assert lines[2].endswith("yes")
     saved = load_profile(tmp_path / "state" / PROFILE_FILE)
     assert isinstance(saved, ProfileReport) and saved.device_id == "dev007" and saved.model_key == "case-model"
     assert [e.width_ratio for e in saved.entries] == [1.0, 0.25]
+
+
+def test_the_profile_command_measures_every_backend_the_board_runs(
+    case: Any, profile_set: ProfileSet, exported: Callable[..., CachedArtifact], tmp_path: Path
+) -> None:
+    # Prepare: a folder of two sets (ORT and torch), and one of a kind this board does not run
+    root = tmp_path / "sets"
+    shutil.copytree(profile_set.root, root / "ort")
+    torch_artifact = exported(ArtifactKind.TORCH, widths=widths_for_ratio(model_spec(case.model), 0.25))
+    shutil.copytree(torch_artifact.path, root / "torch" / "w0.25")
+    write_profile_set_index(root / "torch", "case-model", "torch", [ProfileSetPoint(0.25, case.batch, "w0.25")])
+    (root / "executorch").mkdir()
+    write_profile_set_index(root / "executorch", "case-model", "executorch", [])
+    config = DeviceConfig(
+        device_id="dev008",
+        run_id="r1",
+        data_dir=tmp_path,
+        state_dir=tmp_path / "state",
+        memory_budget_bytes=4 << 30,
+        backends=("ort", "torch"),
+    )
+    (tmp_path / "device.toml").write_text(to_toml(config))
+    # Execute
+    command = [sys.executable, "-m", "msfusion.edge_runtime", "profile", "--config", str(tmp_path / "device.toml")]
+    command += ["--artifacts", str(root), "--widths", "0.25", "--steps", "1", "--warmup", "0"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    # Assert
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0].startswith("dev008: ort, torch artifacts of model case-model")
+    saved = load_profile(tmp_path / "state" / PROFILE_FILE)
+    assert saved is not None and [(e.backend, e.width_ratio) for e in saved.entries] == [("ort", 0.25), ("torch", 0.25)]
+    assert all(e.peak_accelerator_bytes == 0 and e.step_time_s > 0 for e in saved.entries)  # the CPU
+
+
+def test_profile_sets_of_two_models_or_two_of_one_kind_are_refused(tmp_path: Path) -> None:
+    for folder, key, kind in [("a", "k1", "ort"), ("b", "k2", "torch")]:
+        (tmp_path / folder).mkdir()
+        write_profile_set_index(tmp_path / folder, key, kind, [])
+    with pytest.raises(ConfigError, match="one model and one per kind"):
+        load_profile_sets(tmp_path)
+    write_profile_set_index(tmp_path / "b", "k1", "ort", [])
+    with pytest.raises(ConfigError, match="one model and one per kind"):
+        load_profile_sets(tmp_path)
+    write_profile_set_index(tmp_path / "b", "k1", "torch", [])
+    assert [s.kind for s in load_profile_sets(tmp_path)] == ["ort", "torch"]
+    assert [s.kind for s in load_profile_sets(tmp_path / "a")] == ["ort"]
 
 
 def test_the_profile_command_refuses_a_missing_set(tmp_path: Path) -> None:
@@ -251,7 +299,10 @@ def test_a_coordinator_profile_set_then_the_board_profile_measure_the_runs_artif
     from msfusion.coordinator.fleet.config import load_config
 
     assert proc.returncode == 0, proc.stderr
-    key = profile_key(load_config(tmp_path / "run.toml").engine, "ort")
+    key = profile_key(load_config(tmp_path / "run.toml").engine)
     assert f"of model {key[:12]}" in proc.stdout.splitlines()[0]
-    assert [line.split()[:2] for line in proc.stdout.splitlines()[2:4]] == [["1.000", "8"], ["0.500", "8"]]
+    assert [line.split()[:3] for line in proc.stdout.splitlines()[2:4]] == [
+        ["ort", "1.000", "8"],
+        ["ort", "0.500", "8"],
+    ]
     assert not (tmp_path / "state" / PROFILE_FILE).exists()

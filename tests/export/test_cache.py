@@ -87,6 +87,8 @@ def test_the_key_changes_with_everything_that_shapes_the_graph(case: Any) -> Non
         _key(case, optimizer=OptimizerConfig("sgd", momentum=0.5)),
         _key(case, batch_size=16),
         _key(case, kind=ArtifactKind.EXECUTORCH),
+        _key(case, kind=ArtifactKind.TORCH),
+        _key(case, kind=ArtifactKind.TORCH, versions={**runtime_versions(ArtifactKind.TORCH), "torch": "2.99"}),
         _key(case, versions={**runtime_versions(ArtifactKind.ORT), "onnx": "1.18.0"}),
     ]
     assert len({base, *variants}) == len(variants) + 1
@@ -129,16 +131,18 @@ def test_a_corrupt_entry_raises_on_load_and_is_exported_again(tmp_path: Path, ca
     assert load_manifest(again.path) == again.manifest
 
 
-def test_a_real_ort_export_is_validated_cached_and_packed(tmp_path: Path, case: Any) -> None:
+@pytest.mark.parametrize("kind", [ArtifactKind.ORT, ArtifactKind.TORCH], ids=lambda kind: kind.value)
+def test_a_real_export_is_validated_cached_and_packed(kind: ArtifactKind, tmp_path: Path, case: Any) -> None:
     # Prepare
     cache = ArtifactCache(tmp_path / "cache", validate=True)
-    args = (case.model, case.widths, case.moon, case.sgd, case.batch, ArtifactKind.ORT)
+    args = (case.model, case.widths, case.moon, case.sgd, case.batch, kind)
     # Execute
     first = cache.get_or_export(*args)
     second = cache.get_or_export(*args)
     unpacked = unpack_artifact(pack_artifact(second.path), tmp_path / "device")
     # Assert
     assert not first.hit and second.hit and first.export_s > 0
+    assert first.path == tmp_path / "cache" / kind.value / first.manifest.key
     assert unpacked == first.manifest
     assert [p.name for p in first.manifest.params] and all("." in p.name for p in first.manifest.frozen)
     assert not any(p.name.startswith("model.") for p in first.manifest.params)  # plain spec names

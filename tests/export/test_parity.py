@@ -1,4 +1,4 @@
-"""Parity: from the same weights and batches, every runtime tracks the PyTorch reference.
+"""Parity: from the same weights and batches, every runtime (ORT, ExecuTorch, torch-native) tracks the PyTorch reference.
 
 Tolerance (the one `export.validate.Tolerance` states): every step's loss
 within rtol 1e-4, every trained weight within atol 1e-4 after 5 steps. The
@@ -85,12 +85,15 @@ def test_cnn_sgd_momentum_tracks_torch(
         assert abs(losses[0] - plain[0]) > 1e-3
 
 
-def test_ort_sgd_weight_decay_and_adamw_track_torch(case: Any, exported: Callable[..., CachedArtifact]) -> None:
+@pytest.mark.parametrize("kind", [ArtifactKind.ORT, ArtifactKind.TORCH], ids=lambda kind: kind.value)
+def test_sgd_weight_decay_and_adamw_track_torch(
+    kind: ArtifactKind, case: Any, exported: Callable[..., CachedArtifact]
+) -> None:
     for optimizer, lr in [
         (OptimizerConfig("sgd", momentum=0.5, weight_decay=0.01), 0.05),
         (OptimizerConfig("adamw", weight_decay=0.01), 1e-3),
     ]:
-        artifact = exported(ArtifactKind.ORT, optimizer=optimizer)
+        artifact = exported(kind, optimizer=optimizer)
         _assert_parity(*_run_both(artifact, case.model, case.widths, case.moon, lr=lr))
 
 

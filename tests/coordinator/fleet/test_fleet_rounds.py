@@ -48,8 +48,8 @@ RUN = "rounds-test"
 class FakeArtifacts:
     """Artifacts are not used by scripted devices: a few bytes per shape."""
 
-    def get(self, widths: Mapping[str, int]) -> tuple[BulkRef, bytes]:
-        data = repr(sorted(widths.items())).encode()
+    def get(self, widths: Mapping[str, int], kind: str = "") -> tuple[BulkRef, bytes]:
+        data = repr((kind, sorted(widths.items()))).encode()
         return make_manifest(f"a-{abs(hash(data)) % 10**12}", "artifact", data), data
 
 

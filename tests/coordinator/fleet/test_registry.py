@@ -17,6 +17,7 @@ from msfusion.coordinator.fleet.registry import (
     RUNTIME_BYTES,
     Fleet,
     Sizing,
+    choose_backend,
     ratio_for_memory,
     ratio_from_profile,
 )
@@ -215,3 +216,81 @@ def test_a_device_whose_data_cannot_train_the_model_is_told_why_and_left_out(rep
     # The same device with usable data is admitted again and no longer excluded.
     assert fleet.register(msgspec.structs.replace(bad, data=_report()), 1.0).accepted
     assert fleet.excluded == {} and set(fleet.data) == {"dev000", "dev001"}
+
+
+# ---------------------------------------------------------------- backend per device
+
+
+def _two_backend_profile(torch_overhead: int, torch_step_s: float) -> ProfileReport:
+    """ORT as `_profile` (0.1 s/step); torch with its own overhead and step time (the same per-element costs)."""
+    sizes = model_sizes(MODEL)
+    _, per_param, per_activation = TRUE
+
+    def entries(backend: str, overhead: int, step_s: float) -> list[ProfileEntry]:
+        out = []
+        for width in (1.0, 0.5, 0.25, 0.125):
+            peak = (
+                overhead + per_param * sizes.param_count(width) + per_activation * sizes.activation_elements(width) * 64
+            )
+            out.append(ProfileEntry(width, 64, int(peak), step_s * width, backend=backend))
+        return out
+
+    ort = [msgspec.structs.replace(e, backend="ort") for e in _profile().entries]
+    return ProfileReport(
+        run_id="r", device_id="x", entries=ort + entries("torch", torch_overhead, torch_step_s), model_key="cnn-key"
+    )
+
+
+def test_the_fastest_backend_that_fits_the_widest_affordable_ratio_is_chosen() -> None:
+    # Prepare: torch steps twice as fast as ORT; it needs 100 MiB more (libtorch)
+    profile = _two_backend_profile(TRUE[0] + 100 * MIB, 0.05)
+    sizing = _sizing()
+    # Execute
+    roomy = choose_backend(profile, 2048 * MIB, sizing, ["ort", "torch"])
+    tight = choose_backend(profile, 520 * MIB, sizing, ["ort", "torch"])
+    # Assert: both fit full width with room to spare -> the faster; tight -> the one that affords the wider model
+    assert (roomy.backend, roomy.ratio, roomy.step_time_s) == ("torch", 1.0, 0.05)
+    assert roomy.ratios == {"ort": 1.0, "torch": 1.0}
+    assert roomy.predicted_peak_bytes <= 0.9 * 2048 * MIB
+    assert tight.backend == "ort" and tight.ratios["torch"] < tight.ratio == tight.ratios["ort"]
+    assert tight.ratio == ratio_from_profile(_profile(), 520 * MIB, sizing)[0]
+    # Only the candidates count, and a candidate without points is skipped
+    assert choose_backend(profile, 2048 * MIB, sizing, ["ort"]).backend == "ort"
+    assert choose_backend(profile, 2048 * MIB, sizing, ["executorch", "ort"]).backend == "ort"
+    with pytest.raises(ConfigError, match="no usable points"):
+        choose_backend(profile, 2048 * MIB, sizing, ["executorch"])
+
+
+def test_registration_records_the_chosen_pinned_or_default_backend() -> None:
+    # Prepare
+    fleet = Fleet(SPEC, "r", "ort", heartbeat_timeout_s=10.0, sizing=_sizing(), backends=("ort", "torch"))
+    profile = _two_backend_profile(TRUE[0] + 100 * MIB, 0.05)
+    both = ["ort", "torch"]
+
+    def register(device: str, backends: list[str], pinned: str = "", with_profile: bool = True) -> bool:
+        msg = _profiled(device, 2048 * MIB, profile if with_profile else None)
+        capacity = msgspec.structs.replace(msg.capacity, backends=backends, pinned_backend=pinned)
+        return fleet.register(msgspec.structs.replace(msg, capacity=capacity), now=0.0).accepted
+
+    # Execute
+    accepted = [
+        register("dev000", both),
+        register("dev001", both, pinned="ort"),
+        register("dev002", both, with_profile=False),
+        register("dev003", ["torch"], with_profile=False),
+        register("dev004", ["executorch"]),
+        register("dev005", both, pinned="executorch"),
+    ]
+    # Assert
+    assert accepted == [True, True, True, True, False, False]
+    chosen = {d: (r.backend, r.backend_chosen_by) for d, r in fleet.devices.items()}
+    assert chosen == {
+        "dev000": ("torch", "profile"),
+        "dev001": ("ort", "pinned"),
+        "dev002": ("ort", "default"),
+        "dev003": ("torch", "default"),
+    }
+    assert fleet.devices["dev000"].step_time_s == 0.05 and fleet.devices["dev000"].predicted_peak_bytes > 0
+    assert fleet.devices["dev002"].step_time_s == 0.0
+    assert "pins backend 'executorch'" in fleet.refused["dev005"]
+    assert [fleet.backend_of(d) for d in ("dev000", "dev003", "unknown")] == ["torch", "torch", "ort"]
