@@ -304,7 +304,7 @@ def simulate(
     partition: str = typer.Option("dirichlet:0.5", "--partition", help="iid, dirichlet:ALPHA, shards:K or natural"),
     strategy: str = typer.Option("msfusion", help="msfusion, fedrolex, heterofl, feddropout or fedavg"),
     contrastive: str = typer.Option("auto", help="off, positive, moon (auto: moon for msfusion)"),
-    backend: str = typer.Option("ort", help="ort or executorch"),
+    backend: str = typer.Option("ort", help="ort, executorch or torch"),
     budget_mb: int = typer.Option(1024, "--budget-mb", help="each device's memory budget"),
     max_width_ratio: Optional[float] = typer.Option(None, "--max-width-ratio", help="width cap every device reports"),
     board_share: str = typer.Option(

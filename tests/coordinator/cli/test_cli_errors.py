@@ -46,7 +46,7 @@ def _lines(output: str) -> list[str]:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["simulate", "--backend", "tflite"], "--backend must be one of ort, executorch, got 'tflite'"),
+        (["simulate", "--backend", "tflite"], "--backend must be one of ort, executorch, torch, got 'tflite'"),
         (["simulate", "--channels", "a,b"], "--channels must be comma-separated positive integers"),
         (["simulate", "--engine", "k8s"], "--engine must be one of process, ray, got 'k8s'"),
         (["train", "--channels", "8,0,16"], "--channels must be comma-separated positive integers"),
