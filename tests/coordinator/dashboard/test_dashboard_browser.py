@@ -70,10 +70,11 @@ def test_the_dashboard_shows_a_live_run_without_reloading(browser, tmp_path: Pat
         assert len(browser.find_elements(By.CSS_SELECTOR, "#timeline tbody tr")) >= start + 2
         assert browser.find_elements(By.CSS_SELECTOR, "#curve canvas")
         browser.save_screenshot(str(tmp_path / "dashboard.png"))
-        browser.find_element(By.LINK_TEXT, "dev000").click()
+        # The fleet table is re-rendered by every event: a link found may be replaced before it is clicked.
+        _wait(lambda: browser.find_element(By.LINK_TEXT, "dev000").click() or True, 30, "a click on dev000")
         _wait(lambda: browser.find_elements(By.CSS_SELECTOR, "#history tbody tr"), 60, "the device's history")
-        assert browser.find_element(By.ID, "device-id").text == "dev000"
-        assert "MB" in browser.find_element(By.ID, "budget").text
+        _wait(lambda: browser.find_element(By.ID, "device-id").text == "dev000", 30, "the device page of dev000")
+        assert _wait(lambda: "MB" in browser.find_element(By.ID, "budget").text, 30, "the device's budget in MB")
         browser.save_screenshot(str(tmp_path / "device.png"))
     finally:
         run.terminate()
