@@ -3,9 +3,9 @@
 Pipeline: `build_objective` (the reference's `LocalObjective`) wrapped so the
 frozen references are program *inputs* -> `torch.export.export` ->
 `_export_forward_backward` (joint graph: loss, then gradients, then
-parameters) -> `executorch.exir.to_edge(...).to_executorch()`. The device
-trains it through `executorch.extension.training`
-(edge_runtime/backends/executorch.py).
+parameters) -> `executorch.exir.to_edge_transform_and_lower(...)` with the
+XNNPACK partitioner -> `.to_executorch()`. The device trains it through
+`executorch.extension.training` (edge_runtime/backends/executorch.py).
 
 Why the references are inputs: a program's non-trainable parameters become
 constants baked into the .pte, so a new round would need a new program. As
@@ -21,17 +21,27 @@ picks the first maximum; our models pool right after a ReLU, whose backward
 zeroes exactly the tied (zero) entries, so the gradients are identical.
 Validation (export/validate.py) is what catches kernels like that one.
 
-One rewrite, for speed: ExecuTorch 1.5.1's portable convolution kernels (the
-only ones its Python training bindings register) are direct loops, and its
-`convolution_backward` is slower still: a CNN step took 26-38x torch eager,
-a ResNet step 76x. Its `addmm`, what every linear layer lowers to, is a naive
-loop too (85% of a char-LM step). Its `mm` is a blocked GEMM. So we
-decompose every 2-D convolution into im2col (zero padding by concatenation,
-one strided slice per kernel tap, stack) and a batched `bmm`, and every
-linear layer into `mm` + add; the backward is then GEMMs and slices
-(bench/results/README.md has the step times: 4-9x faster). The price is
-memory: the im2col matrix (kernel taps x the input) is kept for the
-backward. Same function; validation checks every program against torch.
+Rewrites for speed. The training bindings run the kernels of
+`libexecutorch_kernels_optimized.so` (blocked-GEMM `mm`/`bmm`, vectorized
+add/mul; portable loops for everything else, convolution among them: a CNN
+step took 26-38x torch eager, a ResNet step 76x) and the XNNPACK delegate
+the wheel links. So:
+
+- every 2-D convolution becomes im2col over the channels-first input (zero
+  padding by concatenation, one strided slice per kernel tap, stack) and one
+  `mm`; every linear layer `mm` + add: the backward is GEMMs and slices;
+- the program is lowered with XNNPACK's partitioner, which takes every matrix
+  product (with `force_non_static_weights_for_f32_linear`: the gradients'
+  products have no constant operand), every transpose and most elementwise
+  ops (add, mul, sub, div, softmax, gelu, ...) into delegate calls. ExecuTorch's
+  own `mm` ran ~25 GFLOP/s on the benchmark machine, XNNPACK's ~4x that, and
+  the portable `permute_copy` (every attention head split) was 18% of a
+  char-LM step; after lowering a char-LM step is 3.2x faster, a CNN step
+  1.6x (bench/results/README.md). Delegate calls run on ExecuTorch's
+  threadpool, the backend's `num_threads`.
+
+The price is memory: the im2col matrix (kernel taps x the input) is kept for
+the backward. Same function; validation checks every program against torch.
 """
 
 from __future__ import annotations
@@ -115,7 +125,8 @@ def export_submodel(
     Raises:
         ArtifactError: torch.export, autograd or lowering failed.
     """
-    from executorch.exir import EdgeCompileConfig, to_edge
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
     from torch.export.experimental import _export_forward_backward
 
     optimizer = OptimizerConfig.of(optimizer)
@@ -131,7 +142,11 @@ def export_submodel(
             }
         )
         program = _export_forward_backward(program)
-        edge = to_edge(program, compile_config=EdgeCompileConfig(_check_ir_validity=False))
+        # The gradients' matrix products have no constant operand: XNNPACK takes them as "dynamic" ones.
+        xnnpack = XnnpackPartitioner(force_non_static_weights_for_f32_linear=True)
+        edge = to_edge_transform_and_lower(
+            program, partitioner=[xnnpack], compile_config=EdgeCompileConfig(_check_ir_validity=False)
+        )
         executorch_program = edge.to_executorch()
     except ArtifactError:
         raise
@@ -139,21 +154,9 @@ def export_submodel(
         raise ArtifactError(f"ExecuTorch export failed: {type(exc).__name__}: {str(exc)[-600:]}") from exc
     (out_dir / PROGRAM).write_bytes(executorch_program.buffer)
 
-    manifest = ArtifactManifest(
-        kind=ArtifactKind.EXECUTORCH,
-        key=key,
-        arch=model_cfg.arch,
-        files=describe_files(out_dir, [PROGRAM]),
-        params=graph.params,
-        frozen=graph.frozen,
-        inputs=graph.inputs,
-        optimizer=optimizer,
-        loss=loss_signature(loss),
-        param_prefix=PARAM_PREFIX,
-        versions=runtime_versions(ArtifactKind.EXECUTORCH),
-        grad_scales=graph.grad_scales if optimizer.compensates else {},
+    manifest = graph.manifest(
+        ArtifactKind.EXECUTORCH, out_dir, [PROGRAM], arch=model_cfg.arch, key=key, optimizer=optimizer, loss=loss
     )
-    write_manifest(out_dir, manifest)
     log.info("exported ExecuTorch program %s (%d bytes, method %s)", key[:12], len(executorch_program.buffer), METHOD)
     return manifest
 
@@ -176,6 +179,38 @@ class LossProgram:
     frozen: tuple[TensorInfo, ...]
     inputs: tuple[TensorInfo, TensorInfo]
     grad_scales: Mapping[str, float]
+
+    def manifest(
+        self,
+        kind: ArtifactKind,
+        out_dir: Path,
+        files: list[str],
+        *,
+        arch: str,
+        key: str,
+        optimizer: OptimizerConfig,
+        loss: LossConfig,
+    ) -> ArtifactManifest:
+        """The manifest of an artifact of `kind` made from this program, its `files` in `out_dir`.
+
+        Also written as `out_dir/manifest.json`.
+        """
+        manifest = ArtifactManifest(
+            kind=kind,
+            key=key,
+            arch=arch,
+            files=describe_files(out_dir, files),
+            params=self.params,
+            frozen=self.frozen,
+            inputs=self.inputs,
+            optimizer=optimizer,
+            loss=loss_signature(loss),
+            param_prefix=PARAM_PREFIX,
+            versions=runtime_versions(kind),
+            grad_scales=self.grad_scales if optimizer.compensates else {},
+        )
+        write_manifest(out_dir, manifest)
+        return manifest
 
 
 def loss_program(
@@ -246,7 +281,12 @@ def _max_pool2d_as_amax(
     dilation: Sequence[int] | int = 1,
     ceil_mode: bool = False,
 ) -> Any:
-    """max_pool2d with kernel == stride, no padding: (B, C, H, W) -> (B, C, H//k, k, W//k, k) -> amax."""
+    """max_pool2d with kernel == stride, no padding: each window's taps moved last, then amax over them.
+
+    (B, C, H, W) -> (B, C, H//k, k, W//k, k) -> permute -> (B, C, H//k, W//k, k*k) -> amax(-1): the
+    permute is one XNNPACK transpose, and amax over the contiguous last dim is 3-4x faster in the
+    portable kernel than over dims (3, 5) of the strided view.
+    """
     kernel = _pair(kernel_size)
     strides = _pair(stride) if stride else kernel
     if strides != kernel or _pair(padding) != (0, 0) or _pair(dilation) != (1, 1) or ceil_mode:
@@ -255,7 +295,7 @@ def _max_pool2d_as_amax(
     kh, kw = kernel
     rows, cols = height // kh, width // kw
     windows = x[:, :, : rows * kh, : cols * kw].reshape(batch, channels, rows, kh, cols, kw)
-    return windows.amax(dim=(3, 5))
+    return windows.permute(0, 1, 2, 4, 3, 5).reshape(batch, channels, rows, cols, kh * kw).amax(dim=-1)
 
 
 def _conv2d_as_matmul(
@@ -267,19 +307,26 @@ def _conv2d_as_matmul(
     dilation: Sequence[int] | int = 1,
     groups: int = 1,
 ) -> Any:
-    """conv2d as im2col (zero padding, one strided slice per kernel tap, stack) + a batched matrix product."""
+    """conv2d as im2col over (C, B, H, W) (zero padding, one strided slice per tap, stack) and one mm.
+
+    The input is moved channels-first once, so the patches come out as (C*kh*kw, B*rows*cols) without
+    a copy beyond the stack, and one `mm` by the (O, C*kh*kw) weight gives (O, B, rows, cols), moved
+    back once. Both moves are XNNPACK transposes; the weight's gradient is then one matrix product
+    too, where a batched product needed the weight expanded per sample and its gradient summed back.
+    """
     if groups != 1 or x.dim() != 4 or _pair(dilation) != (1, 1) or isinstance(padding, str):
         return NotImplemented  # keep the stock op; validation checks it
     (sh, sw), (ph, pw) = _pair(stride), _pair(padding)
     batch, channels, height, width = x.shape
     out_channels, _, kh, kw = weight.shape
+    x = x.permute(1, 0, 2, 3)  # (C, B, H, W)
     # Zero padding by concatenation: F.pad's gradient is a pad by negative amounts, which
     # ExecuTorch 1.5.1's constant_pad_nd refuses; cat's gradient is slices.
     if ph:
-        rows_of_zeros = x.new_zeros(batch, channels, ph, width)
+        rows_of_zeros = x.new_zeros(channels, batch, ph, width)
         x = torch.cat([rows_of_zeros, x, rows_of_zeros], dim=2)
     if pw:
-        cols_of_zeros = x.new_zeros(batch, channels, height + 2 * ph, pw)
+        cols_of_zeros = x.new_zeros(channels, batch, height + 2 * ph, pw)
         x = torch.cat([cols_of_zeros, x, cols_of_zeros], dim=3)
     rows, cols = (height + 2 * ph - kh) // sh + 1, (width + 2 * pw - kw) // sw + 1
     taps = [
@@ -287,12 +334,10 @@ def _conv2d_as_matmul(
         for i in range(kh)
         for j in range(kw)
     ]
-    # (B, C, kh*kw, rows, cols) -> (B, C*kh*kw, rows*cols), the weight's (C, kh, kw) order, no transpose;
-    # a batched product then writes (B, O, rows*cols), conv2d's own layout (one mm over B*rows*cols
-    # columns needed two transposing copies and was 1.6-2x slower in ExecuTorch).
-    patches = torch.stack(taps, dim=2).reshape(batch, channels * kh * kw, rows * cols)
-    kernel = weight.reshape(1, out_channels, channels * kh * kw).expand(batch, -1, -1)
-    out = torch.bmm(kernel, patches).reshape(batch, out_channels, rows, cols)
+    # (C, kh*kw, B, rows, cols) -> (C*kh*kw, B*rows*cols): the weight's (C, kh, kw) order.
+    patches = torch.stack(taps, dim=1).reshape(channels * kh * kw, batch * rows * cols)
+    out = torch.mm(weight.reshape(out_channels, channels * kh * kw), patches)
+    out = out.reshape(out_channels, batch, rows, cols).permute(1, 0, 2, 3)
     return out if bias is None else out + bias.reshape(1, out_channels, 1, 1)
 
 

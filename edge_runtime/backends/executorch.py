@@ -25,10 +25,12 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from msfusion.edge_runtime.backends.torch_native import copy_weights
 from msfusion.errors import ArtifactError
 from msfusion.wire.artifacts import (
     ArtifactKind,
     ArtifactManifest,
+    check_batch,
     check_tensors,
     verify_files,
 )
@@ -52,7 +54,17 @@ class ExecuTorchBackend:
 
     def __init__(self, num_threads: int = 0) -> None:
         if num_threads > 0:
-            torch.set_num_threads(num_threads)
+            torch.set_num_threads(num_threads)  # AdamW's update runs in torch
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="This API is experimental")
+                from executorch.extension.pybindings.portable_lib import (
+                    _threadpool_get_thread_count,
+                    _unsafe_reset_threadpool,
+                )
+            # ExecuTorch's own pool (its optimized kernels and the XNNPACK delegate) starts with one
+            # thread per core; "unsafe" as it replaces the pool under any method running, none here.
+            if _threadpool_get_thread_count() != num_threads:
+                _unsafe_reset_threadpool(num_threads)
         self._manifest: ArtifactManifest | None = None
         self._grad_scales: dict[str, float] = {}
         self._module: Any = None
@@ -94,15 +106,7 @@ class ExecuTorchBackend:
         frozen: Mapping[str, npt.NDArray[np.float32]],
     ) -> None:
         """Copy the weights into the program and start a fresh optimizer."""
-        manifest = self._loaded()
-        check_tensors("trainable", manifest.params, trainable)
-        check_tensors("frozen", manifest.frozen, frozen)
-        with torch.no_grad():
-            for name, tensor in self._params.items():
-                tensor.copy_(torch.from_numpy(np.asarray(trainable[name], dtype=np.float32)))
-        self._frozen = tuple(
-            torch.from_numpy(np.ascontiguousarray(frozen[info.name], dtype=np.float32)) for info in manifest.frozen
-        )
+        self._frozen = copy_weights(self._loaded(), self._params, trainable, frozen)
         self._optimizer = None  # built by the first step, which knows the learning rate
         self._lr = None
         self._ready = True
@@ -112,11 +116,7 @@ class ExecuTorchBackend:
         manifest = self._loaded()
         if not self._ready:
             raise ArtifactError("ExecuTorchBackend: set_weights before train_step")
-        x_info, y_info = manifest.inputs
-        if tuple(np.shape(x)) != x_info.shape or tuple(np.shape(y)) != y_info.shape:
-            raise ArtifactError(
-                f"batch shapes {np.shape(x)}, {np.shape(y)} do not fit the artifact's {x_info.shape}, {y_info.shape}"
-            )
+        x_info, y_info = check_batch(manifest, x, y)
         inputs = [
             torch.from_numpy(np.ascontiguousarray(x, dtype=np.dtype(x_info.dtype))),
             torch.from_numpy(np.ascontiguousarray(y, dtype=np.dtype(y_info.dtype))),
