@@ -42,7 +42,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 from msfusion.devices.flash import BundleOptions, fill_wheelhouse
 from msfusion.devices.profiles import BoardProfile
@@ -206,21 +206,14 @@ def unpack_root(debs: Sequence[Path], root: Path) -> Path:
         BundleError: dpkg failed.
     """
     stamp = sorted(deb.name for deb in debs)
-    if _read_stamp(root) == stamp:
-        return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".root-", dir=root.parent))
-    try:
+
+    def unpack(staging: Path) -> None:
         for deb in debs:
             _run(["dpkg", "-x", str(deb), str(staging)], f"unpacking {deb.name}")
         if not (staging / PYTHON).is_file():
             raise BundleError(f"the packages hold no {PYTHON}: {stamp}")
-        _write_stamp(staging, stamp)
-        shutil.rmtree(root, ignore_errors=True)
-        staging.rename(root)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return root
+
+    return _prepared(root, stamp, unpack)
 
 
 def write_cpu_identity(root: Path, cores: int, midr: str = CORTEX_A72) -> None:
@@ -273,22 +266,14 @@ def install_site(profile: BoardProfile, wheels: Sequence[Path], site: Path) -> P
     Raises:
         BundleError: pip failed.
     """
-    stamp = sorted(wheel.name for wheel in wheels)
-    if _read_stamp(site) == stamp:
-        return site
-    site.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".site-", dir=site.parent))
-    try:
+
+    def install(staging: Path) -> None:
         _run(
             install_command(wheels, profile, profile.python_version, staging),
             f"installing the wheels for {profile.name}",
         )
-        _write_stamp(staging, stamp)
-        shutil.rmtree(site, ignore_errors=True)
-        staging.rename(site)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return site
+
+    return _prepared(site, sorted(wheel.name for wheel in wheels), install)
 
 
 def _closure(
@@ -317,6 +302,25 @@ def _closure(
 
 def _debs_of(dest: Path, package: str) -> list[Path]:
     return sorted(dest.glob(f"{package}_*_arm64.deb"))
+
+
+def _prepared(folder: Path, stamp: list[str], fill: Callable[[Path], None]) -> Path:
+    """`folder`, filled by `fill(staging)` unless its stamp already says `stamp`.
+
+    Filled in a fresh sibling folder, stamped, then renamed into place: a failed `fill` leaves no half folder.
+    """
+    if _read_stamp(folder) == stamp:
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        fill(staging)
+        _write_stamp(staging, stamp)
+        shutil.rmtree(folder, ignore_errors=True)
+        staging.rename(folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
 
 
 def _read_stamp(folder: Path) -> list[str] | None:

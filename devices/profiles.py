@@ -20,7 +20,7 @@ or overrides profiles in a TOML file, read by `load_profiles`::
     os = "armbian-bookworm"
     python_version = "3.11"
     glibc = "2.36"
-    # backend = "executorch"        # default: "executorch" on aarch64, "ort" on x86_64
+    # backend = "torch"             # default: "executorch" on aarch64, "ort" on x86_64
     # memory_budget = "12 GiB"      # default: (ram - os_reserve) x 0.85
     # platform_tags = [...]         # default: manylinux tags up to `glibc`
 
@@ -28,6 +28,10 @@ Memory: `memory_max_bytes` (RAM less what the OS keeps) is the hard cap the
 systemd unit sets (`MemoryMax`); `default_memory_budget_bytes`, below it by a
 safety factor, is what the runtime itself enforces, so a task over budget
 fails cleanly before the kernel's OOM killer would act.
+
+Backends: `backend` is the one the bundle installs and device.toml names.
+Which others a board could train follows from its architecture alone (which
+wheels exist), so it is not a field: `BoardProfile.available_backends`.
 """
 
 from __future__ import annotations
@@ -42,9 +46,11 @@ import tomllib
 from msfusion.errors import ConfigError
 
 ARCHS = ("aarch64", "x86_64")
-BACKENDS = ("ort", "executorch")
+BACKENDS = ("ort", "executorch", "torch")
 # onnxruntime-training publishes no aarch64 wheel (1.19.2 has x86_64 only), so
-# aarch64 boards train ExecuTorch programs.
+# aarch64 boards train ExecuTorch programs, or torch.export ones with torch's
+# kernels ("torch": torch is installed anyway, ExecuTorch's bindings link it).
+ARCH_BACKENDS = {"aarch64": ("executorch", "torch"), "x86_64": ("ort", "executorch", "torch")}
 DEFAULT_BACKEND = {"aarch64": "executorch", "x86_64": "ort"}
 BUDGET_SAFETY_FACTOR = 0.85  # budget = (RAM - OS reserve) x this
 GIB = 1 << 30
@@ -73,7 +79,7 @@ class BoardProfile:
         os: the OS image the profile assumes, e.g. "raspberry-pi-os-bookworm".
         python_version: the CPython the runtime's venv uses, "3.11" or "3.11.2".
         glibc: the OS's glibc version, "2.36"; it bounds the manylinux tags.
-        backend: artifact kind the board trains: "executorch" or "ort".
+        backend: artifact kind the board's bundle installs and trains: "executorch", "ort" or "torch".
         os_reserve_bytes: RAM left to the OS and other services.
         default_memory_budget_bytes: what the runtime may use for a task.
         platform_tags: pip platform tags the board's wheels may carry, best first.
@@ -104,10 +110,9 @@ class BoardProfile:
             raise ConfigError(f"{where}: arch must be one of {ARCHS}, got {self.arch!r}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"{where}: backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.backend == "ort" and self.arch != "x86_64":
+        if self.backend not in ARCH_BACKENDS[self.arch]:  # only 'ort' (onnxruntime-training) on aarch64
             raise ConfigError(
-                f"{where}: backend 'ort' needs onnxruntime-training, which has no {self.arch} wheel; "
-                'use backend = "executorch"'
+                f"{where}: backend {self.backend!r} has no {self.arch} wheel; use one of {ARCH_BACKENDS[self.arch]}"
             )
         for key in ("ram_bytes", "cores", "os_reserve_bytes", "default_memory_budget_bytes"):
             value = getattr(self, key)
@@ -137,6 +142,11 @@ class BoardProfile:
     def memory_max_bytes(self) -> int:
         """The hard memory cap of the runtime's service (systemd `MemoryMax`)."""
         return self.ram_bytes - self.os_reserve_bytes
+
+    @property
+    def available_backends(self) -> tuple[str, ...]:
+        """Every backend a board of this architecture can train (wheels exist for it), in `BACKENDS` order."""
+        return ARCH_BACKENDS[self.arch]
 
     @property
     def python_minor(self) -> str:

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 PURE_SDISTS = {
     "ort": (),
     "executorch": ("antlr4-python3-runtime==4.9.3",),  # hydra-core 1.3 pins antlr4 4.9.*
+    "torch": (),
 }
 
 _PIP_FOR_TARGET = """

@@ -32,7 +32,7 @@ from msfusion.edge_runtime.profiling import PROFILE_FILE, load_profile
 from msfusion.edge_runtime.trainer import TaskOutcome, TrainingStopped, train_task, warm_up
 from msfusion.errors import ArtifactError, ConfigError, DataError, MsfusionError, ProtocolError
 from msfusion.wire import topics
-from msfusion.wire.bulk import BulkSender, receive
+from msfusion.wire.bulk import BulkSender, TransferIncomplete, receive
 from msfusion.wire.codec import CODECS
 from msfusion.wire.protocol import (
     ID_PATTERN,
@@ -479,9 +479,21 @@ class Daemon:
             )
             self.transport.publish(topics.req(cfg.run_id, cfg.device_id), encode(ask), timeout_s=self.publish_timeout_s)
 
-        payload: bytes = receive(
-            self.transport, manifest, topic, cfg.stall_s, request_missing=request, retries=3, pull=pull and not early
-        )
+        try:
+            payload: bytes = receive(
+                self.transport,
+                manifest,
+                topic,
+                cfg.stall_s,
+                request_missing=request,
+                retries=3,
+                pull=pull and not early,
+                stop=self._stop,
+            )
+        except TransferIncomplete:
+            if self._stop.is_set():  # SIGTERM mid-transfer: stop now, not when the transfer times out
+                raise TrainingStopped("stopping: the task's transfers are not fetched") from None
+            raise
         return payload
 
     def _on_task(self, task: TrainTask) -> None:

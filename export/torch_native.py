@@ -19,17 +19,9 @@ import torch
 
 from msfusion.edge_runtime.backends.torch_native import PROGRAM
 from msfusion.errors import ArtifactError
-from msfusion.export.executorch import PARAM_PREFIX, loss_program
-from msfusion.export.objective import loss_signature
-from msfusion.export.versions import runtime_versions
+from msfusion.export.executorch import loss_program
 from msfusion.models.config import LossConfig, ModelConfig
-from msfusion.wire.artifacts import (
-    ArtifactKind,
-    ArtifactManifest,
-    OptimizerConfig,
-    describe_files,
-    write_manifest,
-)
+from msfusion.wire.artifacts import ArtifactKind, ArtifactManifest, OptimizerConfig
 
 log = logging.getLogger(__name__)
 
@@ -74,20 +66,8 @@ def export_submodel(
         torch.export.save(graph.program, out_dir / PROGRAM)
     except Exception as exc:  # noqa: BLE001 (serialization raises many types)
         raise ArtifactError(f"saving the torch.export program failed: {type(exc).__name__}: {exc}") from exc
-    manifest = ArtifactManifest(
-        kind=ArtifactKind.TORCH,
-        key=key,
-        arch=model_cfg.arch,
-        files=describe_files(out_dir, [PROGRAM]),
-        params=graph.params,
-        frozen=graph.frozen,
-        inputs=graph.inputs,
-        optimizer=optimizer,
-        loss=loss_signature(loss),
-        param_prefix=PARAM_PREFIX,
-        versions=runtime_versions(ArtifactKind.TORCH),
-        grad_scales=graph.grad_scales if optimizer.compensates else {},
+    manifest = graph.manifest(
+        ArtifactKind.TORCH, out_dir, [PROGRAM], arch=model_cfg.arch, key=key, optimizer=optimizer, loss=loss
     )
-    write_manifest(out_dir, manifest)
     log.info("exported torch program %s (%d bytes)", key[:12], (out_dir / PROGRAM).stat().st_size)
     return manifest

@@ -5,7 +5,10 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
+import signal
+import threading
 from pathlib import Path
+from types import FrameType
 from typing import Callable, Iterator, TypeVar
 
 import typer
@@ -67,6 +70,31 @@ def cli_errors() -> Iterator[None]:
         # Text, not markup: an error naming a path or a `[table]` must print as it is.
         console.print(Text.assemble(("error: ", "red"), str(exc)), soft_wrap=True)  # one line, however long
         raise typer.Exit(exit_for(exc)) from None
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While the block runs, SIGTERM unwinds it as SIGINT (Ctrl-C) does: a `KeyboardInterrupt` in the main thread.
+
+    Python's default SIGTERM ends the process at once, running no `finally`: a command that started
+    processes (`simulate`: the broker, the device daemons) would leave them running. Raised instead,
+    every clean-up runs as on a normal exit, and `cli_errors` exits 130. Once: the handler gives SIGTERM
+    back its default, so a second one ends the process at once. A SIGTERM with a handler of someone
+    else's, or ignored, is left as it is (as is SIGINT, which raises `KeyboardInterrupt` already).
+    """
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 _T = TypeVar("_T")

@@ -33,6 +33,7 @@ from msfusion.coordinator.cli.common import (
     console,
     parse_channels,
     setup_logging,
+    sigterm_as_interrupt,
 )
 from msfusion.coordinator.cli.devices import devices_app
 from msfusion.coordinator.cli.runs import runs_app
@@ -328,7 +329,8 @@ def simulate(
     Ray's memory resource); the broker and the coordinator run here either way.
 
     Exit codes: 0 success, 1 run failed (a round below quorum, too few devices admitted), 2 config,
-    3 broker unreachable, 4 data, 130 interrupted or stopped by `msfusion runs stop`.
+    3 broker unreachable, 4 data, 130 interrupted (Ctrl-C or SIGTERM: the daemons and the broker are stopped
+    first) or stopped by `msfusion runs stop`.
     """
     from msfusion.coordinator.cli.console import RichProgress, print_summary
     from msfusion.coordinator.fleet.artifacts import ExportedArtifacts
@@ -337,7 +339,8 @@ def simulate(
     from msfusion.coordinator.fleet.local_fleet import simulate as run_simulation
     from msfusion.coordinator.fleet.ray_fleet import RayOptions
 
-    with cli_errors():
+    # SIGTERM (`kill`, a service manager, a test's terminate()) stops the devices and the broker as Ctrl-C does.
+    with cli_errors(), sigterm_as_interrupt():
         # The flags first: partitioning the data can take minutes.
         check_rounds(rounds)
         check_backend(backend)

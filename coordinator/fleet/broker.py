@@ -127,7 +127,7 @@ class MosquittoBroker:
             )
         try:
             _wait_listening(self.port, timeout_s, lambda: self._proc.poll() is None)
-        except ConfigError:
+        except BaseException:  # it did not start, or the wait was interrupted (SIGINT, SIGTERM): no orphan broker
             self.stop()
             raise
         log.info("started mosquitto on %s:%d (log %s)", HOST, self.port, log_path)

@@ -359,19 +359,28 @@ def _secure_fields(secure: SecureBroker, device: str) -> dict[str, str]:
 
 
 def stop_processes(processes: Sequence[subprocess.Popen[bytes]], timeout_s: float = 10.0) -> list[int | None]:
-    """Wait for processes to exit (they were told to stop), then terminate, then kill stragglers."""
+    """Wait for processes to exit (they were told to stop), then terminate, then kill stragglers.
+
+    Interrupted while it waits (SIGINT, or SIGTERM turned into one), it kills those still running.
+    """
     deadline = time.monotonic() + timeout_s
-    for proc in processes:
-        try:
-            proc.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.terminate()
-    for proc in processes:
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    try:
+        for proc in processes:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.terminate()
+        for proc in processes:
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    except BaseException:
+        for proc in processes:
+            if proc.poll() is None:
+                proc.kill()
+        raise
     return [proc.returncode for proc in processes]
 
 
@@ -449,47 +458,53 @@ def simulate(
     elif url is None:
         broker = start_private_broker(out / "logs" / "broker.log")
         url = broker.url
-    paths = write_device_configs(
-        out,
-        shards,
-        run_id,
-        url,
-        config.backend,
-        config.memory_budget_bytes,
-        config.max_width_ratio,
-        secure=secure,
-        straggle_s=config.straggle_s,
-    )
     processes: list[subprocess.Popen[bytes]] = []
-    actors = RayDevices(config.ray) if config.launcher == "ray" else None
-    if actors is None:
-        processes = [start_device(path, out / "logs" / f"{device_id(i)}.log") for i, path in enumerate(paths)]
-    coordinator = CoordinatorConfig(
-        engine=config.engine,
-        run_id=run_id,
-        broker=url,
-        out=out,
-        eval_shard=shards.test,
-        validation_shard=shards.validation,
-        backend=config.backend,
-        round=config.round,
-        fleet=FleetConfig(min_devices=config.min_devices or len(shards.devices), wait_s=120.0),
-        security=secure.security.path if secure is not None else None,
-        mqtt="5" if secure is not None else "3.1.1",
-    )
+    actors: RayDevices | None = None
     ray_started = False
-    try:
+    try:  # from here on, whatever ends the run (KeyboardInterrupt: SIGINT, or SIGTERM in the CLI) stops it all
+        paths = write_device_configs(
+            out,
+            shards,
+            run_id,
+            url,
+            config.backend,
+            config.memory_budget_bytes,
+            config.max_width_ratio,
+            secure=secure,
+            straggle_s=config.straggle_s,
+        )
+        actors = RayDevices(config.ray) if config.launcher == "ray" else None
+        if actors is None:
+            for i, path in enumerate(paths):
+                processes.append(start_device(path, out / "logs" / f"{device_id(i)}.log"))
+        coordinator = CoordinatorConfig(
+            engine=config.engine,
+            run_id=run_id,
+            broker=url,
+            out=out,
+            eval_shard=shards.test,
+            validation_shard=shards.validation,
+            backend=config.backend,
+            round=config.round,
+            fleet=FleetConfig(min_devices=config.min_devices or len(shards.devices), wait_s=120.0),
+            security=secure.security.path if secure is not None else None,
+            mqtt="5" if secure is not None else "3.1.1",
+        )
         if actors is not None:  # the coordinator starts once every actor is placed (minutes for many)
             ray_started = connect(config.ray.address)
             actors.start(load_configs(paths), out / "logs")
         summary = run_coordinator(coordinator, artifacts, progress=progress, on_events=on_events)
     finally:
-        codes = stop_processes(processes) if actors is None else actors.stop()
-        log.info("device exit codes: %s", codes)
-        if ray_started:
-            disconnect()
-        if broker is not None:
-            broker.stop()
+        # A daemon the coordinator told to stop exits on its own; one busy with a task hears that only after
+        # the task, and stops at its next step or chunk on the SIGTERM `stop_processes` sends it.
+        try:
+            codes = stop_processes(processes) if actors is None else actors.stop()
+            log.info("device exit codes: %s", codes)
+        finally:
+            if ray_started:
+                disconnect()
+            if broker is not None:
+                broker.stop()
     return summary
 
 

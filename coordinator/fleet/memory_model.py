@@ -106,13 +106,18 @@ def _nonnegative_lstsq(design: np.ndarray, target: np.ndarray) -> np.ndarray:
     return best
 
 
-def fit_memory_model(samples: Sequence[MemorySample], sizes: ModelSizes) -> MemoryModel:
+def fit_memory_model(
+    samples: Sequence[MemorySample], sizes: ModelSizes, overhead_bytes: float | None = None
+) -> MemoryModel:
     """Fit overhead, bytes per parameter and bytes per activation to profiled peaks.
 
     Args:
         samples: at least three profiled configurations, at no fewer than two
             widths; more widths and a second batch size make the fit better posed.
         sizes: the model's element counts by width ratio.
+        overhead_bytes: the overhead, if known from elsewhere (the same runtime
+            fitted on another model): only the two per-element terms are fitted,
+            and two samples at two widths suffice.
 
     Returns:
         The model, with its largest relative error on the samples.
@@ -121,21 +126,29 @@ def fit_memory_model(samples: Sequence[MemorySample], sizes: ModelSizes) -> Memo
         ConfigError: too few samples, or samples that cannot separate the terms.
     """
     widths = {s.width_ratio for s in samples}
-    if len(samples) < 3 or len(widths) < 2:
-        raise ConfigError(f"a memory model needs >= 3 samples at >= 2 widths, got {len(samples)} at {len(widths)}")
+    fixed = overhead_bytes is not None
+    if len(samples) < (2 if fixed else 3) or len(widths) < 2:
+        raise ConfigError(
+            f"a memory model needs >= {2 if fixed else 3} samples at >= 2 widths, got {len(samples)} at {len(widths)}"
+        )
+    if overhead_bytes is not None and not 0.0 <= overhead_bytes < min(s.peak_bytes for s in samples):
+        raise ConfigError(f"overhead_bytes {overhead_bytes} must be >= 0 and below every sample's peak")
     design = np.array([_design_row(sizes, s.width_ratio, s.batch_size) for s in samples])
     peaks = np.array([float(s.peak_bytes) for s in samples])
+    free = design[:, 1:] if fixed else design  # the columns fitted
+    target = peaks - (overhead_bytes or 0.0)
     # Columns scaled to unit size and rows divided by the peak: well conditioned,
     # and the fit minimizes the relative error.
-    weighted = design / peaks[:, None]
+    weighted = free / peaks[:, None]
     scale = np.abs(weighted).max(axis=0)
     scale[scale == 0] = 1.0
-    if np.linalg.matrix_rank(weighted / scale) < design.shape[1]:
+    if np.linalg.matrix_rank(weighted / scale) < free.shape[1]:
         raise ConfigError(
             "the samples cannot separate the overhead, parameter and activation terms: "
             "profile more widths, or a second batch size"
         )
-    coefficients = _nonnegative_lstsq(weighted / scale, np.ones(len(samples))) / scale
+    fitted = _nonnegative_lstsq(weighted / scale, target / peaks) / scale
+    coefficients = np.concatenate([[overhead_bytes], fitted]) if overhead_bytes is not None else fitted
     overhead, per_param, per_activation = (float(c) for c in coefficients)
     errors = np.abs(design @ coefficients - peaks) / peaks
     return MemoryModel(overhead, per_param, per_activation, sizes, float(errors.max()))

@@ -38,7 +38,9 @@ from msfusion.errors import ArtifactError
 from msfusion.wire.artifacts import (
     ArtifactKind,
     ArtifactManifest,
+    check_batch,
     check_tensors,
+    check_weights,
     verify_files,
 )
 from msfusion.wire.weights import unpack_weights
@@ -132,8 +134,7 @@ class OrtBackend:
     ) -> None:
         """Set every parameter and reset the optimizer (see `TrainingBackend.set_weights`)."""
         manifest = self._loaded()
-        check_tensors("trainable", manifest.params, trainable)
-        check_tensors("frozen", manifest.frozen, frozen)
+        check_weights(manifest, trainable, frozen)
         if self._stepped and manifest.optimizer.name == "adamw":
             self._open()  # the only way to clear AdamW's moments and step count
         prefix = manifest.param_prefix
@@ -168,11 +169,7 @@ class OrtBackend:
         manifest = self._loaded()
         if self._optimizer is None:
             raise ArtifactError("OrtBackend: set_weights before train_step")
-        x_info, y_info = manifest.inputs
-        if tuple(np.shape(x)) != x_info.shape or tuple(np.shape(y)) != y_info.shape:
-            raise ArtifactError(
-                f"batch shapes {np.shape(x)}, {np.shape(y)} do not fit the artifact's {x_info.shape}, {y_info.shape}"
-            )
+        x_info, y_info = check_batch(manifest, x, y)
         x = np.ascontiguousarray(x, dtype=np.dtype(x_info.dtype))
         y = np.ascontiguousarray(y, dtype=np.dtype(y_info.dtype))
         if lr != self._lr:

@@ -30,7 +30,14 @@ import numpy.typing as npt
 import torch
 
 from msfusion.errors import ArtifactError
-from msfusion.wire.artifacts import ArtifactKind, ArtifactManifest, check_tensors, verify_files
+from msfusion.wire.artifacts import (
+    ArtifactKind,
+    ArtifactManifest,
+    check_batch,
+    check_tensors,
+    check_weights,
+    verify_files,
+)
 
 PROGRAM = "program.pt2"
 DEVICES = ("cpu", "cuda")
@@ -51,6 +58,31 @@ def check_device(device: str) -> torch.device:
             "install NVIDIA's torch build for this board or set device = 'cpu'"
         )
     return torch.device(device)
+
+
+def copy_weights(
+    manifest: ArtifactManifest,
+    params: Mapping[str, torch.Tensor],
+    trainable: Mapping[str, npt.NDArray[np.float32]],
+    frozen: Mapping[str, npt.NDArray[np.float32]],
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, ...]:
+    """`set_weights` of a backend whose program holds its weights as torch tensors (this one, ExecuTorch's).
+
+    Checks the tensors against `manifest`, copies `trainable` into the program's `params` (spec name ->
+    its tensor) in place, and returns the frozen references on `device`, in the program's input order.
+
+    Raises:
+        ArtifactError: a missing, unexpected or mis-shaped tensor.
+    """
+    check_weights(manifest, trainable, frozen)
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(torch.from_numpy(np.asarray(trainable[name], dtype=np.float32)))
+    return tuple(
+        torch.from_numpy(np.ascontiguousarray(frozen[info.name], dtype=np.float32)).to(device)
+        for info in manifest.frozen
+    )
 
 
 class TorchBackend:
@@ -116,16 +148,9 @@ class TorchBackend:
     ) -> None:
         """Copy the weights into the program, set the references and start a fresh optimizer."""
         manifest = self._loaded()
-        check_tensors("trainable", manifest.params, trainable)
-        check_tensors("frozen", manifest.frozen, frozen)
-        with torch.no_grad():
-            for name, param in self._params.items():
-                param.copy_(torch.from_numpy(np.asarray(trainable[name], dtype=np.float32)))
-                param.grad = None
-        self._frozen = tuple(
-            torch.from_numpy(np.ascontiguousarray(frozen[info.name], dtype=np.float32)).to(self._device)
-            for info in manifest.frozen
-        )
+        self._frozen = copy_weights(manifest, self._params, trainable, frozen, self._device)
+        for param in self._params.values():
+            param.grad = None
         config, params = manifest.optimizer, list(self._params.values())
         # lr is set per step; 0.0 only stands in until then.
         if config.name == "adamw":
@@ -142,11 +167,7 @@ class TorchBackend:
         manifest = self._loaded()
         if self._optimizer is None:
             raise ArtifactError("TorchBackend: set_weights before train_step")
-        x_info, y_info = manifest.inputs
-        if tuple(np.shape(x)) != x_info.shape or tuple(np.shape(y)) != y_info.shape:
-            raise ArtifactError(
-                f"batch shapes {np.shape(x)}, {np.shape(y)} do not fit the artifact's {x_info.shape}, {y_info.shape}"
-            )
+        x_info, y_info = check_batch(manifest, x, y)
         xb = torch.from_numpy(np.ascontiguousarray(x, dtype=np.dtype(x_info.dtype))).to(self._device)
         yb = torch.from_numpy(np.ascontiguousarray(y, dtype=np.dtype(y_info.dtype))).to(self._device)
         try:

@@ -425,6 +425,39 @@ def check_tensors(kind: str, expected: tuple[TensorInfo, ...], given: Mapping[st
             raise ArtifactError(f"{kind} tensor {info.name!r} has shape {shape}, the artifact needs {info.shape}")
 
 
+def check_weights(
+    manifest: ArtifactManifest,
+    trainable: Mapping[str, npt.NDArray[np.float32]],
+    frozen: Mapping[str, npt.NDArray[np.float32]],
+) -> None:
+    """Check a backend's `set_weights` arguments: exactly the manifest's trainable and frozen tensors.
+
+    Raises:
+        ArtifactError: a missing, unexpected or mis-shaped tensor.
+    """
+    check_tensors("trainable", manifest.params, trainable)
+    check_tensors("frozen", manifest.frozen, frozen)
+
+
+def check_batch(
+    manifest: ArtifactManifest, x: npt.NDArray[np.generic], y: npt.NDArray[np.int64]
+) -> tuple[TensorInfo, TensorInfo]:
+    """Check a backend's `train_step` batch: the artifact's static shapes.
+
+    Returns:
+        The artifact's inputs (x, y), whose dtypes the runtime is fed.
+
+    Raises:
+        ArtifactError: a batch of another shape.
+    """
+    x_info, y_info = manifest.inputs
+    if tuple(np.shape(x)) != x_info.shape or tuple(np.shape(y)) != y_info.shape:
+        raise ArtifactError(
+            f"batch shapes {np.shape(x)}, {np.shape(y)} do not fit the artifact's {x_info.shape}, {y_info.shape}"
+        )
+    return x_info, y_info
+
+
 def artifact_bytes(manifest: ArtifactManifest) -> int:
     """Total size of an artifact's files, manifest aside."""
     return sum(entry.size_bytes for entry in manifest.files)

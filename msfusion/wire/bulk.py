@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
 from collections import OrderedDict, deque
 from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
@@ -30,6 +31,8 @@ from msfusion.wire.protocol import (
 from msfusion.wire.transport import Event, Received
 
 log = logging.getLogger(__name__)
+
+STOP_POLL_S = 0.5  # how often `receive` looks at its `stop` event while no chunk arrives
 
 
 class TransferIncomplete(DeviceLost):
@@ -387,6 +390,7 @@ def receive(
     request_missing: Callable[[list[int]], None] | None = None,
     retries: int = 2,
     pull: bool = False,
+    stop: threading.Event | None = None,
 ) -> bytes:
     """Receive one transfer from `topic` (already subscribed), blocking.
 
@@ -403,12 +407,13 @@ def receive(
         request_missing: asks the sender for chunks; None never asks.
         retries: requests in a row without progress before giving up.
         pull: ask for every chunk first (the sender publishes only on request).
+        stop: once set, give up within `STOP_POLL_S` (the receiver is shutting down).
 
     Returns:
         The verified payload.
 
     Raises:
-        TransferIncomplete: chunks still missing after the retries.
+        TransferIncomplete: chunks still missing after the retries, or when `stop` was set.
         ArtifactError: the complete payload does not match the manifest.
     """
     reassembly = Reassembly(manifest)
@@ -419,6 +424,14 @@ def receive(
             request_missing(reassembly.missing())
         last_progress = time.monotonic()
         while not reassembly.complete():
+            if stop is not None and stop.is_set():
+                missing = reassembly.missing()
+                raise TransferIncomplete(
+                    f"transfer {manifest.transfer_id!r}: stopped with {len(missing)} of {manifest.n_chunks} "
+                    "chunks missing",
+                    transfer_id=manifest.transfer_id,
+                    missing=missing,
+                )
             left = last_progress + timeout_s - time.monotonic()
             if left <= 0:
                 missing = reassembly.missing()
@@ -434,7 +447,7 @@ def receive(
                 request_missing(missing)
                 last_progress = time.monotonic()
                 continue
-            event = transport.get(left)
+            event = transport.get(left if stop is None else min(left, STOP_POLL_S))
             if event is None:
                 continue
             if not isinstance(event, Received) or event.topic != topic:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import stat
 import subprocess
@@ -131,6 +132,12 @@ def test_a_password_bundle_has_no_tls_files(rpi_bundle: tuple[Path, BundleManife
     assert (config.broker, config.username, config.password) == ("mqtt://192.0.2.10:1883", "dev003", "pa ss'word")
     assert (config.ca_cert, config.task_signing_public_key, config.result_key) == ("", "", "")
     assert not (bundle / "secrets").exists()
+
+
+def test_a_torch_profile_flashes_the_torch_backend() -> None:
+    # A board profile may name the torch backend: its device.toml trains it, its bundle installs msfusion[torch].
+    profile = dataclasses.replace(RPI, name="rpi4-4gb-torch", backend="torch")
+    assert device_config(profile, DeviceSettings("d1", "r1", "mqtt://h:1883")).backends == ("torch",)
 
 
 def test_device_config_checks_the_budget_and_ids() -> None:

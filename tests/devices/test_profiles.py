@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from msfusion.devices.profiles import (
+    BACKENDS,
     BUILTIN_PROFILES,
     GIB,
     MIB,
@@ -38,8 +39,12 @@ def test_builtin_profile_facts(name: str) -> None:
     assert (profile.arch, profile.ram_bytes, profile.cores) == (arch, ram_gib * GIB, cores)
     assert (profile.python_minor, profile.glibc) == (python, glibc)
     assert profile.python_tag == "cp" + python.replace(".", "")
-    # no onnxruntime-training wheel exists for aarch64
+    # no onnxruntime-training wheel exists for aarch64; torch (which ExecuTorch's bindings bring) does
     assert profile.backend == ("ort" if arch == "x86_64" else "executorch")
+    assert profile.available_backends == (
+        ("ort", "executorch", "torch") if arch == "x86_64" else ("executorch", "torch")
+    )
+    assert profile.backend in profile.available_backends
     assert profile.systemd
     assert profile.platform_tags[0] == f"manylinux_2_{glibc.split('.')[1]}_{arch}"
     assert f"manylinux2014_{arch}" in profile.platform_tags
@@ -132,6 +137,17 @@ cores = 16
     assert BUILTIN_PROFILES["x86_64-generic"].cores == 4  # built-ins are untouched
 
 
+@pytest.mark.parametrize("parent", ["jetson-orin-nano-8gb", "x86_64-generic"])
+def test_a_profile_may_train_the_torch_backend(tmp_path: Path, parent: str) -> None:
+    # Prepare: a board with torch (a Jetson with NVIDIA's build, a PC) that trains torch.export programs
+    path = _write(tmp_path, f'[profiles.with-torch]\nextends = "{parent}"\nbackend = "torch"\n')
+    # Execute
+    profile = get_profile("with-torch", path)
+    # Assert: the rest is inherited; the architecture's default backend is left to profiles that do not say
+    assert (profile.backend, profile.arch) == ("torch", BUILTIN_PROFILES[parent].arch)
+    assert BUILTIN_PROFILES[parent].backend != "torch" and BACKENDS == ("ort", "executorch", "torch")
+
+
 def test_extends_rederives_tags_when_glibc_changes(tmp_path: Path) -> None:
     path = _write(tmp_path, '[profiles.nano-focal]\nextends = "jetson-nano-4gb"\nglibc = "2.31"\nos = "ubuntu-20.04"\n')
     nano = get_profile("nano-focal", path)
@@ -145,7 +161,11 @@ def test_extends_rederives_tags_when_glibc_changes(tmp_path: Path) -> None:
         ('[profiles.a]\nextends = "rpi4-4gb"\ncolour = "red"\n', "unknown key 'colour'"),
         ('[profiles.a]\nextends = "rpi9"\n', "unknown profile 'rpi9'"),
         ('[profiles.a]\narch = "aarch64"\ncores = 4\n', "lacks"),
-        ('[profiles.a]\nextends = "rpi4-4gb"\nbackend = "ort"\n', "no aarch64 wheel"),
+        (
+            '[profiles.a]\nextends = "rpi4-4gb"\nbackend = "ort"\n',
+            "no aarch64 wheel; use one of ('executorch', 'torch')",
+        ),
+        ('[profiles.a]\nextends = "rpi4-4gb"\nbackend = "tflite"\n', "backend must be one of"),
         ('[profiles.a]\nextends = "rpi4-4gb"\narch = "riscv64"\n', "arch must be one of"),
         ('[profiles.a]\nextends = "rpi4-4gb"\nmemory_budget = "8 GiB"\n', "exceeds RAM"),
         ('[profiles.a]\nextends = "rpi4-4gb"\npython_version = "3"\n', "python_version"),

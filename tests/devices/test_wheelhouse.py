@@ -7,10 +7,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import tomllib
 from packaging.tags import compatible_tags, cpython_tags
 from packaging.utils import parse_wheel_filename as reference_parse
 
-from msfusion.devices.profiles import BUILTIN_PROFILES
+from msfusion.devices.profiles import BACKENDS, BUILTIN_PROFILES
 from msfusion.devices.wheelhouse import (
     PURE_SDISTS,
     BundleError,
@@ -63,6 +64,15 @@ def test_wheel_check_agrees_with_packaging_tags(profile: object, filename: str) 
     reason = wheel_mismatch(filename, profile.python_version, profile.platform_tags)  # type: ignore[attr-defined]
     # Assert
     assert (reason is None) == expected_fit, reason
+
+
+def test_every_profile_backend_has_an_install() -> None:
+    # A bundle installs msfusion[<backend>] and builds PURE_SDISTS[<backend>]: both must exist for each.
+    extras = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    assert set(PURE_SDISTS) == set(BACKENDS) and set(BACKENDS) <= set(extras)
+    assert any(req.startswith("torch==") for req in extras["torch"])
 
 
 def test_parse_wheel_filename() -> None:

@@ -6,6 +6,7 @@ Most tests drive `Daemon._handle` in-process over a fake transport; the SIGTERM 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -213,6 +214,22 @@ def test_a_refusal_before_any_welcome_still_ends_the_daemon(tmp_path: Path) -> N
     _deliver(daemon, topics.ctl(RUN, DEV), encode(refusal))
     # Assert
     assert daemon._stop.is_set() and daemon.exit_code == ExitCode.REFUSED
+
+
+def test_sigterm_while_a_transfer_stalls_abandons_the_task_at_once(tmp_path: Path) -> None:
+    # Prepare: a task whose artifact never comes (its sender is gone), a long stall window, and a
+    # SIGTERM (its handler sets the daemon's stop) while the daemon waits for the chunks.
+    daemon, fake = _daemon(tmp_path)
+    daemon.config = dataclasses.replace(daemon.config, stall_s=30.0)
+    task = _task()
+    threading.Timer(0.3, daemon.stop).start()
+    started = time.monotonic()
+    # Execute
+    _deliver(daemon, topics.task(RUN, DEV), encode(task))
+    # Assert: abandoned within a poll of the stop, not after 4 stall windows: no reply, nothing recorded
+    assert time.monotonic() - started < 3.0
+    assert fake.messages(topics.REQ) and not fake.messages(topics.RESULT)
+    assert not daemon.ledger.handled(task.key)
 
 
 # ---------------------------------------------------------------- SIGTERM while training

@@ -10,7 +10,9 @@ the progress callbacks the CLI draws its bars from.
 from __future__ import annotations
 
 import io
+import os
 import re
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ import typer
 from rich.console import Console
 from typer.testing import CliRunner
 
-from msfusion.coordinator.cli.common import progress_bars
+from msfusion.coordinator.cli.common import cli_errors, progress_bars, sigterm_as_interrupt
 from msfusion.coordinator.cli.console import RichProgress, print_summary
 from msfusion.coordinator.cli.main import ExitCode, app
 from msfusion.coordinator.fleet.report import RunSummary
@@ -265,3 +267,19 @@ def test_6_the_profile_set_reports_each_export_and_validation_to_the_progress_ca
     with progress_bars(pipe) as bars:
         bars("export ort artifact [/tmp/x]", 0, 1)
     assert pipe.file.getvalue() == ""  # type: ignore[attr-defined]
+
+
+def test_sigterm_unwinds_a_command_as_ctrl_c_does_and_exits_130() -> None:
+    # `msfusion simulate` runs under these two: a SIGTERM must run its clean-ups (tests/coordinator/fleet/
+    # test_fleet_stop.py shows its daemons and broker stopped), not end the process where it stands.
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # else the handler is left as it is
+    cleaned = []
+    with pytest.raises(typer.Exit) as exited:
+        with cli_errors(), sigterm_as_interrupt():
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(10)  # the handler raises in the main thread, out of the sleep
+            finally:
+                cleaned.append(True)
+    assert exited.value.exit_code == ExitCode.INTERRUPTED and cleaned == [True]
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # outside the block: the default again

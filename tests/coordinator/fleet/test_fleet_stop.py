@@ -1,12 +1,29 @@
-"""`msfusion runs stop` stops a real run after its current round; `--resume` then ends where an uninterrupted run ends."""
+"""Stopping real runs.
+
+`msfusion runs stop` stops a run after its current round; `--resume` then ends where an uninterrupted
+run ends. SIGTERM to `msfusion simulate` stops its device daemons and its broker, as a normal end does.
+"""
 
 from __future__ import annotations
 
+import shutil
+import signal
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
-from fleet_harness import CoordinatorThread, Fleet, coordinator_config, max_abs_diff, merged_rounds, wait_for
+from fleet_harness import (
+    CoordinatorThread,
+    Fleet,
+    coordinator_config,
+    max_abs_diff,
+    merged_rounds,
+    python,
+    wait_for,
+)
 from typer.testing import CliRunner
 
 from msfusion.coordinator.cli.main import ExitCode, app, run_exit_code
@@ -61,3 +78,60 @@ def test_a_stopped_run_resumes_to_the_weights_of_an_uninterrupted_one(
     kinds = [e["kind"] for e in read_events(tmp_path) if e["kind"] in ("run_started", "run_finished")]
     assert kinds == ["run_started", "run_finished", "run_started", "run_finished"]
     assert run_state(tmp_path) == "finished"
+
+
+def _online(out: Path) -> int:
+    """How many devices the run's latest fleet snapshot shows online."""
+    snapshots = [e for e in read_events(out) if e["kind"] == "fleet"]
+    return sum(d["online"] for d in snapshots[-1]["devices"].values()) if snapshots else 0
+
+
+def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
+    """Those of `procs` still running (the same processes: psutil checks their start time, not only the pid)."""
+    alive = []
+    for proc in procs:
+        try:
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append(proc)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def test_sigterm_to_simulate_stops_its_device_daemons_and_broker(tmp_path: Path) -> None:
+    # Prepare: `msfusion simulate` with 2 device daemons and its private (TLS) Mosquitto, many rounds.
+    out = tmp_path / "run"
+    command = [python(), "-m", "msfusion.coordinator.cli.main", "simulate", "--devices", "2", "--rounds", "50"]
+    command += ["--local-samples", "64", "--samples-per-device", "300", "--channels", "8,16,32"]
+    command += ["--out", str(out), "--dashboard", "off"]
+    with open(tmp_path / "simulate.log", "wb") as log:
+        run = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    children: list[psutil.Process] = []
+    broker_conf: Path | None = None
+    try:
+        wait_for(lambda: run.poll() is not None or _online(out) == 2, 120, "both devices registered")
+        assert run.poll() is None, (tmp_path / "simulate.log").read_text()[-2000:]
+        children = psutil.Process(run.pid).children(recursive=True)
+        daemons = [p for p in children if "msfusion.edge_runtime" in p.cmdline()]
+        brokers = [p for p in children if p.name() == "mosquitto"]
+        assert len(daemons) == 2 and len(brokers) == 1, [p.cmdline() for p in children]
+        broker_conf = Path(brokers[0].cmdline()[-1])  # in the run's throw-away credentials folder
+        # Execute: what `kill`, a service manager or `timeout` sends.
+        run.send_signal(signal.SIGTERM)
+        code = run.wait(60)
+        # Assert: it exited as interrupted, and neither a daemon nor the broker outlived it.
+        deadline = time.monotonic() + 5
+        while _alive(children) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(children), [(p.pid, p.cmdline()) for p in _alive(children)]
+        assert code == 130, (tmp_path / "simulate.log").read_text()[-2000:]
+        assert "device exit codes:" in (out / "logs" / "coordinator.log").read_text()
+        assert not broker_conf.exists()
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+        for proc in _alive(children):
+            proc.kill()
+        if broker_conf is not None:  # <folder>/security/mosquitto.conf: what a broker left behind holds keys
+            shutil.rmtree(broker_conf.parents[1], ignore_errors=True)

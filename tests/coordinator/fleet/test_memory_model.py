@@ -81,6 +81,22 @@ def test_fit_needs_enough_distinct_samples(sizes: ModelSizes) -> None:
         fit_memory_model(same_batch_two_widths, sizes)
 
 
+def test_a_known_overhead_lets_two_widths_fit_the_other_terms(sizes: ModelSizes) -> None:
+    # Prepare: exact peaks at two widths only, the overhead known from another fit of the runtime
+    two = [MemorySample(r, 32, int(_true_peak(sizes, r, 32))) for r in (1.0, 0.5)]
+    with pytest.raises(ConfigError, match=">= 3 samples"):
+        fit_memory_model(two, sizes)
+    # Execute
+    model = fit_memory_model(two, sizes, overhead_bytes=TRUE[0])
+    # Assert: the two free terms are recovered, and an unseen width is predicted
+    assert (model.overhead_bytes, model.bytes_per_param, model.bytes_per_activation) == pytest.approx(TRUE, rel=1e-4)
+    assert model.predict(0.25, 32) == pytest.approx(_true_peak(sizes, 0.25, 32), rel=1e-4)
+    with pytest.raises(ConfigError, match=">= 2 samples"):
+        fit_memory_model(two[:1], sizes, overhead_bytes=TRUE[0])
+    with pytest.raises(ConfigError, match="below every sample"):
+        fit_memory_model(two, sizes, overhead_bytes=float(two[1].peak_bytes))
+
+
 def test_largest_affordable_ratio_is_the_widest_that_fits(sizes: ModelSizes) -> None:
     model = fit_memory_model(_samples(sizes, 0.0), sizes)
     budget, margin, batch = int(_true_peak(sizes, 0.5, 32) * 1.05), 0.1, 32

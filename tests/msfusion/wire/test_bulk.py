@@ -14,6 +14,7 @@ import pytest
 from msfusion.errors import ArtifactError, DeviceLost, ProtocolError
 from msfusion.wire import topics
 from msfusion.wire.bulk import (
+    STOP_POLL_S,
     BulkReceiver,
     BulkSender,
     Reassembly,
@@ -22,7 +23,7 @@ from msfusion.wire.bulk import (
     make_manifest,
     receive,
 )
-from msfusion.wire.protocol import MAX_CHUNK_BYTES, ChunkRequest, decode, encode
+from msfusion.wire.protocol import MAX_CHUNK_BYTES, BulkRef, ChunkRequest, decode, encode
 from msfusion.wire.transport import MqttTransport, Received
 
 _ids = itertools.count()
@@ -236,14 +237,20 @@ def test_pull_transfer_and_unrelated_events_are_put_back(pair) -> None:  # type:
     assert event == Received(task_topic, b"unrelated", False)
 
 
+def _one_chunk_of_two(coordinator: MqttTransport, device: MqttTransport, transfer_id: str) -> tuple[BulkRef, str]:
+    """A two-chunk transfer to `device` (subscribed to its topic) of which the sender published chunk 0 only."""
+    data = payload(2000)
+    manifest = make_manifest(transfer_id, "slice", data, chunk_bytes=1000)
+    topic = topics.up("bulk", "d" + transfer_id.split("-")[0], transfer_id)
+    device.subscribe(topic)
+    BulkSender(coordinator, topic, manifest, data).send([0])
+    return manifest, topic
+
+
 def test_transfer_that_never_completes_raises_after_retries(pair) -> None:  # type: ignore[no-untyped-def]
     # Prepare: the sender publishes one chunk of two, and nobody serves requests
     coordinator, device = pair
-    data = payload(2000)
-    manifest = make_manifest("lost-1", "slice", data, chunk_bytes=1000)
-    topic = topics.up("bulk", "dlost", "lost-1")
-    device.subscribe(topic)
-    BulkSender(coordinator, topic, manifest, data).send([0])
+    manifest, topic = _one_chunk_of_two(coordinator, device, "lost-1")
     requests: list[list[int]] = []
     # Execute
     start = time.monotonic()
@@ -252,6 +259,23 @@ def test_transfer_that_never_completes_raises_after_retries(pair) -> None:  # ty
     # Assert
     assert info.value.missing == [1] and requests == [[1], [1]]
     assert time.monotonic() - start < 5
+
+
+def test_a_stopped_receiver_gives_up_at_once_not_after_its_stall_window(pair) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: one chunk of two arrives, the stall window is long, and the receiver's owner stops (SIGTERM).
+    coordinator, device = pair
+    manifest, topic = _one_chunk_of_two(coordinator, device, "stop-1")
+    stop = threading.Event()
+    timer = threading.Timer(0.3, stop.set)
+    requests: list[list[int]] = []
+    # Execute
+    start = time.monotonic()
+    timer.start()
+    with pytest.raises(TransferIncomplete, match="stopped with") as info:
+        receive(device, manifest, topic, timeout_s=30.0, request_missing=requests.append, stop=stop)
+    # Assert: it gave up within a poll of the stop, without asking for the missing chunk.
+    assert 1 in info.value.missing and requests == []
+    assert time.monotonic() - start < 0.3 + STOP_POLL_S + 1.0
 
 
 def test_early_chunks_from_another_sender_cannot_spoil_a_transfer() -> None:
