@@ -437,30 +437,37 @@ def _verdict(value: float, target: float) -> str:
     return "PASS" if value <= target else "MISS"
 
 
+def _step_target(rows: list[dict[str, Any]], runtime: str, target: float) -> list[str]:
+    """One line per row of `runtime`: its step time / torch eager (wall, CPU) against `target`, then the tally."""
+    steps = [r for r in rows if r.get("runtime") == runtime and "step_vs_torch" in r]
+    lines = []
+    for row in steps:
+        lines.append(
+            f"  {row['model']:7} width {row['width']:4} wall {row['step_vs_torch']:5.2f}  "
+            f"{_verdict(row['step_vs_torch'], target)}   cpu {row['step_cpu_vs_torch']:5.2f}  "
+            f"{_verdict(row['step_cpu_vs_torch'], target)}"
+            + (
+                f"   vs torch-native: wall {row['step_vs_torch_native']:5.2f}  "
+                f"{_verdict(row['step_vs_torch_native'], target)}   cpu {row['step_cpu_vs_torch_native']:5.2f}  "
+                f"{_verdict(row['step_cpu_vs_torch_native'], target)}"
+                if "step_vs_torch_native" in row
+                else ""
+            )
+        )
+    passed = sum(r["step_vs_torch"] <= target for r in steps)
+    passed_cpu = sum(r["step_cpu_vs_torch"] <= target for r in steps)
+    lines.append(f"  -> wall {passed}/{len(steps)} pass; cpu {passed_cpu}/{len(steps)} pass")
+    return lines
+
+
 def print_summary(rows: list[dict[str, Any]]) -> list[str]:
-    """The table and the issue's two targets with PASS/MISS, as printed lines."""
+    """The table and the issue's three targets with PASS/MISS, as printed lines."""
     lines = [HEADER] + [_format_row(r) for r in rows] + [LEGEND, ""]
     lines.append(
         f"target A: ORT step time <= {STEP_TARGET:.2f}x torch eager (same sub-model and loss; wall time per step, the median over steps "
         "(fastest of --repeats runs), beside it the same ratio of CPU time per step)"
     )
-    steps = [r for r in rows if r.get("runtime") == "ort" and "step_vs_torch" in r]
-    for row in steps:
-        lines.append(
-            f"  {row['model']:7} width {row['width']:4} wall {row['step_vs_torch']:5.2f}  "
-            f"{_verdict(row['step_vs_torch'], STEP_TARGET)}   cpu {row['step_cpu_vs_torch']:5.2f}  "
-            f"{_verdict(row['step_cpu_vs_torch'], STEP_TARGET)}"
-            + (
-                f"   vs torch-native: wall {row['step_vs_torch_native']:5.2f}  "
-                f"{_verdict(row['step_vs_torch_native'], STEP_TARGET)}   cpu {row['step_cpu_vs_torch_native']:5.2f}  "
-                f"{_verdict(row['step_cpu_vs_torch_native'], STEP_TARGET)}"
-                if "step_vs_torch_native" in row
-                else ""
-            )
-        )
-    passed = sum(r["step_vs_torch"] <= STEP_TARGET for r in steps)
-    passed_cpu = sum(r["step_cpu_vs_torch"] <= STEP_TARGET for r in steps)
-    lines.append(f"  -> wall {passed}/{len(steps)} pass; cpu {passed_cpu}/{len(steps)} pass")
+    lines += _step_target(rows, "ort", STEP_TARGET)
     lines.append(
         f"target B: peak RSS at width 1/2 <= {RSS_TARGET:.2f}x width 1 (the target: whole process; "
         "beside it, for information, the same ratio of training memory above the loaded-and-idle baseline)"
@@ -479,14 +486,7 @@ def print_summary(rows: list[dict[str, Any]]) -> list[str]:
         f"target C: ExecuTorch step time <= {EXECUTORCH_TARGET:.2f}x torch eager at the same --threads "
         "(wall time per step, beside it the ratio of CPU time of the stepping thread)"
     )
-    programs = [r for r in rows if r.get("runtime") == "executorch" and "step_vs_torch" in r]
-    for row in programs:
-        lines.append(
-            f"  {row['model']:7} width {row['width']:4} wall {row['step_vs_torch']:5.2f}  "
-            f"{_verdict(row['step_vs_torch'], EXECUTORCH_TARGET)}   cpu {row['step_cpu_vs_torch']:5.2f}"
-        )
-    passed = sum(r["step_vs_torch"] <= EXECUTORCH_TARGET for r in programs)
-    lines.append(f"  -> wall {passed}/{len(programs)} pass")
+    lines += _step_target(rows, "executorch", EXECUTORCH_TARGET)
     return lines
 
 

@@ -37,7 +37,7 @@ the wheel links. So:
   own `mm` ran ~25 GFLOP/s on the benchmark machine, XNNPACK's ~4x that, and
   the portable `permute_copy` (every attention head split) was 18% of a
   char-LM step; after lowering a char-LM step is 3.2x faster, a CNN step
-  1.6x (bench/results/README.md). Delegate calls run on ExecuTorch's
+  2.3x (bench/results/README.md). Delegate calls run on ExecuTorch's
   threadpool, the backend's `num_threads`.
 
 The price is memory: the im2col matrix (kernel taps x the input) is kept for
