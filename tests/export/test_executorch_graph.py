@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from msfusion.edge_runtime.backends.executorch import PROGRAM
-from msfusion.export.executorch import _conv2d_as_matmul, _max_pool2d_as_amax, export_submodel
+from msfusion.export.executorch import (
+    _broadcast_instead_of_expand,
+    _conv2d_as_matmul,
+    _max_pool2d_as_amax,
+    _pool_before_relu,
+    export_submodel,
+)
 from msfusion.models.config import ContrastiveVariant, LossConfig, ModelConfig
 
 
@@ -84,3 +91,76 @@ def test_the_exported_charlm_program_has_no_addmm_kernel(tmp_path: Path) -> None
     assert b"XnnpackBackend" in program
     assert b"aten::addmm" not in program and b"aten::linear" not in program
     assert b"aten::mm" not in program  # every matrix product delegated
+
+
+class _ConvReluPool(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.max_pool2d(F.relu(self.conv(x)), 2).sum(dim=(2, 3))
+
+
+def _ops(program: torch.export.ExportedProgram) -> list[Any]:
+    return [node.target for node in program.graph.nodes if node.op == "call_function"]
+
+
+def test_pool_before_relu_is_the_same_function_and_gradient() -> None:
+    torch.manual_seed(0)
+    module = _ConvReluPool()
+    x = torch.randn(2, 2, 8, 8)
+    program = _pool_before_relu(torch.export.export(module, (x,)))
+    ops = _ops(program)
+    relu, pool = torch.ops.aten.relu.default, torch.ops.aten.max_pool2d.default
+    assert ops.index(pool) < ops.index(relu)  # rewritten: the ReLU runs on the pooled tensor
+    rewritten = program.module()
+    torch.testing.assert_close(rewritten(x), module(x))
+    got = torch.autograd.grad(rewritten(x).square().sum(), list(rewritten.parameters()))
+    want = torch.autograd.grad(module(x).square().sum(), list(module.parameters()))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+def test_a_relu_with_other_users_keeps_its_place() -> None:
+    class Both(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = F.relu(x)
+            return F.max_pool2d(y, 2).sum() + y.sum()
+
+    program = _pool_before_relu(torch.export.export(Both(), (torch.randn(1, 1, 4, 4),)))
+    ops = _ops(program)
+    assert ops.index(torch.ops.aten.relu.default) < ops.index(torch.ops.aten.max_pool2d.default)
+
+
+def test_broadcast_instead_of_expand_keeps_the_loss_and_gradients() -> None:
+    from torch.export.experimental import _export_forward_backward
+
+    from msfusion.models.layers import GroupNorm, traceable_norms
+
+    class NormLoss(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = GroupNorm(1, 3)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+            return ((self.norm(x) * x).mean(),)
+
+    torch.manual_seed(1)
+    module = NormLoss()
+    with torch.no_grad():
+        module.norm.weight.uniform_(0.5, 1.5)
+        module.norm.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 3, 4, 4)
+    with traceable_norms():
+        program = torch.export.export(module, (x,))
+    joint = _export_forward_backward(program)
+    args = [*(joint.state_dict[name] for name in joint.graph_signature.parameters), x]
+    want = joint.graph_module(*args)
+    assert torch.ops.aten.expand.default in _ops(joint)
+    _broadcast_instead_of_expand(joint)
+    assert torch.ops.aten.expand.default not in _ops(joint)  # every mean's expand became a broadcast
+    got = joint.graph_module(*args)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
