@@ -164,3 +164,25 @@ def test_broadcast_instead_of_expand_keeps_the_loss_and_gradients() -> None:
     assert len(got) == len(want)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)
+
+
+def test_a_cnn_on_images_with_a_constant_background_tracks_the_reference(tmp_path: Path) -> None:
+    """Tied maxima (a window of equal values, as a blank background gives) keep the reference's gradients.
+
+    The program pools before the ReLU and splits a tie evenly, where torch's max_pool2d gives it all
+    to the first maximum: equal values come from equal inputs, whose weight gradients are the same.
+    """
+    from msfusion.export.validate import validate_artifact
+
+    cfg = ModelConfig(arch="cnn", channels=(4, 8, 8))
+    loss = LossConfig(ContrastiveVariant.OFF)
+    export_submodel(cfg, None, loss, tmp_path, batch_size=4)
+    gen = torch.Generator().manual_seed(3)
+    batches = []
+    for _ in range(2):
+        x = torch.zeros(4, cfg.in_channels, cfg.image_size, cfg.image_size)
+        x[:, :, 8:20, 6:22] = torch.rand(4, cfg.in_channels, 12, 16, generator=gen)  # the rest is background
+        y = torch.randint(0, cfg.num_classes, (4,), generator=gen)
+        batches.append((x.numpy(), y.numpy()))
+    report = validate_artifact(tmp_path, cfg, None, loss, batches=batches)
+    assert report.max_weight_error < 1e-4
