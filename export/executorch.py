@@ -35,10 +35,14 @@ the wheel links. So:
 - max_pool2d(relu(x)) becomes relu(max_pool2d(x)) (`_pool_before_relu`):
   ReLU and its portable backward (le, where) run on a quarter of the
   elements;
-- in the joint graph, autograd's expand(g) / n (every mean's gradient)
-  becomes a broadcast inside the elementwise op that consumes it
-  (`_broadcast_instead_of_expand`): no portable expand_copy over the full
-  shape;
+- in the joint graph, four of autograd's formulas become the same values
+  computed by XNNPACK ops instead of portable kernels over the full shape:
+  a mean's expand(g) / n becomes a broadcast inside the op that consumes it
+  (`_broadcast_instead_of_expand`); ReLU's where(out <= 0, 0, g) becomes
+  g * ceil(clamp(out, 0, 1)) (`_relu_backward_as_mul`); a slice's gradient,
+  a slice_scatter into zeros, becomes a zero pad (`_scatter_into_zeros_as_pad`);
+  amax's tie mask x == amax(x) becomes 1 - ceil(clamp(amax(x) - x, 0, 1))
+  (`_tie_mask_as_arithmetic`);
 - the program is lowered with XNNPACK's partitioner, which takes every matrix
   product (with `force_non_static_weights_for_f32_linear`: the gradients'
   products have no constant operand), every transpose and most elementwise
@@ -61,7 +65,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, cast
 
 import torch
 from torch import nn
@@ -156,6 +160,9 @@ def export_submodel(
         )
         program = _export_forward_backward(program)
         _broadcast_instead_of_expand(program)
+        _relu_backward_as_mul(program)
+        _scatter_into_zeros_as_pad(program)
+        _tie_mask_as_arithmetic(program)
         # The gradients' matrix products have no constant operand: XNNPACK takes them as "dynamic" ones.
         xnnpack = XnnpackPartitioner(force_non_static_weights_for_f32_linear=True)
         edge = to_edge_transform_and_lower(
@@ -361,6 +368,156 @@ def _broadcast_instead_of_expand(program: ExportedProgram) -> None:
                     user.replace_input_with(node, source)
         if not node.users:
             graph.erase_node(node)
+    graph.lint()
+    program.graph_module.recompile()
+
+
+def _source(node: Any) -> Any:
+    """`node` with the joint graph's `alias`es (saved activations) looked through."""
+    while isinstance(node, torch.fx.Node) and node.target is torch.ops.aten.alias.default:
+        node = node.args[0]
+    return node
+
+
+def _relu_backward_as_mul(program: ExportedProgram) -> None:
+    """ReLU's gradient where(out <= 0, 0, g) as g * ceil(clamp(out, 0, 1)), in place.
+
+    out is the ReLU's output (>= 0): clamp to [0, 1] then ceil gives exactly
+    0 where out is 0 and 1 elsewhere, so the product is the same gradient.
+    The stock form is two portable kernels over the full shape (`le`, and
+    `where` with a broadcast scalar, ~7 ns an element: 34 ms of a ResNet
+    step); clamp, ceil and mul are XNNPACK's.
+    """
+    graph = program.graph_module.graph
+    aten = torch.ops.aten
+    for node in list(graph.nodes):
+        if node.target is not aten.where.self or len(node.args) != 3:
+            continue
+        cond, zero, grad = node.args
+        if not (
+            isinstance(cond, torch.fx.Node)
+            and cond.target is aten.le.Scalar
+            and cond.args[1] == 0
+            and isinstance(zero, torch.fx.Node)
+            and zero.target is aten.scalar_tensor.default
+            and zero.args[0] == 0
+            and isinstance(grad, torch.fx.Node)
+        ):
+            continue
+        out: Any = cond.args[0]
+        if not isinstance(_source(out), torch.fx.Node) or _source(out).target is not aten.relu.default:
+            continue
+        value = out.meta["val"]
+        if grad.meta["val"].shape != node.meta["val"].shape or value.shape != node.meta["val"].shape:
+            continue
+        with graph.inserting_before(node):
+            clamped = graph.call_function(aten.clamp.default, (out, 0.0, 1.0))
+            mask = graph.call_function(aten.ceil.default, (clamped,))
+            product = graph.call_function(aten.mul.Tensor, (mask, grad))  # laid out as the (dense) mask
+        with value.fake_mode:
+            clamped.meta["val"] = aten.clamp.default(value, 0.0, 1.0)
+            mask.meta["val"] = aten.ceil.default(clamped.meta["val"])
+        product.meta = dict(node.meta)
+        node.replace_all_uses_with(product)
+        graph.erase_node(node)
+        if not cond.users:
+            graph.erase_node(cond)
+        if not zero.users:
+            graph.erase_node(zero)
+    graph.lint()
+    program.graph_module.recompile()
+
+
+def _scatter_into_zeros_as_pad(program: ExportedProgram) -> None:
+    """slice_scatter(zeros, g, dim, start, end) -> constant_pad_nd(g, (start, size - end) at dim), in place.
+
+    Autograd writes the gradient of a slice (every im2col tap, every padding
+    cut) as a slice_scatter into a fresh zero tensor: two portable passes
+    over the full shape (`full`, then `slice_scatter`, which copies its
+    input before writing `g`), ~20% of a ResNet step. Padding `g` with
+    zeros is the same tensor, and XNNPACK pads (non-negative amounts).
+    """
+    graph = program.graph_module.graph
+    aten = torch.ops.aten
+    for node in list(graph.nodes):
+        if node.target is not aten.slice_scatter.default:
+            continue
+        base, src, *rest = node.args
+        dim, start, end, step = (list(rest) + [0, None, None, 1][len(rest) :])[:4]
+        if step != 1 or not isinstance(base, torch.fx.Node) or not isinstance(src, torch.fx.Node):
+            continue
+        if base.target is not aten.full.default or base.args[1] != 0 or len(base.users) != 1:
+            continue
+        shape = base.meta["val"].shape
+        dim = dim % len(shape)
+        size = shape[dim]
+        start = 0 if start is None else (start + size if start < 0 else min(start, size))
+        end = size if end is None else (end + size if end < 0 else min(end, size))
+        if src.meta["val"].shape[dim] != end - start or src.meta["val"].dtype != base.meta["val"].dtype:
+            continue
+        pad = [0, 0] * (len(shape) - 1 - dim) + [start, size - end]
+        if src.target is aten.constant_pad_nd.default and len(src.users) == 1 and src.args[2:] in ((), (0.0,)):
+            inner = list(cast(Sequence[int], src.args[1]))  # a tap's two cuts, one pad: each pass costs
+            inner += [0] * (len(pad) - len(inner))
+            pad = [a + b for a, b in zip(inner, pad + [0] * (len(inner) - len(pad)))]
+            src = src.args[0]
+        with graph.inserting_before(node):
+            padded = graph.call_function(aten.constant_pad_nd.default, (src, pad, 0.0))
+        padded.meta = dict(node.meta)
+        node.replace_all_uses_with(padded)
+        graph.erase_node(node)
+        graph.erase_node(base)
+    graph.eliminate_dead_code()
+    graph.lint()
+    program.graph_module.recompile()
+
+
+def _tie_mask_as_arithmetic(program: ExportedProgram) -> None:
+    """amax's gradient mask (x == amax(x)) as 1 - ceil(clamp(amax(x) - x, 0, 1)), in place.
+
+    amax(x) - x is >= 0, and 0 exactly where x is a maximum (IEEE subtraction
+    of two different floats is never 0), so the float mask is the same as
+    the boolean one. The boolean form costs three portable kernels over
+    every pooling window (`eq`, the bool -> float copy for the product, the
+    tie count's `sum` of booleans), ~20% of a CNN step; sub, clamp, ceil,
+    mul and add run in XNNPACK, and the count sums floats.
+    """
+    graph = program.graph_module.graph
+    aten = torch.ops.aten
+    for node in list(graph.nodes):
+        if node.target is not aten.eq.Tensor or len(node.args) != 2:
+            continue
+        peak, x = cast(tuple[Any, Any], node.args)
+        value, top = x.meta["val"], peak.meta["val"]
+        source = peak
+        while isinstance(source, torch.fx.Node) and source.target in (aten.alias.default, aten.view.default):
+            source = source.args[0]
+        if not (
+            isinstance(source, torch.fx.Node)
+            and source.target is aten.amax.default
+            and source.args[0] is x
+            and list(cast(Sequence[int], source.args[1])) in ([-1], [value.dim() - 1])
+            and all(user.target in (aten.sum.dim_IntList, aten.mul.Tensor) for user in node.users)
+        ):
+            continue
+        with graph.inserting_before(node):
+            gap = graph.call_function(aten.sub.Tensor, (peak, x))
+            clamped = graph.call_function(aten.clamp.default, (gap, 0.0, 1.0))
+            step = graph.call_function(aten.ceil.default, (clamped,))
+            negated = graph.call_function(aten.mul.Tensor, (step, -1.0))
+            mask = graph.call_function(aten.add.Tensor, (negated, 1.0))
+        with value.fake_mode:
+            gap.meta["val"] = aten.sub.Tensor(top, value)
+            clamped.meta["val"] = aten.clamp.default(gap.meta["val"], 0.0, 1.0)
+            step.meta["val"] = aten.ceil.default(clamped.meta["val"])
+            negated.meta["val"] = aten.mul.Tensor(step.meta["val"], -1.0)
+            mask.meta["val"] = aten.add.Tensor(negated.meta["val"], 1.0)
+        for user in list(node.users):
+            user.replace_input_with(node, mask)
+            if user.target is aten.sum.dim_IntList:
+                with value.fake_mode:
+                    user.meta["val"] = aten.sum.dim_IntList(mask.meta["val"], *user.args[1:])
+        graph.erase_node(node)
     graph.lint()
     program.graph_module.recompile()
 

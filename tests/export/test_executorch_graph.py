@@ -15,6 +15,9 @@ from msfusion.export.executorch import (
     _conv2d_as_matmul,
     _max_pool2d_as_amax,
     _pool_before_relu,
+    _relu_backward_as_mul,
+    _scatter_into_zeros_as_pad,
+    _tie_mask_as_arithmetic,
     export_submodel,
 )
 from msfusion.models.config import ContrastiveVariant, LossConfig, ModelConfig
@@ -133,10 +136,39 @@ def test_a_relu_with_other_users_keeps_its_place() -> None:
     assert ops.index(torch.ops.aten.relu.default) < ops.index(torch.ops.aten.max_pool2d.default)
 
 
-def test_broadcast_instead_of_expand_keeps_the_loss_and_gradients() -> None:
+def _joint(module: torch.nn.Module, *inputs: torch.Tensor) -> tuple[Any, list[torch.Tensor]]:
+    """module's joint (loss, gradients) graph, as the exporter makes it, and the arguments to run it."""
     from torch.export.experimental import _export_forward_backward
 
-    from msfusion.models.layers import GroupNorm, traceable_norms
+    from msfusion.models.layers import traceable_norms
+
+    with traceable_norms():
+        program = torch.export.export(module, inputs)
+    joint = _export_forward_backward(program)
+    return joint, [*(joint.state_dict[name] for name in joint.graph_signature.parameters), *inputs]
+
+
+def _rewritten_the_same(joint: Any, args: list[torch.Tensor], rewrite: Any) -> None:
+    want = joint.graph_module(*args)
+    rewrite(joint)
+    got = joint.graph_module(*args)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)  # the same values, not merely close
+
+
+class _Loss(torch.nn.Module):
+    def __init__(self, shape: tuple[int, ...], loss: Any) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(*shape))
+        self.loss = loss
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.loss(self.weight, x),)
+
+
+def test_broadcast_instead_of_expand_keeps_the_loss_and_gradients() -> None:
+    from msfusion.models.layers import GroupNorm
 
     class NormLoss(torch.nn.Module):
         def __init__(self) -> None:
@@ -151,19 +183,53 @@ def test_broadcast_instead_of_expand_keeps_the_loss_and_gradients() -> None:
     with torch.no_grad():
         module.norm.weight.uniform_(0.5, 1.5)
         module.norm.bias.uniform_(-0.5, 0.5)
-    x = torch.randn(2, 3, 4, 4)
-    with traceable_norms():
-        program = torch.export.export(module, (x,))
-    joint = _export_forward_backward(program)
-    args = [*(joint.state_dict[name] for name in joint.graph_signature.parameters), x]
-    want = joint.graph_module(*args)
+    joint, args = _joint(module, torch.randn(2, 3, 4, 4))
     assert torch.ops.aten.expand.default in _ops(joint)
+    want = joint.graph_module(*args)
     _broadcast_instead_of_expand(joint)
     assert torch.ops.aten.expand.default not in _ops(joint)  # every mean's expand became a broadcast
-    got = joint.graph_module(*args)
-    assert len(got) == len(want)
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w)
+    for g, w in zip(joint.graph_module(*args), want, strict=True):
+        torch.testing.assert_close(g, w)  # the division moved before the broadcast: rounding may differ
+
+
+def test_relu_backward_as_mul_is_the_same_gradient() -> None:
+    torch.manual_seed(2)
+    module = _Loss((3, 5), lambda w, x: (torch.relu(w * x) * x).sum())
+    x = torch.randn(3, 5)
+    x[0, :2] = 0.0  # ReLU inputs of exactly 0: the gradient is 0 there in both forms
+    joint, args = _joint(module, x)
+    assert torch.ops.aten.where.self in _ops(joint)
+    _rewritten_the_same(joint, args, _relu_backward_as_mul)
+    assert torch.ops.aten.where.self not in _ops(joint) and torch.ops.aten.ceil.default in _ops(joint)
+
+
+def test_scatter_into_zeros_as_pad_is_the_same_gradient() -> None:
+    torch.manual_seed(3)
+    unit = _Loss((2, 3, 6, 7), lambda w, x: (w[:, :, 1:4, 2:6] * x).square().sum())
+    joint, args = _joint(unit, torch.randn(2, 3, 3, 4))
+    assert torch.ops.aten.slice_scatter.default in _ops(joint)
+    _rewritten_the_same(joint, args, _scatter_into_zeros_as_pad)
+    ops = _ops(joint)
+    assert torch.ops.aten.slice_scatter.default not in ops
+    assert ops.count(torch.ops.aten.constant_pad_nd.default) == 1  # both cuts' gradients as one pad
+
+    strided = _Loss((2, 3, 6, 7), lambda w, x: (w[:, :, ::2, :] * x).square().sum())
+    joint, args = _joint(strided, torch.randn(2, 3, 3, 7))
+    _rewritten_the_same(joint, args, _scatter_into_zeros_as_pad)
+    assert torch.ops.aten.slice_scatter.default in _ops(joint)  # a strided cut keeps its scatter
+
+
+def test_tie_mask_as_arithmetic_is_the_same_gradient() -> None:
+    torch.manual_seed(4)
+    module = _Loss((3, 4, 4), lambda w, x: (w.amax(dim=-1) * x).sum())
+    with torch.no_grad():
+        module.weight[0, 0] = torch.tensor([1.0, 2.0, 2.0, 0.5])  # a tie: the gradient splits in half
+        module.weight[1, 1] = torch.tensor([3.0, 3.0, 3.0, 3.0])  # in quarters
+        module.weight[2, 2] = torch.tensor([1.0, 1.0 + 2**-20, 0.0, 1.0])  # a near tie: no split
+    joint, args = _joint(module, torch.randn(3, 4))
+    assert torch.ops.aten.eq.Tensor in _ops(joint)
+    _rewritten_the_same(joint, args, _tie_mask_as_arithmetic)
+    assert torch.ops.aten.eq.Tensor not in _ops(joint)
 
 
 def test_a_cnn_on_images_with_a_constant_background_tracks_the_reference(tmp_path: Path) -> None:
