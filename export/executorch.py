@@ -50,9 +50,9 @@ the wheel links. So:
   own `mm` ran ~25 GFLOP/s on the benchmark machine, XNNPACK's ~4x that, and
   the portable `permute_copy` (every attention head split) was 18% of a
   char-LM step; after lowering a char-LM step is 3.2x faster, a CNN step
-  2.3x. With the two graph rewrites above, a step at width 1 takes 1.97x
-  torch eager's time on the CNN (2.75x without them), 2.44x on the ResNet
-  (3.26x), 0.74x on the char-LM (0.87x) (bench/results/README.md).
+  2.3x. With the graph rewrites above, a step at width 1 takes
+  1.47x torch eager's time on the CNN (2.75x without them), 2.72x on the
+  ResNet (3.26x), 0.66x on the char-LM (0.87x) (bench/results/README.md).
   Delegate calls run on ExecuTorch's threadpool, the backend's
   `num_threads`.
 
