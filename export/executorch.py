@@ -372,9 +372,9 @@ def _broadcast_instead_of_expand(program: ExportedProgram) -> None:
     program.graph_module.recompile()
 
 
-def _source(node: Any) -> Any:
-    """`node` with the joint graph's `alias`es (saved activations) looked through."""
-    while isinstance(node, torch.fx.Node) and node.target is torch.ops.aten.alias.default:
+def _source(node: Any, through: tuple[Any, ...] = (torch.ops.aten.alias.default,)) -> Any:
+    """`node` with the joint graph's `alias`es (saved activations), or the ops `through`, looked through."""
+    while isinstance(node, torch.fx.Node) and node.target in through:
         node = node.args[0]
     return node
 
@@ -405,7 +405,7 @@ def _relu_backward_as_mul(program: ExportedProgram) -> None:
         ):
             continue
         out: Any = cond.args[0]
-        if not isinstance(_source(out), torch.fx.Node) or _source(out).target is not aten.relu.default:
+        if getattr(_source(out), "target", None) is not aten.relu.default:
             continue
         value = out.meta["val"]
         if grad.meta["val"].shape != node.meta["val"].shape or value.shape != node.meta["val"].shape:
@@ -489,9 +489,7 @@ def _tie_mask_as_arithmetic(program: ExportedProgram) -> None:
             continue
         peak, x = cast(tuple[Any, Any], node.args)
         value, top = x.meta["val"], peak.meta["val"]
-        source = peak
-        while isinstance(source, torch.fx.Node) and source.target in (aten.alias.default, aten.view.default):
-            source = source.args[0]
+        source = _source(peak, through=(aten.alias.default, aten.view.default))
         if not (
             isinstance(source, torch.fx.Node)
             and source.target is aten.amax.default
