@@ -68,6 +68,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence, cast
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.export import ExportedProgram
 
@@ -160,9 +161,13 @@ def export_submodel(
         )
         program = _export_forward_backward(program)
         _broadcast_instead_of_expand(program)
+        _negative_pad_as_slices(program)
         _relu_backward_as_mul(program)
         _scatter_into_zeros_as_pad(program)
         _tie_mask_as_arithmetic(program)
+        _sum_trailing_first(program)
+        _transposed_product_as_linear(program)
+        _contiguous_permute_as_copy(program)
         # The gradients' matrix products have no constant operand: XNNPACK takes them as "dynamic" ones.
         xnnpack = XnnpackPartitioner(force_non_static_weights_for_f32_linear=True)
         edge = to_edge_transform_and_lower(
@@ -472,6 +477,141 @@ def _scatter_into_zeros_as_pad(program: ExportedProgram) -> None:
     program.graph_module.recompile()
 
 
+def _sum_trailing_first(program: ExportedProgram) -> None:
+    """sum(t, dims) over leading and trailing dims as a sum over the flattened trailing dims first, in place.
+
+    A norm's affine gradients sum the (B, C, H, W) output gradient over
+    (0, 2, 3): the portable kernel walks that strided set at ~3 GB/s (1.1
+    ms per 28x28 ResNet sum). Summed over the contiguous H*W first, then
+    over B on the small (B, C) result, the same sum runs at the speed of
+    a contiguous reduction. Float addition is reordered, so the value
+    agrees within rounding.
+    """
+    graph = program.graph_module.graph
+    aten = torch.ops.aten
+    for node in list(graph.nodes):
+        if node.target is not aten.sum.dim_IntList or node.kwargs.get("dtype") is not None:
+            continue
+        t, dims, *rest = node.args
+        keepdim = bool(rest[0]) if rest else False
+        value = t.meta["val"]
+        rank = value.dim()
+        reduced = sorted({d % rank for d in cast(Sequence[int], dims or range(rank))})
+        trailing = 0
+        while trailing < rank and rank - 1 - trailing in reduced:
+            trailing += 1
+        if trailing == 0 or trailing == len(reduced):
+            continue  # nothing trailing to go first, or only trailing dims: one contiguous sum already
+        kept = list(value.shape[: rank - trailing])
+        with graph.inserting_before(node):
+            flat = graph.call_function(aten.view.default, (t, kept + [-1]))
+            inner = graph.call_function(aten.sum.dim_IntList, (flat, [-1]))
+            outer = graph.call_function(aten.sum.dim_IntList, (inner, reduced[: len(reduced) - trailing], keepdim))
+            shaped = graph.call_function(aten.view.default, (outer, list(node.meta["val"].shape)))
+        with value.fake_mode:
+            flat.meta["val"] = value.reshape(kept + [-1])
+            inner.meta["val"] = flat.meta["val"].sum(dim=[-1])
+            outer.meta["val"] = inner.meta["val"].sum(dim=reduced[: len(reduced) - trailing], keepdim=keepdim)
+            shaped.meta["val"] = outer.meta["val"].reshape(node.meta["val"].shape)
+        node.replace_all_uses_with(shaped)
+        graph.erase_node(node)
+    graph.lint()
+    program.graph_module.recompile()
+
+
+def _transposed_product_as_linear(program: ExportedProgram) -> None:
+    """mm(a, b.t()) -> linear(a, b), in place: the same product, without materializing b's transpose.
+
+    XNNPACK takes `mm(a, m)` as a fully-connected op whose weights are m read
+    transposed; given m = b.t(), the delegate first copies b into that
+    transpose. Autograd writes every weight gradient of an im2col
+    convolution that way (grad_out @ patches.t(), the patches 9x the
+    input), ~5% of a ResNet step in transposes. `linear(a, b)` is a @ b.t()
+    with b in the fully-connected op's own (out, in) layout: no copy.
+    """
+    graph = program.graph_module.graph
+    aten = torch.ops.aten
+    transposes = (aten.t.default, aten.permute.default, aten.transpose.int)
+    for node in list(graph.nodes):
+        if node.target is not aten.mm.default:
+            continue
+        a, m = node.args
+        if not (isinstance(m, torch.fx.Node) and m.target in transposes and m.meta["val"].dim() == 2):
+            continue
+        if m.target is aten.permute.default and list(cast(Sequence[int], m.args[1])) != [1, 0]:
+            continue
+        b = m.args[0]
+        with graph.inserting_before(node):
+            product = graph.call_function(aten.linear.default, (a, b))
+        product.meta = dict(node.meta)
+        node.replace_all_uses_with(product)
+        graph.erase_node(node)
+        if not m.users:
+            graph.erase_node(m)
+    graph.lint()
+    program.graph_module.recompile()
+
+
+def _contiguous_permute_as_copy(program: ExportedProgram) -> None:
+    """clone(permute(x), contiguous) -> permute_copy(x), in place: one copy where the program made two.
+
+    Reshaping a permuted tensor (every im2col convolution's output, moved
+    back to (B, C, H, W) and then grouped by its norm; every output
+    gradient moved channels-first for the weight's product) is a
+    contiguous clone and a view. In the lowered program a permute is
+    already a copy into a contiguous tensor, so the clone copies it again;
+    permute_copy is that one copy, its result contiguous, and the view then
+    reads it as it is.
+    """
+    graph = program.graph_module.graph
+    aten = torch.ops.aten
+    for node in list(graph.nodes):
+        if node.target is not aten.clone.default or node.kwargs.get("memory_format") is not torch.contiguous_format:
+            continue
+        permuted = node.args[0]
+        if not (isinstance(permuted, torch.fx.Node) and permuted.target is aten.permute.default):
+            continue
+        with graph.inserting_before(node):
+            copied = graph.call_function(aten.permute_copy.default, permuted.args)
+        copied.meta = dict(node.meta)
+        node.replace_all_uses_with(copied)
+        graph.erase_node(node)
+        if not permuted.users:
+            graph.erase_node(permuted)
+    graph.lint()
+    program.graph_module.recompile()
+
+
+def _negative_pad_as_slices(program: ExportedProgram) -> None:
+    """constant_pad_nd(g, pads <= 0) -> one slice per cut dim, in place: a zero pad's gradient.
+
+    ExecuTorch 1.5.1's constant_pad_nd refuses negative amounts and XNNPACK's
+    pad takes none; cutting is what they mean, and XNNPACK slices.
+    """
+    graph = program.graph_module.graph
+    aten = torch.ops.aten
+    for node in list(graph.nodes):
+        if node.target is not aten.constant_pad_nd.default:
+            continue
+        grad, pads = node.args[0], list(cast(Sequence[int], node.args[1]))
+        if not pads or any(p > 0 for p in pads) or not isinstance(grad, torch.fx.Node):
+            continue
+        value = grad.meta["val"]
+        out = grad
+        with graph.inserting_before(node):
+            for k in range(len(pads) // 2):
+                dim, before, after = value.dim() - 1 - k, -pads[2 * k], -pads[2 * k + 1]
+                if before or after:
+                    size = value.shape[dim]
+                    out = graph.call_function(aten.slice.Tensor, (out, dim, before, size - after))
+                    with value.fake_mode:
+                        out.meta["val"] = aten.slice.Tensor(out.args[0].meta["val"], dim, before, size - after)
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+    graph.lint()
+    program.graph_module.recompile()
+
+
 def _tie_mask_as_arithmetic(program: ExportedProgram) -> None:
     """amax's gradient mask (x == amax(x)) as 1 - ceil(clamp(amax(x) - x, 0, 1)), in place.
 
@@ -566,26 +706,59 @@ def _conv2d_as_matmul(
     (sh, sw), (ph, pw) = _pair(stride), _pair(padding)
     batch, channels, height, width = x.shape
     out_channels, _, kh, kw = weight.shape
-    x = x.permute(1, 0, 2, 3)  # (C, B, H, W)
-    # Zero padding by concatenation: F.pad's gradient is a pad by negative amounts, which
-    # ExecuTorch 1.5.1's constant_pad_nd refuses; cat's gradient is slices.
-    if ph:
-        rows_of_zeros = x.new_zeros(channels, batch, ph, width)
-        x = torch.cat([rows_of_zeros, x, rows_of_zeros], dim=2)
-    if pw:
-        cols_of_zeros = x.new_zeros(channels, batch, height + 2 * ph, pw)
-        x = torch.cat([cols_of_zeros, x, cols_of_zeros], dim=3)
     rows, cols = (height + 2 * ph - kh) // sh + 1, (width + 2 * pw - kw) // sw + 1
-    taps = [
-        x[:, :, i : i + sh * (rows - 1) + 1 : sh, j : j + sw * (cols - 1) + 1 : sw]
-        for i in range(kh)
-        for j in range(kw)
-    ]
-    # (C, kh*kw, B, rows, cols) -> (C*kh*kw, B*rows*cols): the weight's (C, kh, kw) order.
-    patches = torch.stack(taps, dim=1).reshape(channels * kh * kw, batch * rows * cols)
+    # A strided conv's input is cut into whole stride blocks (`_strided_taps`): zero rows and
+    # columns past the last tap, which reads row (kh - 1) + sh * (rows - 1) < height + 2 * ph.
+    extra_h, extra_w = -(height + 2 * ph) % sh, -(width + 2 * pw) % sw
+    # One zero pad; its gradient, a pad by negative amounts (which ExecuTorch 1.5.1's
+    # constant_pad_nd refuses), becomes slices (`_negative_pad_as_slices`).
+    x = x.permute(1, 0, 2, 3)  # (C, B, H, W)
+    if ph or pw or extra_h or extra_w:
+        x = F.pad(x, (pw, pw + extra_w, ph, ph + extra_h))
+    if (sh, sw) == (1, 1):
+        bands = [_window(x, 2, i, rows) for i in range(kh)]  # each row cut once, shared by its kw taps
+        taps = [_window(band, 3, j, cols) for band in bands for j in range(kw)]
+    else:
+        taps = _strided_taps(x, (kh, kw), (sh, sw), (rows, cols))
+    # (C, kh*kw*B, rows, cols), laid out as (C, kh*kw, B, rows, cols) -> (C*kh*kw, B*rows*cols): the
+    # weight's (C, kh, kw) order. A cat, not a stack: a stack is a cat and a view, and the delegate
+    # copies every view it cannot elide.
+    patches = torch.cat(taps, dim=1).reshape(channels * kh * kw, batch * rows * cols)
     out = torch.mm(weight.reshape(out_channels, channels * kh * kw), patches)
     out = out.reshape(out_channels, batch, rows, cols).permute(1, 0, 2, 3)
     return out if bias is None else out + bias.reshape(1, out_channels, 1, 1)
+
+
+def _strided_taps(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int], out: tuple[int, int]) -> Any:
+    """The taps of a strided convolution over the padded (C, B, H, W) input (whole blocks), by space-to-depth.
+
+    A strided slice is a portable kernel (and its gradient a portable
+    slice_scatter into zeros): ~10% of a ResNet step at width 1, ~25% at
+    1/4. Tap (i, j) reads rows i, i + sh, ... = rows i // sh + r of phase
+    i % sh, so the input, cut to whole stride blocks, is reshaped to
+    (C, B, H/sh, sh, W/sw, sw) and its phases moved first (one XNNPACK
+    transpose); each phase plane is then a contiguous slice and each tap
+    two unit-stride slices of its plane, all XNNPACK ops, and their
+    gradients pads and adds.
+    """
+    (kh, kw), (sh, sw), (rows, cols) = kernel, stride, out
+    channels, batch, height, width = x.shape
+    blocks_h, blocks_w = height // sh, width // sw
+    phases = x.reshape(channels, batch, blocks_h, sh, blocks_w, sw).permute(3, 5, 0, 1, 2, 4)
+    planes = phases.reshape(sh * sw * channels, batch, blocks_h, blocks_w)  # phase (p, q): rows (p*sw + q)*C...
+    bands = {  # each (phase row, row cut) once, shared by its taps
+        (i % sh, j % sw, i // sh): _window(
+            _window(planes, 0, ((i % sh) * sw + j % sw) * channels, channels), 2, i // sh, rows
+        )
+        for i in range(kh)
+        for j in range(kw)
+    }
+    return [_window(bands[i % sh, j % sw, i // sh], 3, j // sw, cols) for i in range(kh) for j in range(kw)]
+
+
+def _window(t: torch.Tensor, dim: int, start: int, length: int) -> torch.Tensor:
+    """t[..., start : start + length, ...] along `dim`; no slice at all where that is the whole dim."""
+    return t if start == 0 and length == t.shape[dim] else t.narrow(dim, start, length)
 
 
 def _linear_as_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Any:
