@@ -168,6 +168,7 @@ def export_submodel(
         _sum_trailing_first(program)
         _transposed_product_as_linear(program)
         _contiguous_permute_as_copy(program)
+        _row_reduction_as_product(program)
         # The gradients' matrix products have no constant operand: XNNPACK takes them as "dynamic" ones.
         xnnpack = XnnpackPartitioner(force_non_static_weights_for_f32_linear=True)
         edge = to_edge_transform_and_lower(
@@ -607,6 +608,49 @@ def _negative_pad_as_slices(program: ExportedProgram) -> None:
                     with value.fake_mode:
                         out.meta["val"] = aten.slice.Tensor(out.args[0].meta["val"], dim, before, size - after)
         node.replace_all_uses_with(out)
+        graph.erase_node(node)
+    graph.lint()
+    program.graph_module.recompile()
+
+
+def _row_reduction_as_product(program: ExportedProgram, min_length: int = 1024) -> None:
+    """mean / sum over a long last dim (>= min_length) as linear(t, row of 1/n or 1), in place.
+
+    A norm's statistics (forward means, backward sums: every GroupNorm(1, C)
+    reduces (B, 1, C*H*W) over its last dim) are portable loops; as a
+    product by a constant row they run in XNNPACK's fully-connected kernel
+    and keep the norm inside the delegate: ResNet step at width 1/4 -6%
+    (ab runs side by side). Float sums reorder; the value agrees within
+    rounding.
+    """
+    graph = program.graph_module.graph
+    aten = torch.ops.aten
+    for node in list(graph.nodes):
+        if node.target not in (aten.mean.dim, aten.sum.dim_IntList) or node.kwargs.get("dtype") is not None:
+            continue
+        t, dims, *rest = node.args
+        value = t.meta["val"]
+        if value.dtype != torch.float32 or value.dim() < 2 or dims is None:
+            continue
+        if [d % value.dim() for d in dims] != [value.dim() - 1]:
+            continue
+        n = value.shape[-1]
+        if n < min_length:
+            continue
+        scale = 1.0 / n if node.target is aten.mean.dim else 1.0
+        with graph.inserting_before(node):
+            flat = graph.call_function(aten.view.default, (t, [-1, n]))
+            row = graph.call_function(
+                aten.full.default, ([1, n], scale), {"dtype": torch.float32, "device": value.device}
+            )
+            prod = graph.call_function(aten.linear.default, (flat, row))
+            shaped = graph.call_function(aten.view.default, (prod, list(node.meta["val"].shape)))
+        with value.fake_mode:
+            flat.meta["val"] = value.reshape(-1, n)
+            row.meta["val"] = value.new_full([1, n], scale)
+            prod.meta["val"] = torch.nn.functional.linear(flat.meta["val"], row.meta["val"])
+            shaped.meta["val"] = prod.meta["val"].reshape(node.meta["val"].shape)
+        node.replace_all_uses_with(shaped)
         graph.erase_node(node)
     graph.lint()
     program.graph_module.recompile()

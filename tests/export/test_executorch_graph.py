@@ -12,12 +12,17 @@ import torch.nn.functional as F
 from msfusion.edge_runtime.backends.executorch import PROGRAM
 from msfusion.export.executorch import (
     _broadcast_instead_of_expand,
+    _contiguous_permute_as_copy,
     _conv2d_as_matmul,
     _max_pool2d_as_amax,
+    _negative_pad_as_slices,
     _pool_before_relu,
     _relu_backward_as_mul,
+    _row_reduction_as_product,
     _scatter_into_zeros_as_pad,
+    _sum_trailing_first,
     _tie_mask_as_arithmetic,
+    _transposed_product_as_linear,
     export_submodel,
 )
 from msfusion.models.config import ContrastiveVariant, LossConfig, ModelConfig
@@ -25,12 +30,23 @@ from msfusion.models.config import ContrastiveVariant, LossConfig, ModelConfig
 
 @pytest.mark.parametrize(
     ("kernel", "stride", "padding", "bias"),
-    [(3, 1, 1, True), (3, 2, 1, True), (3, 1, 0, False), (1, 1, 0, True), (1, 2, 0, False), (5, 2, 2, True)],
+    [
+        (3, 1, 1, True),
+        (3, 2, 1, True),
+        (3, 1, 0, False),
+        (1, 1, 0, True),
+        (1, 2, 0, False),
+        (5, 2, 2, True),
+        (3, 3, 1, False),  # blocks of 3: zero rows and columns added past the last tap
+        (2, 2, 0, True),
+        ((3, 1), (2, 1), (1, 0), False),  # strided in one dim only
+    ],
 )
-def test_conv2d_as_matmul_equals_conv2d_and_its_gradients(kernel: int, stride: int, padding: int, bias: bool) -> None:
-    gen = torch.Generator().manual_seed(kernel * 10 + stride + padding)
+def test_conv2d_as_matmul_equals_conv2d_and_its_gradients(kernel: Any, stride: Any, padding: Any, bias: bool) -> None:
+    gen = torch.Generator().manual_seed(hash((kernel, stride, padding)) % 1000)
     x = torch.randn(3, 4, 9, 11, generator=gen, requires_grad=True)
-    weight = torch.randn(5, 4, kernel, kernel, generator=gen, requires_grad=True)
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    weight = torch.randn(5, 4, kh, kw, generator=gen, requires_grad=True)
     b = torch.randn(5, generator=gen, requires_grad=True) if bias else None
     got = _conv2d_as_matmul(x, weight, b, stride, padding)
     want = F.conv2d(x, weight, b, stride, padding)
@@ -230,6 +246,83 @@ def test_tie_mask_as_arithmetic_is_the_same_gradient() -> None:
     assert torch.ops.aten.eq.Tensor in _ops(joint)
     _rewritten_the_same(joint, args, _tie_mask_as_arithmetic)
     assert torch.ops.aten.eq.Tensor not in _ops(joint)
+
+
+def test_strided_convolutions_leave_no_strided_slice() -> None:
+    class Strided(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(4, 3, 3, 3))
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+            return (_conv2d_as_matmul(x, self.weight, None, 2, 1).square().mean(),)
+
+    joint, _ = _joint(Strided(), torch.randn(2, 3, 9, 9))
+    slices = [n for n in joint.graph_module.graph.nodes if n.target is torch.ops.aten.slice.Tensor]
+    assert slices and all(len(n.args) < 5 or n.args[4] == 1 for n in slices)  # phase planes, unit steps
+    assert torch.ops.aten.slice_scatter.default not in _ops(joint)
+
+
+def test_negative_pad_as_slices_is_the_same_gradient() -> None:
+    torch.manual_seed(5)
+    module = _Loss((2, 3, 4, 5), lambda w, x: (F.pad(w, (1, 2, 3, 0)) * x).square().sum())
+    joint, args = _joint(module, torch.randn(2, 3, 7, 8))
+    assert torch.ops.aten.constant_pad_nd.default in _ops(joint)
+    _rewritten_the_same(joint, args, _negative_pad_as_slices)
+    pads = [n for n in joint.graph_module.graph.nodes if n.target is torch.ops.aten.constant_pad_nd.default]
+    assert pads and all(all(p >= 0 for p in n.args[1]) for n in pads)  # the forward pad stays, the cut went
+
+
+def test_sum_trailing_first_agrees_within_rounding() -> None:
+    torch.manual_seed(6)
+    module = _Loss((1, 5, 1, 1), lambda w, x: (w * x).square().sum())  # weight grad: sum over (0, 2, 3)
+    joint, args = _joint(module, torch.randn(3, 5, 6, 7))
+    want = joint.graph_module(*args)
+    _sum_trailing_first(joint)
+    for g, w in zip(joint.graph_module(*args), want, strict=True):
+        torch.testing.assert_close(g, w)
+    sums = [n for n in joint.graph_module.graph.nodes if n.target is torch.ops.aten.sum.dim_IntList]
+    assert [0, 2, 3] not in [list(n.args[1] or []) for n in sums]  # the trailing dims first, then the batch
+    assert [-1] in [list(n.args[1] or []) for n in sums]
+
+
+def test_transposed_product_as_linear_is_the_same_product() -> None:
+    torch.manual_seed(7)
+    module = _Loss((6, 5), lambda w, x: torch.mm(w, x).square().sum())  # w's grad: g @ x.t()
+    joint, args = _joint(module, torch.randn(5, 4))
+    _rewritten_the_same(joint, args, _transposed_product_as_linear)
+    assert torch.ops.aten.linear.default in _ops(joint)
+
+
+def test_contiguous_permute_as_copy_is_the_same_tensor() -> None:
+    torch.manual_seed(8)
+    module = _Loss((2, 3, 4), lambda w, x: (w.permute(1, 0, 2).reshape(3, 8) * x).square().sum())
+    joint, args = _joint(module, torch.randn(3, 8))
+    assert torch.ops.aten.clone.default in _ops(joint)
+    _rewritten_the_same(joint, args, _contiguous_permute_as_copy)
+    ops = _ops(joint)
+    assert torch.ops.aten.clone.default not in ops and torch.ops.aten.permute_copy.default in ops
+
+
+def test_row_reduction_as_product_agrees_within_rounding() -> None:
+    from msfusion.models.layers import GroupNorm
+
+    class NormLoss(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = GroupNorm(1, 4)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+            return ((self.norm(x) * x).square().mean(),)
+
+    torch.manual_seed(9)
+    joint, args = _joint(NormLoss(), torch.randn(2, 4, 8, 8) * 3 + 1)
+    want = joint.graph_module(*args)
+    _row_reduction_as_product(joint, min_length=64)
+    assert torch.ops.aten.linear.default in _ops(joint)
+    assert torch.ops.aten.mean.dim not in _ops(joint)  # both statistics of the 256-long rows
+    for g, w in zip(joint.graph_module(*args), want, strict=True):
+        torch.testing.assert_close(g, w)
 
 
 def test_a_cnn_on_images_with_a_constant_background_tracks_the_reference(tmp_path: Path) -> None:
