@@ -29,9 +29,11 @@ add/mul; portable loops for everything else, convolution among them: a CNN
 step took 26-38x torch eager, a ResNet step 76x) and the XNNPACK delegate
 the wheel links. So:
 
-- every 2-D convolution becomes im2col over the channels-first input (zero
-  padding by concatenation, one strided slice per kernel tap, stack) and one
-  `mm`; every linear layer `mm` + add: the backward is GEMMs and slices;
+- every 2-D convolution becomes im2col over the channels-first input (one
+  zero pad, one unit-stride slice per kernel tap, a strided convolution's
+  taps read from its input's phase planes by space-to-depth, one cat) and
+  one `mm`; every linear layer `mm` + add: the backward is GEMMs, pads and
+  slices, with no portable strided slice;
 - max_pool2d(relu(x)) becomes relu(max_pool2d(x)) (`_pool_before_relu`):
   ReLU and its portable backward (le, where) run on a quarter of the
   elements;
@@ -43,6 +45,15 @@ the wheel links. So:
   a slice_scatter into zeros, becomes a zero pad (`_scatter_into_zeros_as_pad`);
   amax's tie mask x == amax(x) becomes 1 - ceil(clamp(amax(x) - x, 0, 1))
   (`_tie_mask_as_arithmetic`);
+- and five more on the joint graph, each removing a copy or a portable pass
+  (ResNet step 1.2-1.3x faster, ab runs side by side): a zero pad's
+  gradient (negative pad) as slices (`_negative_pad_as_slices`); a sum over
+  (0, 2, 3) as one over the contiguous H*W first (`_sum_trailing_first`);
+  a weight gradient g @ patches.t() as linear(g, patches), without
+  materializing the transposed patches (`_transposed_product_as_linear`);
+  a reshaped permute's clone + copy as one permute_copy
+  (`_contiguous_permute_as_copy`); the norms' long-row means and sums as a
+  product by a constant row (`_row_reduction_as_product`);
 - the program is lowered with XNNPACK's partitioner, which takes every matrix
   product (with `force_non_static_weights_for_f32_linear`: the gradients'
   products have no constant operand), every transpose and most elementwise
@@ -51,8 +62,8 @@ the wheel links. So:
   the portable `permute_copy` (every attention head split) was 18% of a
   char-LM step; after lowering a char-LM step is 3.2x faster, a CNN step
   2.3x. With the graph rewrites above, a step at width 1 takes
-  1.47x torch eager's time on the CNN (2.75x without them), 2.72x on the
-  ResNet (3.26x), 0.66x on the char-LM (0.87x) (bench/results/README.md).
+  1.22x torch eager's time on the CNN (2.75x without them), 2.11x on the
+  ResNet (3.26x), 0.76x on the char-LM (0.87x) (bench/results/README.md).
   Delegate calls run on ExecuTorch's threadpool, the backend's
   `num_threads`.
 
@@ -738,10 +749,10 @@ def _conv2d_as_matmul(
     dilation: Sequence[int] | int = 1,
     groups: int = 1,
 ) -> Any:
-    """conv2d as im2col over (C, B, H, W) (zero padding, one strided slice per tap, stack) and one mm.
+    """conv2d as im2col over (C, B, H, W) (one zero pad, unit-stride slices per tap, a cat) and one mm.
 
     The input is moved channels-first once, so the patches come out as (C*kh*kw, B*rows*cols) without
-    a copy beyond the stack, and one `mm` by the (O, C*kh*kw) weight gives (O, B, rows, cols), moved
+    a copy beyond the cat, and one `mm` by the (O, C*kh*kw) weight gives (O, B, rows, cols), moved
     back once. Both moves are XNNPACK transposes; the weight's gradient is then one matrix product
     too, where a batched product needed the weight expanded per sample and its gradient summed back.
     """
