@@ -512,8 +512,8 @@ def _sum_trailing_first(program: ExportedProgram) -> None:
         trailing = 0
         while trailing < rank and rank - 1 - trailing in reduced:
             trailing += 1
-        if trailing == 0 or trailing == len(reduced):
-            continue  # nothing trailing to go first, or only trailing dims: one contiguous sum already
+        if trailing == 0 or trailing == len(reduced) or not value.is_contiguous():
+            continue  # nothing trailing to go first, only trailing dims (one contiguous sum), or no view
         kept = list(value.shape[: rank - trailing])
         with graph.inserting_before(node):
             flat = graph.call_function(aten.view.default, (t, kept + [-1]))
@@ -641,7 +641,7 @@ def _row_reduction_as_product(program: ExportedProgram, min_length: int = 1024) 
             continue
         t, dims, *rest = node.args
         value = t.meta["val"]
-        if value.dtype != torch.float32 or value.dim() < 2 or dims is None:
+        if value.dtype != torch.float32 or value.dim() < 2 or dims is None or not value.is_contiguous():
             continue
         if [d % value.dim() for d in dims] != [value.dim() - 1]:
             continue
