@@ -230,7 +230,8 @@ def test_a_killed_worker_node_loses_its_devices_at_the_deadline_and_the_run_goes
     ray_cluster: LocalRayCluster, fleet_artifacts: Any, tmp_path: Path
 ) -> None:
     # Prepare: four devices, two on each node; two live devices suffice for a round, so the first round
-    # may start before the last daemon registered: the kill waits for a round holding both worker devices.
+    # may start before the last daemon registered: the kill waits for a round holding all four (both
+    # worker devices, and the head node's two, whose slices must make the round's quorum).
     if not ray_cluster.worker_alive():
         ray_cluster.start_worker()
     shards = partition_data(
@@ -252,12 +253,11 @@ def test_a_killed_worker_node_loses_its_devices_at_the_deadline_and_the_run_goes
     raylet = ray_cluster.worker_raylet()  # found now: the kill must land before a device can reply
     assert raylet is not None
 
-    def kill_when_both_worker_devices_train() -> None:  # dev001 and dev003 run on the worker node
+    def kill_when_every_device_trains() -> None:  # dev001 and dev003 run on the worker node
         give_up = time.monotonic() + 400
         while time.monotonic() < give_up:
-            texts = [
-                p.read_text(errors="replace") if p.exists() else "" for p in (logs / "dev001.log", logs / "dev003.log")
-            ]
+            paths = [logs / f"dev{i:03d}.log" for i in range(4)]
+            texts = [p.read_text(errors="replace") if p.exists() else "" for p in paths]
             for round_idx in range(config.engine.rounds - 1):  # not the last: the run must go on after it
                 if all(f"round {round_idx}: task" in text for text in texts):
                     killed.extend(ray_cluster.kill_worker(raylet))
@@ -265,7 +265,7 @@ def test_a_killed_worker_node_loses_its_devices_at_the_deadline_and_the_run_goes
                     return
             time.sleep(0.02)
 
-    killer = threading.Thread(target=kill_when_both_worker_devices_train, daemon=True)
+    killer = threading.Thread(target=kill_when_every_device_trains, daemon=True)
     killer.start()
     # Execute
     summary = simulate(config, fleet_artifacts)
