@@ -362,6 +362,20 @@ def measure(opts: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
 TIME_KEYS = ("step_time_s", "step_time_mean_s", "step_cpu_s")
 
 
+def _cpu() -> dict[str, Any]:
+    """The CPU the figures come from: the ratios to torch eager depend on it (MKL and oneDNN favour AVX-512)."""
+    cpu: dict[str, Any] = {"model": platform.processor() or "?", "vector": []}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return cpu
+    fields = {key.strip(): value.strip() for key, value in (ln.split(":", 1) for ln in text.splitlines() if ":" in ln)}
+    cpu["model"] = fields.get("model name") or fields.get("Hardware") or cpu["model"]
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    cpu["vector"] = sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_tile", "fma", "asimd", "sve"})
+    return cpu
+
+
 def _combine_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """One row from repeated runs (see TIME_KEYS); the runs are kept beside it."""
     failed = [run["error"] for run in runs if "error" in run]
@@ -580,6 +594,7 @@ def main(argv: list[str] | None = None) -> int:
         "runtimes": opts.runtimes,
         "models": {m: {**MODELS[m], "config": _config(m, opts.size)} for m in opts.models},
         "cpu_count": os.cpu_count(),
+        "cpu": _cpu(),
         "machine": platform.machine(),
         "python": platform.python_version(),
         "wall_s": time.perf_counter() - began,
