@@ -254,9 +254,9 @@ def test_a_killed_worker_node_loses_its_devices_at_the_deadline_and_the_run_goes
     assert raylet is not None
 
     def kill_when_every_device_trains() -> None:  # dev001 and dev003 run on the worker node
+        paths = [logs / f"dev{i:03d}.log" for i in range(4)]
         give_up = time.monotonic() + 400
         while time.monotonic() < give_up:
-            paths = [logs / f"dev{i:03d}.log" for i in range(4)]
             texts = [p.read_text(errors="replace") if p.exists() else "" for p in paths]
             for round_idx in range(config.engine.rounds - 1):  # not the last: the run must go on after it
                 if all(f"round {round_idx}: task" in text for text in texts):
