@@ -17,7 +17,9 @@ _TOOLS = {
     ArtifactKind.TORCH: ("torch",),
 }
 
-EXPORTER_REVISION = "5"  # 4: ExecuTorch convolutions as im2col + mm, linear as mm + add; 5: im2col + bmm
+EXPORTER_REVISION = (
+    "6"  # 4: ExecuTorch convolutions as im2col + mm, linear as mm + add; 5: im2col + bmm; 6: references apart
+)
 
 
 def runtime_versions(kind: ArtifactKind) -> dict[str, str]:

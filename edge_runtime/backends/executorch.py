@@ -13,11 +13,21 @@ Optimizers: SGD (with momentum and weight decay) is ExecuTorch's own
 `get_sgd_optimizer`, which takes a fixed learning rate per task. ExecuTorch
 1.5.1's bindings offer no AdamW, so AdamW is torch.optim.AdamW over the
 program's weight aliases: the same update the reference uses.
+
+The frozen contrastive references run apart, forward only, as an inference
+program (`references.pte`) whose convolutions XNNPACK runs natively: the
+training program takes their representations as inputs. XNNPACK takes a
+convolution's weights only as program constants, so every round
+`set_weights` writes the reference weights into a copy of that program's
+bytes, at the offsets and in the layouts (`references.json`) the exporter
+found and checked, and loads the copy.
 """
 
 from __future__ import annotations
 
+import json
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -30,13 +40,91 @@ from msfusion.errors import ArtifactError
 from msfusion.wire.artifacts import (
     ArtifactKind,
     ArtifactManifest,
+    TensorInfo,
     check_batch,
     check_tensors,
+    check_weights,
     verify_files,
 )
 
 PROGRAM = "program.pte"
 METHOD = "forward"
+REFERENCES = "references.pte"
+REFERENCE_PATCHES = "references.json"
+
+
+@dataclass(frozen=True)
+class ReferencePatch:
+    """Where one reference tensor lives in `references.pte`: its bytes, float32, at `offset`, axes in `permute` order."""
+
+    tensor: str
+    offset: int
+    permute: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ReferencePatches:
+    """`references.json`: how to write a round's reference weights into the references program.
+
+    Attributes:
+        outputs: the program's outputs (z_glob, then z_prev for MOON), the training program's inputs after (x, y).
+        patches: every place a reference tensor is stored; tensors the representations do not read have none.
+    """
+
+    outputs: tuple[TensorInfo, ...]
+    patches: tuple[ReferencePatch, ...]
+
+    def to_json(self) -> str:
+        """The table as JSON text."""
+        return json.dumps(
+            {
+                "outputs": [{"name": o.name, "shape": list(o.shape), "dtype": o.dtype} for o in self.outputs],
+                "patches": [{"tensor": p.tensor, "offset": p.offset, "permute": list(p.permute)} for p in self.patches],
+            },
+            indent=1,
+        )
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> ReferencePatches:
+        """Parse `to_json` output.
+
+        Raises:
+            ArtifactError: not JSON or a malformed field.
+        """
+        try:
+            data = json.loads(text)
+            return cls(
+                outputs=tuple(TensorInfo(**o) for o in data["outputs"]),
+                patches=tuple(
+                    ReferencePatch(str(p["tensor"]), int(p["offset"]), tuple(int(a) for a in p["permute"]))
+                    for p in data["patches"]
+                ),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as exc:
+            raise ArtifactError(f"malformed {REFERENCE_PATCHES}: {exc!r}") from exc
+
+    def apply(self, program: bytes, weights: Mapping[str, npt.NDArray[np.float32]]) -> bytearray:
+        """A copy of `program` holding `weights` (name -> array, in the reference's own layout).
+
+        Raises:
+            ArtifactError: a missing tensor, one whose size does not match, or a patch outside the program.
+        """
+        out = bytearray(program)
+        for patch in self.patches:
+            if patch.tensor not in weights:
+                raise ArtifactError(f"{REFERENCE_PATCHES} names {patch.tensor!r}, which the weights lack")
+            array = np.asarray(weights[patch.tensor], dtype=np.float32)
+            if sorted(patch.permute) != list(range(array.ndim)):
+                raise ArtifactError(
+                    f"{REFERENCE_PATCHES}: permutation {patch.permute} of {patch.tensor!r} {array.shape}"
+                )
+            data = np.ascontiguousarray(array.transpose(patch.permute), dtype="<f4").tobytes()
+            if patch.offset < 0 or patch.offset + len(data) > len(out):
+                raise ArtifactError(
+                    f"{REFERENCE_PATCHES}: {patch.tensor!r} at {patch.offset} lies outside {REFERENCES}"
+                )
+            out[patch.offset : patch.offset + len(data)] = data
+        return out
 
 
 def explain_executorch_error(exc: BaseException, what: str) -> ArtifactError:
@@ -70,6 +158,10 @@ class ExecuTorchBackend:
         self._module: Any = None
         self._params: dict[str, torch.Tensor] = {}  # spec name -> alias of the program's weight
         self._frozen: tuple[torch.Tensor, ...] = ()
+        self._patches: ReferencePatches | None = None  # with a references program (REFERENCES)
+        self._reference_program = b""  # as exported, patched by each set_weights
+        self._reference_bytes = b""
+        self._references: Any = None  # this round's references program, loaded by set_weights
         self._optimizer: Any = None
         self._lr: float | None = None
         self._ready = False
@@ -82,16 +174,23 @@ class ExecuTorchBackend:
 
         if manifest.kind is not ArtifactKind.EXECUTORCH:
             raise ArtifactError(f"ExecuTorchBackend cannot train a {manifest.kind.value} artifact")
-        verify_files(Path(artifact_dir), manifest)
+        artifact_dir = Path(artifact_dir)
+        verify_files(artifact_dir, manifest)
         self._manifest = manifest
+        self._references = None
+        self._patches = None
+        if any(entry.name == REFERENCES for entry in manifest.files):
+            self._patches = ReferencePatches.from_json((artifact_dir / REFERENCE_PATCHES).read_bytes())
+            self._reference_program = (artifact_dir / REFERENCES).read_bytes()
         # Scaler compensation (OptimizerConfig.scaler_compensation), by graph name, resolved once.
         self._grad_scales = {manifest.param_prefix + name: f for name, f in manifest.grad_scales.items()}
         try:
             with warnings.catch_warnings():  # every training entry point is marked experimental
                 warnings.filterwarnings("ignore", message="This API is experimental")
-                self._module = _load_for_executorch_for_training(str(Path(artifact_dir) / PROGRAM))
+                self._module = _load_for_executorch_for_training(str(artifact_dir / PROGRAM))
             zeros = [torch.zeros(info.shape, dtype=getattr(torch, info.dtype)) for info in manifest.inputs]
-            zeros += [torch.zeros(info.shape) for info in manifest.frozen]
+            extra = manifest.frozen if self._patches is None else self._patches.outputs
+            zeros += [torch.zeros(info.shape) for info in extra]
             self._module.forward_backward(METHOD, zeros)
             named = self._module.named_parameters()
         except Exception as exc:  # noqa: BLE001 (the bindings raise RuntimeError and others)
@@ -105,8 +204,24 @@ class ExecuTorchBackend:
         trainable: Mapping[str, npt.NDArray[np.float32]],
         frozen: Mapping[str, npt.NDArray[np.float32]],
     ) -> None:
-        """Copy the weights into the program and start a fresh optimizer."""
-        self._frozen = copy_weights(self._loaded(), self._params, trainable, frozen)
+        """Copy the weights into the program (and the references program), and start a fresh optimizer."""
+        manifest = self._loaded()
+        if self._patches is None:
+            self._frozen = copy_weights(manifest, self._params, trainable, frozen)
+        else:
+            check_weights(manifest, trainable, frozen)
+            self._references = None  # last round's program goes before this round's loads
+            program = bytes(self._patches.apply(self._reference_program, frozen))
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="This API is experimental")
+                from executorch.extension.pybindings.portable_lib import _load_for_executorch_from_buffer
+            self._reference_bytes = program  # kept alive while the program runs: it loads in place
+            try:
+                self._references = _load_for_executorch_from_buffer(program)
+            except Exception as exc:  # noqa: BLE001
+                raise explain_executorch_error(exc, f"loading {REFERENCES}") from exc
+            copy_weights(manifest, self._params, trainable, frozen)
+            self._frozen = ()
         self._optimizer = None  # built by the first step, which knows the learning rate
         self._lr = None
         self._ready = True
@@ -117,13 +232,11 @@ class ExecuTorchBackend:
         if not self._ready:
             raise ArtifactError("ExecuTorchBackend: set_weights before train_step")
         x_info, y_info = check_batch(manifest, x, y)
-        inputs = [
-            torch.from_numpy(np.ascontiguousarray(x, dtype=np.dtype(x_info.dtype))),
-            torch.from_numpy(np.ascontiguousarray(y, dtype=np.dtype(y_info.dtype))),
-            *self._frozen,
-        ]
+        x_tensor = torch.from_numpy(np.ascontiguousarray(x, dtype=np.dtype(x_info.dtype)))
+        y_tensor = torch.from_numpy(np.ascontiguousarray(y, dtype=np.dtype(y_info.dtype)))
         try:
-            outputs = self._module.forward_backward(METHOD, inputs)
+            extra = self._frozen if self._references is None else tuple(self._references.forward([x_tensor]))
+            outputs = self._module.forward_backward(METHOD, [x_tensor, y_tensor, *extra])
         except Exception as exc:  # noqa: BLE001
             raise explain_executorch_error(exc, f"running {METHOD}") from exc
         gradients = self._module.named_gradients()
@@ -174,6 +287,7 @@ class ExecuTorchBackend:
         self._optimizer = None
         self._params = {}
         self._frozen = ()
+        self._references = None
         self._module = None
         self._ready = False
 

@@ -96,13 +96,28 @@ class LocalObjective(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The scalar loss CE + mu * L_con for a batch."""
+        return self.loss_given(x, y, *self.reference_representations(x))
+
+    def reference_representations(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The frozen references' z_glob and z_prev for a batch (None where the term needs none), detached."""
+        # detach, not no_grad(): both torch.onnx and torch.export trace it plainly.
+        z_glob = self.global_ref(x)[1].detach() if self.global_ref is not None else None
+        z_prev = self.prev_ref(x)[1].detach() if self.prev_ref is not None else None
+        return z_glob, z_prev
+
+    def loss_given(
+        self, x: torch.Tensor, y: torch.Tensor, z_glob: torch.Tensor | None, z_prev: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The loss with the references' representations given (`reference_representations`).
+
+        The ExecuTorch exporter trains this form, the representations computed by a separate program.
+        """
         logits, z = self.model(x)
         loss = cross_entropy(logits, y)
-        if self.global_ref is None:
+        if not self.active:
             return loss
-        # detach, not no_grad(): both torch.onnx and torch.export trace it plainly.
-        z_glob = self.global_ref(x)[1].detach()
-        z_prev = self.prev_ref(x)[1].detach() if self.prev_ref is not None else None
+        if z_glob is None:
+            raise ConfigError("the contrastive term needs the global representation")
         return loss + self.mu * contrastive_term(z, z_glob, z_prev, self.tau, self.variant)
 
 

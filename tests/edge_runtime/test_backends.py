@@ -99,6 +99,21 @@ class TestTrainingBackendContract:
         for name in runs[0][1]:
             np.testing.assert_allclose(runs[0][1][name], runs[1][1][name], atol=1e-6)
 
+    def test_each_task_reads_its_own_references(
+        self, backend: TrainingBackend, artifact: CachedArtifact, start: dict[str, Any], case: Any
+    ) -> None:
+        # Prepare: the same sub-model and batch, the previous-round reference of two rounds
+        ((x, y),) = _batches(case, 1)
+        rounds = [start["previous"], random_weights(case.model, case.widths, seed=5), start["previous"]]
+        losses = []
+        # Execute
+        for previous in rounds:
+            backend.set_weights(start["trainable"], reference_weights(artifact.manifest, start["trainable"], previous))
+            losses.append(backend.train_step(x, y, lr=0.05))
+        # Assert: the second task's loss is its own, and the first one's comes back with its references
+        assert losses[1] != pytest.approx(losses[0], rel=1e-4)
+        assert losses[2] == pytest.approx(losses[0], rel=1e-6)
+
     def test_weights_with_a_wrong_name_or_shape_are_rejected(
         self, backend: TrainingBackend, artifact: CachedArtifact, start: dict[str, Any]
     ) -> None:

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from msfusion.edge_runtime.backends.executorch import PROGRAM
+from msfusion.edge_runtime.backends.executorch import (
+    PROGRAM,
+    REFERENCE_PATCHES,
+    REFERENCES,
+    ReferencePatch,
+    ReferencePatches,
+)
+from msfusion.errors import ArtifactError
+from msfusion.export.cache import CachedArtifact
 from msfusion.export.executorch import (
     _broadcast_instead_of_expand,
     _contiguous_permute_as_copy,
@@ -23,9 +33,13 @@ from msfusion.export.executorch import (
     _sum_trailing_first,
     _tie_mask_as_arithmetic,
     _transposed_product_as_linear,
+    export_references,
     export_submodel,
+    loss_program,
 )
+from msfusion.export.objective import random_batch
 from msfusion.models.config import ContrastiveVariant, LossConfig, ModelConfig
+from msfusion.wire.artifacts import ArtifactKind, TensorInfo
 
 
 @pytest.mark.parametrize(
@@ -345,3 +359,62 @@ def test_a_cnn_on_images_with_a_constant_background_tracks_the_reference(tmp_pat
         batches.append((x.numpy(), y.numpy()))
     report = validate_artifact(tmp_path, cfg, None, loss, batches=batches)
     assert report.max_weight_error < 1e-4
+
+
+# ---------------------------------------------------------------- the references program
+
+
+def test_the_references_run_apart_in_an_xnnpack_program_with_every_weight_located(
+    exported: Callable[..., CachedArtifact],
+) -> None:
+    # Prepare
+    artifact = exported(ArtifactKind.EXECUTORCH)
+    # Execute
+    patches = ReferencePatches.from_json((artifact.path / REFERENCE_PATCHES).read_bytes())
+    program = (artifact.path / REFERENCES).read_bytes()
+    # Assert: native convolutions in XNNPACK, and both references' body (all but the unused head) patched
+    assert b"XnnpackBackend" in program
+    assert b"aten::convolution" not in program
+    assert [info.name for info in patches.outputs] == ["z_glob", "z_prev"]
+    located = {patch.tensor for patch in patches.patches}
+    body = {info.name for info in artifact.manifest.frozen if ".blocks." in info.name}
+    assert body and body <= located
+    assert {patch.permute for patch in patches.patches if patch.tensor.endswith("conv.weight")} >= {(0, 2, 3, 1)}
+
+
+def test_a_layout_the_table_does_not_know_fails_the_export(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: the table may only find tensors stored as they are, not a convolution's OHWI
+    import msfusion.export.executorch as exporter
+
+    cfg = ModelConfig(arch="cnn", channels=(4, 8, 8), image_size=16)
+    graph = loss_program(cfg, None, LossConfig(ContrastiveVariant.POSITIVE, mu=1.0, tau=0.5), 2, references_apart=True)
+    assert graph.references is not None
+    monkeypatch.setattr(exporter, "_LAYOUTS", {})
+    # Execute / Assert
+    with pytest.raises(ArtifactError, match="layout the table does not know"):
+        x, _ = random_batch(cfg, 2, np.random.default_rng(0))
+        export_references(graph.references, graph.frozen, torch.from_numpy(x), seed=0)
+
+
+def test_the_patch_table_round_trips_and_refuses_what_it_cannot_write() -> None:
+    # Prepare
+    table = ReferencePatches(
+        outputs=(TensorInfo("z_glob", (2, 3)),),
+        patches=(ReferencePatch("w", 4, (1, 0)),),
+    )
+    weights = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    # Execute
+    again = ReferencePatches.from_json(table.to_json())
+    patched = again.apply(bytes(32), weights)
+    # Assert
+    assert again == table
+    np.testing.assert_array_equal(np.frombuffer(bytes(patched[4:28]), "<f4"), weights["w"].T.ravel())
+    assert patched[:4] == bytes(4) and patched[28:] == bytes(4)
+    with pytest.raises(ArtifactError, match="outside"):
+        table.apply(bytes(16), weights)
+    with pytest.raises(ArtifactError, match="lack"):
+        table.apply(bytes(32), {})
+    with pytest.raises(ArtifactError, match="permutation"):
+        table.apply(bytes(32), {"w": np.zeros(6, np.float32)})
+    with pytest.raises(ArtifactError, match="malformed"):
+        ReferencePatches.from_json(json.dumps({"outputs": [], "patches": [{"tensor": "w"}]}))
