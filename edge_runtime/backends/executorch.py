@@ -206,6 +206,7 @@ class ExecuTorchBackend:
     ) -> None:
         """Copy the weights into the program (and the references program), and start a fresh optimizer."""
         manifest = self._loaded()
+        self._ready = False  # until this task's weights are all in place
         if self._patches is None:
             self._frozen = copy_weights(manifest, self._params, trainable, frozen)
         else:

@@ -418,3 +418,15 @@ def test_the_patch_table_round_trips_and_refuses_what_it_cannot_write() -> None:
         table.apply(bytes(32), {"w": np.zeros(6, np.float32)})
     with pytest.raises(ArtifactError, match="malformed"):
         ReferencePatches.from_json(json.dumps({"outputs": [], "patches": [{"tensor": "w"}]}))
+
+
+def test_a_model_without_convolutions_keeps_its_references_in_the_training_program() -> None:
+    # Prepare
+    cfg = ModelConfig(arch="charlm", d_model=16, n_heads=2, head_dim=8, d_ff=32, n_layers=1, context=8)
+    moon = LossConfig(ContrastiveVariant.MOON, mu=0.5, tau=0.5)
+    # Execute
+    graph = loss_program(cfg, None, moon, 2, references_apart=True)
+    # Assert: the weights of both references are the program's inputs after (x, y)
+    assert graph.references is None
+    inputs = [spec for spec in graph.program.graph_signature.input_specs if spec.kind.name == "USER_INPUT"]
+    assert len(inputs) == 2 + len(graph.frozen) and graph.frozen
