@@ -2,7 +2,8 @@
 
 Pipeline: `build_objective` (the reference's `LocalObjective`) wrapped so the
 frozen references' representations (z_glob, z_prev) are program *inputs*
-(`LocalObjective.loss_given`) -> `torch.export.export` ->
+(`LocalObjective.loss_given`; for a model without convolutions, the
+references' weights, `_FrozenAsInputs`) -> `torch.export.export` ->
 `_export_forward_backward` (joint graph: loss, then gradients, then
 parameters) -> `executorch.exir.to_edge_transform_and_lower(...)` with the
 XNNPACK partitioner -> `.to_executorch()`. The device trains it through
@@ -258,8 +259,7 @@ def export_references(
     """The references' forward as an XNNPACK inference program, and where its weights lie in it.
 
     Why apart from the training program: there a convolution is im2col + mm, as its weights train;
-    with constant weights XNNPACK runs it natively (ResNet reference forward 50-52 ms against 65-72,
-    one thread). XNNPACK stores constants in its own layouts (OHWI; a one-channel-in convolution as
+    with constant weights XNNPACK runs it natively (a ResNet step 0.83-0.90x the time, one thread). XNNPACK stores constants in its own layouts (OHWI; a one-channel-in convolution as
     depthwise, HWO) under content hashes, so the program is exported with random weights, each tensor
     is located in the program's bytes in each layout (`_locate`), and the table is checked: the
     program patched with other random weights must compute what torch does with them.
@@ -267,7 +267,7 @@ def export_references(
     Args:
         references: `LossProgram.references`; its parameters are the `frozen` tensors.
         frozen: the reference tensors, by name.
-        x: an example batch (real token ids for a language model: the check reads the embedding).
+        x: an example batch, real data's shape and type (the check runs it).
         seed: seeds the two sets of random weights.
 
     Raises:

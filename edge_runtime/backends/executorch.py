@@ -14,9 +14,10 @@ Optimizers: SGD (with momentum and weight decay) is ExecuTorch's own
 1.5.1's bindings offer no AdamW, so AdamW is torch.optim.AdamW over the
 program's weight aliases: the same update the reference uses.
 
-The frozen contrastive references run apart, forward only, as an inference
-program (`references.pte`) whose convolutions XNNPACK runs natively: the
-training program takes their representations as inputs. XNNPACK takes a
+A convolutional model's frozen contrastive references run apart, forward
+only, as an inference program (`references.pte`) whose convolutions XNNPACK
+runs natively: the training program takes their representations as inputs
+(without that file, as for the char-LM, it takes their weights). XNNPACK takes a
 convolution's weights only as program constants, so every round
 `set_weights` writes the reference weights into a copy of that program's
 bytes, at the offsets and in the layouts (`references.json`) the exporter
@@ -107,7 +108,8 @@ class ReferencePatches:
         """A copy of `program` holding `weights` (name -> array, in the reference's own layout).
 
         Raises:
-            ArtifactError: a missing tensor, one whose size does not match, or a patch outside the program.
+            ArtifactError: a missing tensor, a permutation of another rank, or a patch outside the program
+                (`set_weights` has checked every shape before).
         """
         out = bytearray(program)
         for patch in self.patches:
@@ -159,7 +161,7 @@ class ExecuTorchBackend:
         self._params: dict[str, torch.Tensor] = {}  # spec name -> alias of the program's weight
         self._frozen: tuple[torch.Tensor, ...] = ()
         self._patches: ReferencePatches | None = None  # with a references program (REFERENCES)
-        self._reference_program = b""  # as exported, patched by each set_weights
+        self._reference_program = b""  # as exported; each set_weights patches a copy
         self._reference_bytes = b""
         self._references: Any = None  # this round's references program, loaded by set_weights
         self._optimizer: Any = None
@@ -176,12 +178,14 @@ class ExecuTorchBackend:
             raise ArtifactError(f"ExecuTorchBackend cannot train a {manifest.kind.value} artifact")
         artifact_dir = Path(artifact_dir)
         verify_files(artifact_dir, manifest)
-        self._manifest = manifest
-        self._references = None
-        self._patches = None
-        if any(entry.name == REFERENCES for entry in manifest.files):
+        self.close()  # nothing of a previous artifact survives a failed load
+        names = {entry.name for entry in manifest.files}
+        if REFERENCES in names:
+            if REFERENCE_PATCHES not in names:
+                raise ArtifactError(f"the artifact has {REFERENCES} but no {REFERENCE_PATCHES}")
             self._patches = ReferencePatches.from_json((artifact_dir / REFERENCE_PATCHES).read_bytes())
             self._reference_program = (artifact_dir / REFERENCES).read_bytes()
+        self._manifest = manifest
         # Scaler compensation (OptimizerConfig.scaler_compensation), by graph name, resolved once.
         self._grad_scales = {manifest.param_prefix + name: f for name, f in manifest.grad_scales.items()}
         try:
@@ -236,7 +240,7 @@ class ExecuTorchBackend:
         x_tensor = torch.from_numpy(np.ascontiguousarray(x, dtype=np.dtype(x_info.dtype)))
         y_tensor = torch.from_numpy(np.ascontiguousarray(y, dtype=np.dtype(y_info.dtype)))
         try:
-            extra = self._frozen if self._references is None else tuple(self._references.forward([x_tensor]))
+            extra = self._frozen if self._patches is None else tuple(self._references.forward([x_tensor]))
             outputs = self._module.forward_backward(METHOD, [x_tensor, y_tensor, *extra])
         except Exception as exc:  # noqa: BLE001
             raise explain_executorch_error(exc, f"running {METHOD}") from exc
@@ -289,7 +293,10 @@ class ExecuTorchBackend:
         self._params = {}
         self._frozen = ()
         self._references = None
+        self._patches = None
+        self._reference_program = self._reference_bytes = b""
         self._module = None
+        self._manifest = None
         self._ready = False
 
     def _loaded(self) -> ArtifactManifest:

@@ -110,7 +110,8 @@ class LocalObjective(nn.Module):
     ) -> torch.Tensor:
         """The loss with the references' representations given (`reference_representations`).
 
-        The ExecuTorch exporter trains this form, the representations computed by a separate program.
+        The ExecuTorch exporter trains this form for convolutional models, the representations computed
+        by a separate program.
         """
         logits, z = self.model(x)
         loss = cross_entropy(logits, y)

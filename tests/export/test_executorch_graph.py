@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -15,6 +16,7 @@ from msfusion.edge_runtime.backends.executorch import (
     PROGRAM,
     REFERENCE_PATCHES,
     REFERENCES,
+    ExecuTorchBackend,
     ReferencePatch,
     ReferencePatches,
 )
@@ -430,3 +432,16 @@ def test_a_model_without_convolutions_keeps_its_references_in_the_training_progr
     assert graph.references is None
     inputs = [spec for spec in graph.program.graph_signature.input_specs if spec.kind.name == "USER_INPUT"]
     assert len(inputs) == 2 + len(graph.frozen) and graph.frozen
+
+
+def test_a_references_program_without_its_table_is_refused_at_load(exported: Callable[..., CachedArtifact]) -> None:
+    # Prepare: the manifest lists references.pte but not references.json
+    artifact = exported(ArtifactKind.EXECUTORCH)
+    files = tuple(entry for entry in artifact.manifest.files if entry.name != REFERENCE_PATCHES)
+    manifest = replace(artifact.manifest, files=files)
+    backend = ExecuTorchBackend()
+    # Execute / Assert
+    with pytest.raises(ArtifactError, match="no references.json"):
+        backend.load(artifact.path, manifest)
+    with pytest.raises(ArtifactError, match="load an artifact first"):
+        backend.weights()
