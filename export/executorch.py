@@ -46,6 +46,15 @@ the wheel links. So:
   taps read from its input's phase planes by space-to-depth, one cat) and
   one `mm`; every linear layer `mm` + add: the backward is GEMMs, pads and
   slices, with no portable strided slice;
+- a unit-stride convolution is decomposed only after autograd, in the joint
+  graph (`_convolution_as_matmul`, `_convolution_backward_as_matmul`): its
+  input gradient is then im2col of the output gradient (one pad, one slice
+  per tap, a cat, one product) instead of autograd's col2im (every tap's
+  gradient padded to the input's size, then summed); from 32 channels its
+  patches are channels-last, so the product XNNPACK packs on every call
+  takes the weight, not the patches; the weight gradient's recomputed
+  patches are merged into the forward's (`_merge_duplicates`). ResNet
+  training program at width 1: 0.79-0.87x the time (ab, one thread);
 - max_pool2d(relu(x)) becomes relu(max_pool2d(x)) (`_pool_before_relu`):
   ReLU and its portable backward (le, where) run on a quarter of the
   elements;
@@ -218,11 +227,18 @@ def export_submodel(
         program = program.run_decompositions(
             {
                 torch.ops.aten.max_pool2d.default: _max_pool2d_as_amax,
-                torch.ops.aten.conv2d.default: _conv2d_as_matmul,
+                torch.ops.aten.conv2d.default: _conv2d_before_autograd,
                 torch.ops.aten.linear.default: _linear_as_mm,
             }
         )
         program = _export_forward_backward(program)
+        program = program.run_decompositions(
+            {
+                torch.ops.aten.convolution.default: _convolution_as_matmul,
+                torch.ops.aten.convolution_backward.default: _convolution_backward_as_matmul,
+            }
+        )
+        _merge_duplicates(program)
         _broadcast_instead_of_expand(program)
         _negative_pad_as_slices(program)
         _relu_backward_as_mul(program)
@@ -903,6 +919,223 @@ def _max_pool2d_as_amax(
     return windows.permute(0, 1, 2, 4, 3, 5).reshape(batch, channels, rows, cols, kh * kw).amax(dim=-1)
 
 
+def _unit_stride(stride: Sequence[int] | int, padding: Sequence[int] | int, kernel: Sequence[int]) -> bool:
+    """A convolution whose input gradient `_convolution_backward_as_matmul` takes: stride 1, padding <= kernel - 1."""
+    (sh, sw), (ph, pw) = _pair(stride), _pair(padding)
+    return (sh, sw) == (1, 1) and ph <= kernel[0] - 1 and pw <= kernel[1] - 1
+
+
+def _conv2d_before_autograd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: Sequence[int] | int = 1,
+    padding: Sequence[int] | int = 0,
+    dilation: Sequence[int] | int = 1,
+    groups: int = 1,
+) -> Any:
+    """A strided conv2d as im2col before autograd; a unit-stride one stays a convolution until after it.
+
+    Autograd writes an im2col convolution's input gradient as col2im: the
+    patches' gradient cut into its taps, each zero-padded back to the
+    input's place, summed (a ResNet step spent 28 ms in those pads at width
+    1). A unit-stride convolution's input gradient is itself a unit-stride
+    convolution of the output gradient, so it stays `aten.convolution` here,
+    and its `convolution_backward` in the joint graph becomes im2col of the
+    output gradient (`_convolution_backward_as_matmul`).
+    """
+    if not isinstance(padding, str) and _pair(dilation) == (1, 1) and groups == 1 and x.dim() == 4:
+        if _unit_stride(stride, padding, weight.shape[2:]):
+            return NotImplemented
+    return _conv2d_as_matmul(x, weight, bias, stride, padding, dilation, groups)
+
+
+# From this many channels on, a unit-stride convolution's patches are channels-last (`_patches_last`).
+_CHANNELS_LAST_MIN = 32
+
+
+def _convolution_as_matmul(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    transposed: bool,
+    output_padding: Sequence[int],
+    groups: int,
+) -> Any:
+    """aten.convolution (a unit-stride conv2d, in the joint graph) as im2col and one product, contiguous.
+
+    With >= `_CHANNELS_LAST_MIN` input channels the patches are channels-last, (B, rows, cols, kh*kw*C),
+    and the product linear(patches, weight): XNNPACK packs the product's second operand on every call,
+    and here that is the weight, not the 9x-input patches (ResNet step at width 1 -5%, ab). With
+    fewer channels each tap's chunk of a patch row is too short for the cat (ResNet at width 1/4
+    +13% channels-last), so they stay channels-first (`_conv2d_as_matmul`).
+    Contiguous because the joint graph already views the convolution's output as the stock op lays it
+    out (a permuted result cannot be viewed); the clone and the permute then become one copy
+    (`_contiguous_permute_as_copy`).
+    """
+    if transposed or not _unit_stride(stride, padding, weight.shape[2:]):
+        return NotImplemented
+    out_channels, channels, kh, kw = weight.shape
+    if channels < _CHANNELS_LAST_MIN:
+        out = _conv2d_as_matmul(x, weight, bias, stride, padding, dilation, groups)
+        return NotImplemented if out is NotImplemented else out.contiguous()
+    if groups != 1 or x.dim() != 4 or _pair(dilation) != (1, 1):
+        return NotImplemented
+    patches = _patches_last(x.permute(0, 2, 3, 1), (kh, kw), _pair(padding))
+    out = F.linear(patches, weight.permute(0, 2, 3, 1).reshape(out_channels, kh * kw * channels), bias)
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+def _convolution_backward_as_matmul(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias_sizes: Sequence[int] | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    transposed: bool,
+    output_padding: Sequence[int],
+    groups: int,
+    output_mask: Sequence[bool],
+) -> Any:
+    """A unit-stride convolution's gradients as products, its input gradient by im2col of `grad`.
+
+    With stride 1, dx[c, y, x] = sum over (o, i, j) of grad[o, y + p - i, x + p - j] * w[o, c, i, j]:
+    `grad` zero-padded by k - 1 - p, its taps read in reverse order, times w with its two channel
+    axes swapped. That is one pad, one slice per tap and a cat over the output gradient, where
+    autograd's col2im padded every tap's gradient to the input's size and summed them (ResNet step
+    at width 1 -6 to -19%, ab). The weight gradient is grad (O, N) @ patches, over the forward's
+    patches (recomputed here, in the forward's layout; `_merge_duplicates` makes them the forward's).
+    Patches of >= `_CHANNELS_LAST_MIN` channels are channels-last, as in `_convolution_as_matmul`.
+    """
+    kernel = weight.shape[2:]
+    if (
+        transposed
+        or groups != 1
+        or x.dim() != 4
+        or _pair(dilation) != (1, 1)
+        or not _unit_stride(stride, padding, kernel)
+    ):
+        return NotImplemented
+    (ph, pw), (kh, kw) = _pair(padding), _pair(kernel)
+    out_channels, channels = weight.shape[:2]
+    batch, _, rows, cols = grad.shape
+    grad_input = grad_weight = grad_bias = None
+    flipped = (kh - 1 - ph, kw - 1 - pw)
+    if output_mask[0] and out_channels >= _CHANNELS_LAST_MIN:
+        patches = _patches_last(grad.permute(0, 2, 3, 1), (kh, kw), flipped, reverse=True)
+        by_tap = weight.permute(1, 2, 3, 0).reshape(channels, kh * kw * out_channels)  # (C, kh, kw, O)
+        grad_input = F.linear(patches, by_tap).permute(0, 3, 1, 2).contiguous()
+    elif output_mask[0]:
+        patches = _patches(grad.permute(1, 0, 2, 3), (kh, kw), flipped, reverse=True)
+        columns = torch.mm(weight.permute(1, 0, 2, 3).reshape(channels, out_channels * kh * kw), patches)
+        grad_input = columns.reshape(channels, batch, x.shape[2], x.shape[3]).permute(1, 0, 2, 3).contiguous()
+    if output_mask[1]:
+        by_channel = grad.permute(1, 0, 2, 3).reshape(out_channels, batch * rows * cols)
+        if channels >= _CHANNELS_LAST_MIN:
+            patches = _patches_last(x.permute(0, 2, 3, 1), (kh, kw), (ph, pw))
+            product = torch.mm(by_channel, patches.reshape(batch * rows * cols, kh * kw * channels))
+            grad_weight = product.reshape(out_channels, kh, kw, channels).permute(0, 3, 1, 2).contiguous()
+        else:
+            patches = _patches(x.permute(1, 0, 2, 3), (kh, kw), (ph, pw))
+            grad_weight = torch.mm(by_channel, patches.t()).reshape(weight.shape)
+    if output_mask[2]:
+        grad_bias = grad.sum(dim=(0, 2, 3))
+    return grad_input, grad_weight, grad_bias
+
+
+def _patches(x: torch.Tensor, kernel: tuple[int, int], padding: tuple[int, int], *, reverse: bool = False) -> Any:
+    """A unit-stride convolution's im2col matrix (C*kh*kw, B*rows*cols) of the channels-first (C, B, H, W) `x`.
+
+    One zero pad, each row cut once and shared by its kw taps, one cat: rows in the weight's (C, kh, kw)
+    order, or with `reverse` the taps read from the last offset back (an input gradient's flipped kernel).
+    """
+    (kh, kw), (ph, pw) = kernel, padding
+    channels, batch, height, width = x.shape
+    rows, cols = height + 2 * ph - kh + 1, width + 2 * pw - kw + 1
+    taps = _taps(x, 2, kernel, padding, (rows, cols), reverse)
+    # (C, kh*kw*B, rows, cols), laid out as (C, kh*kw, B, rows, cols) -> (C*kh*kw, B*rows*cols). A cat,
+    # not a stack: a stack is a cat and a view, and the delegate copies every view it cannot elide.
+    return torch.cat(taps, dim=1).reshape(channels * kh * kw, batch * rows * cols)
+
+
+def _patches_last(x: torch.Tensor, kernel: tuple[int, int], padding: tuple[int, int], *, reverse: bool = False) -> Any:
+    """`_patches` of the channels-last (B, H, W, C) `x`: (B, rows, cols, kh*kw*C), columns in (kh, kw, C) order."""
+    (kh, kw), (ph, pw) = kernel, padding
+    _, height, width, _ = x.shape
+    rows, cols = height + 2 * ph - kh + 1, width + 2 * pw - kw + 1
+    return torch.cat(_taps(x, 1, kernel, padding, (rows, cols), reverse), dim=-1)
+
+
+def _taps(
+    x: torch.Tensor,
+    dim: int,
+    kernel: tuple[int, int],
+    padding: tuple[int, int],
+    out: tuple[int, int],
+    reverse: bool,
+) -> list[torch.Tensor]:
+    """The kh*kw unit-stride taps of `x` over its spatial dims (`dim`, `dim` + 1), after one zero pad.
+
+    Each row cut once and shared by its kw taps; with `reverse`, read from the last offset back.
+    The pad is constant_pad_nd, not F.pad: in the joint graph F.pad stays aten.pad, which
+    `_merge_duplicates` does not merge.
+    """
+    (kh, kw), (ph, pw), (rows, cols) = kernel, padding, out
+    if ph or pw:
+        x = torch.constant_pad_nd(x, [0, 0] * (x.dim() - 2 - dim) + [pw, pw, ph, ph], 0.0)
+    order_h = range(kh - 1, -1, -1) if reverse else range(kh)
+    order_w = range(kw - 1, -1, -1) if reverse else range(kw)
+    bands = {i: _window(x, dim, i, rows) for i in order_h}
+    return [_window(bands[i], dim + 1, j, cols) for i in order_h for j in order_w]
+
+
+def _merge_duplicates(program: ExportedProgram) -> None:
+    """Merge the joint graph's repeated data-movement ops (same op, same inputs) into the first, in place.
+
+    `_convolution_backward_as_matmul` recomputes each convolution's patches from its input (seen
+    through the joint graph's `alias` of a saved activation) for the weight gradient; the forward
+    computed the same ones, and no pass downstream merges them.
+    """
+    graph = program.graph_module.graph
+    aten = torch.ops.aten
+    pure = {
+        aten.permute.default,
+        aten.constant_pad_nd.default,
+        aten.slice.Tensor,
+        aten.cat.default,
+        aten.view.default,
+        aten._unsafe_view.default,
+        aten.clone.default,
+        aten.alias.default,
+    }
+    seen: dict[Any, torch.fx.Node] = {}
+
+    def key(value: Any) -> Any:
+        if isinstance(value, torch.fx.Node):
+            return ("node", _source(value).name)
+        if isinstance(value, (list, tuple)):
+            return tuple(key(v) for v in value)
+        return repr(value)
+
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in pure:
+            continue
+        if node.target is aten.alias.default:
+            continue  # looked through by `key`
+        signature = (node.target, key(node.args), key(sorted(node.kwargs.items())))
+        first = seen.setdefault(signature, node)
+        if first is not node:
+            node.replace_all_uses_with(first)
+            graph.erase_node(node)
+    graph.lint()
+    program.graph_module.recompile()
+
+
 def _conv2d_as_matmul(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -925,23 +1158,19 @@ def _conv2d_as_matmul(
     batch, channels, height, width = x.shape
     out_channels, _, kh, kw = weight.shape
     rows, cols = (height + 2 * ph - kh) // sh + 1, (width + 2 * pw - kw) // sw + 1
-    # A strided conv's input is cut into whole stride blocks (`_strided_taps`): zero rows and
-    # columns past the last tap, which reads row (kh - 1) + sh * (rows - 1) < height + 2 * ph.
-    extra_h, extra_w = -(height + 2 * ph) % sh, -(width + 2 * pw) % sw
-    # One zero pad; its gradient, a pad by negative amounts (which ExecuTorch 1.5.1's
-    # constant_pad_nd refuses), becomes slices (`_negative_pad_as_slices`).
     x = x.permute(1, 0, 2, 3)  # (C, B, H, W)
-    if ph or pw or extra_h or extra_w:
-        x = F.pad(x, (pw, pw + extra_w, ph, ph + extra_h))
     if (sh, sw) == (1, 1):
-        bands = [_window(x, 2, i, rows) for i in range(kh)]  # each row cut once, shared by its kw taps
-        taps = [_window(band, 3, j, cols) for band in bands for j in range(kw)]
+        patches = _patches(x, (kh, kw), (ph, pw))
     else:
+        # A strided conv's input is cut into whole stride blocks (`_strided_taps`): zero rows and
+        # columns past the last tap, which reads row (kh - 1) + sh * (rows - 1) < height + 2 * ph.
+        # One zero pad; its gradient, a pad by negative amounts (which ExecuTorch 1.5.1's
+        # constant_pad_nd refuses), becomes slices (`_negative_pad_as_slices`).
+        extra_h, extra_w = -(height + 2 * ph) % sh, -(width + 2 * pw) % sw
+        if ph or pw or extra_h or extra_w:
+            x = F.pad(x, (pw, pw + extra_w, ph, ph + extra_h))
         taps = _strided_taps(x, (kh, kw), (sh, sw), (rows, cols))
-    # (C, kh*kw*B, rows, cols), laid out as (C, kh*kw, B, rows, cols) -> (C*kh*kw, B*rows*cols): the
-    # weight's (C, kh, kw) order. A cat, not a stack: a stack is a cat and a view, and the delegate
-    # copies every view it cannot elide.
-    patches = torch.cat(taps, dim=1).reshape(channels * kh * kw, batch * rows * cols)
+        patches = torch.cat(taps, dim=1).reshape(channels * kh * kw, batch * rows * cols)
     out = torch.mm(weight.reshape(out_channels, channels * kh * kw), patches)
     out = out.reshape(out_channels, batch, rows, cols).permute(1, 0, 2, 3)
     return out if bias is None else out + bias.reshape(1, out_channels, 1, 1)

@@ -17,9 +17,9 @@ _TOOLS = {
     ArtifactKind.TORCH: ("torch",),
 }
 
-EXPORTER_REVISION = (
-    "6"  # 4: ExecuTorch convolutions as im2col + mm, linear as mm + add; 5: im2col + bmm; 6: references apart
-)
+# 4: ExecuTorch convolutions as im2col + mm, linear as mm + add; 5: im2col + bmm; 6: references apart;
+# 7: unit-stride convolutions' input gradients by im2col of the output gradient, channels-last patches
+EXPORTER_REVISION = "7"
 
 
 def runtime_versions(kind: ArtifactKind) -> dict[str, str]:

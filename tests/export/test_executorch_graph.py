@@ -23,10 +23,14 @@ from msfusion.edge_runtime.backends.executorch import (
 from msfusion.errors import ArtifactError
 from msfusion.export.cache import CachedArtifact
 from msfusion.export.executorch import (
+    _CHANNELS_LAST_MIN,
     _broadcast_instead_of_expand,
     _contiguous_permute_as_copy,
     _conv2d_as_matmul,
+    _convolution_as_matmul,
+    _convolution_backward_as_matmul,
     _max_pool2d_as_amax,
+    _merge_duplicates,
     _negative_pad_as_slices,
     _pool_before_relu,
     _relu_backward_as_mul,
@@ -73,6 +77,72 @@ def test_conv2d_as_matmul_equals_conv2d_and_its_gradients(kernel: Any, stride: A
     want_grads = torch.autograd.grad(want, inputs, grad)
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("channels", [3, _CHANNELS_LAST_MIN])  # channels-first and channels-last patches
+@pytest.mark.parametrize(
+    ("kernel", "padding", "bias"), [(3, 1, True), (3, 0, False), (1, 0, True), ((3, 5), (2, 1), False)]
+)
+def test_a_unit_stride_convolution_and_its_backward_as_products_equal_the_stock_ops(
+    channels: int, kernel: Any, padding: Any, bias: bool
+) -> None:
+    aten = torch.ops.aten
+    gen = torch.Generator().manual_seed(channels)
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    pads = [padding, padding] if isinstance(padding, int) else list(padding)
+    x = torch.randn(2, channels, 7, 9, generator=gen)
+    weight = torch.randn(channels + 1, channels, kh, kw, generator=gen)
+    b = torch.randn(channels + 1, generator=gen) if bias else None
+    conv_args = ([1, 1], pads, [1, 1], False, [0, 0], 1)
+    want = aten.convolution.default(x, weight, b, *conv_args)
+    got = _convolution_as_matmul(x, weight, b, *conv_args)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    assert got.is_contiguous()  # the joint graph views it as the stock op lays it out
+    grad = torch.randn(want.shape, generator=gen)
+    mask = [True, True, bias]
+    want_grads = aten.convolution_backward.default(grad, x, weight, [channels + 1] if bias else None, *conv_args, mask)
+    got_grads = _convolution_backward_as_matmul(grad, x, weight, None, *conv_args, mask)
+    for g, w in zip(got_grads, want_grads):
+        if w is None:
+            assert g is None
+        else:
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-3)
+    assert _convolution_backward_as_matmul(grad, x, weight, None, *conv_args, [False, True, False])[0] is None
+
+
+def test_a_strided_convolution_backward_is_left_to_autograd() -> None:
+    x, weight = torch.zeros(1, 4, 8, 8), torch.zeros(4, 4, 3, 3)
+    strided = ([2, 2], [1, 1], [1, 1], False, [0, 0], 1)
+    assert _convolution_as_matmul(x, weight, None, *strided) is NotImplemented
+    assert _convolution_backward_as_matmul(torch.zeros(1, 4, 4, 4), x, weight, None, *strided, [True] * 3) is (
+        NotImplemented
+    )
+
+
+def test_the_weight_gradient_reads_the_forward_patches_once_merged() -> None:
+    class ConvLoss(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(_CHANNELS_LAST_MIN, 4, 3, padding=1, bias=False)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+            return (self.conv(x).square().sum(),)
+
+    torch.manual_seed(9)
+    # The input takes no gradient: only the weight's, over the forward's patches.
+    joint, args = _joint(ConvLoss(), torch.randn(2, _CHANNELS_LAST_MIN, 5, 5))
+    joint = joint.run_decompositions(
+        {
+            torch.ops.aten.convolution.default: _convolution_as_matmul,
+            torch.ops.aten.convolution_backward.default: _convolution_backward_as_matmul,
+        }
+    )
+    want = joint.graph_module(*args)
+    assert _ops(joint).count(torch.ops.aten.cat.default) == 2  # the forward's patches, and their recomputation
+    _merge_duplicates(joint)
+    assert _ops(joint).count(torch.ops.aten.cat.default) == 1
+    for g, w in zip(joint.graph_module(*args), want, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
 
 
 def test_unsupported_convolutions_keep_the_stock_op() -> None:
