@@ -263,7 +263,7 @@ def test_a_killed_worker_node_loses_its_devices_at_the_deadline_and_the_run_goes
                     killed.extend(ray_cluster.kill_worker(raylet))
                     killed_in.append(round_idx)
                     return
-            time.sleep(0.02)
+            time.sleep(0.005)
 
     killer = threading.Thread(target=kill_when_every_device_trains, daemon=True)
     killer.start()
@@ -277,9 +277,13 @@ def test_a_killed_worker_node_loses_its_devices_at_the_deadline_and_the_run_goes
     lines = read_metrics(config.out)
     assert [(line["round_idx"], line["merged"]) for line in lines] == [(0, True), (1, True), (2, True)]
     hit = lines[killed_in[0]]
-    assert hit["replies"] == {"dev000": "merged", "dev001": "no reply", "dev002": "merged", "dev003": "no reply"}
+    assert {hit["replies"]["dev000"], hit["replies"]["dev002"]} == {"merged"}
+    # A worker device whose slice was out before the kill landed is merged (a race the poll cannot
+    # close: its one batch trains in milliseconds); the kill still cut the round short of one.
+    lost = sorted(d for d in ("dev001", "dev003") if hit["replies"][d] == "no reply")
+    assert lost and {hit["replies"][d] for d in ("dev001", "dev003")} <= {"merged", "no reply"}, hit["replies"]
     assert hit["timings_s"]["collect_s"] >= deadline_s - 0.5
     for line in lines[killed_in[0] + 1 :]:
         assert line["replies"] == {"dev000": "merged", "dev002": "merged"}
-    assert any("dev001" in f and "no reply" in f for f in summary.failures)
+    assert all(any(d in f and "no reply" in f for f in summary.failures) for d in lost)
     assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in killed)
