@@ -919,10 +919,22 @@ def _max_pool2d_as_amax(
     return windows.permute(0, 1, 2, 4, 3, 5).reshape(batch, channels, rows, cols, kh * kw).amax(dim=-1)
 
 
-def _unit_stride(stride: Sequence[int] | int, padding: Sequence[int] | int, kernel: Sequence[int]) -> bool:
-    """A convolution whose input gradient `_convolution_backward_as_matmul` takes: stride 1, padding <= kernel - 1."""
-    (sh, sw), (ph, pw) = _pair(stride), _pair(padding)
-    return (sh, sw) == (1, 1) and ph <= kernel[0] - 1 and pw <= kernel[1] - 1
+def _after_autograd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    stride: Sequence[int] | int,
+    padding: Sequence[int] | int | str,
+    dilation: Sequence[int] | int,
+    groups: int,
+) -> bool:
+    """Whether a convolution is decomposed in the joint graph: a 2-D, ungrouped, undilated one with stride 1
+    and padding <= kernel - 1 (what `_convolution_backward_as_matmul` takes). One test for the three
+    decompositions, so a convolution left whole before autograd is always decomposed after it.
+    """
+    if isinstance(padding, str) or groups != 1 or x.dim() != 4 or _pair(dilation) != (1, 1):
+        return False
+    (ph, pw), (kh, kw) = _pair(padding), _pair(weight.shape[2:])
+    return _pair(stride) == (1, 1) and ph <= kh - 1 and pw <= kw - 1
 
 
 def _conv2d_before_autograd(
@@ -944,9 +956,8 @@ def _conv2d_before_autograd(
     and its `convolution_backward` in the joint graph becomes im2col of the
     output gradient (`_convolution_backward_as_matmul`).
     """
-    if not isinstance(padding, str) and _pair(dilation) == (1, 1) and groups == 1 and x.dim() == 4:
-        if _unit_stride(stride, padding, weight.shape[2:]):
-            return NotImplemented
+    if _after_autograd(x, weight, stride, padding, dilation, groups):
+        return NotImplemented
     return _conv2d_as_matmul(x, weight, bias, stride, padding, dilation, groups)
 
 
@@ -976,14 +987,11 @@ def _convolution_as_matmul(
     out (a permuted result cannot be viewed); the clone and the permute then become one copy
     (`_contiguous_permute_as_copy`).
     """
-    if transposed or not _unit_stride(stride, padding, weight.shape[2:]):
+    if transposed or not _after_autograd(x, weight, stride, padding, dilation, groups):
         return NotImplemented
     out_channels, channels, kh, kw = weight.shape
     if channels < _CHANNELS_LAST_MIN:
-        out = _conv2d_as_matmul(x, weight, bias, stride, padding, dilation, groups)
-        return NotImplemented if out is NotImplemented else out.contiguous()
-    if groups != 1 or x.dim() != 4 or _pair(dilation) != (1, 1):
-        return NotImplemented
+        return _conv2d_as_matmul(x, weight, bias, stride, padding).contiguous()
     patches = _patches_last(x.permute(0, 2, 3, 1), (kh, kw), _pair(padding))
     out = F.linear(patches, weight.permute(0, 2, 3, 1).reshape(out_channels, kh * kw * channels), bias)
     return out.permute(0, 3, 1, 2).contiguous()
@@ -1012,16 +1020,9 @@ def _convolution_backward_as_matmul(
     patches (recomputed here, in the forward's layout; `_merge_duplicates` makes them the forward's).
     Patches of >= `_CHANNELS_LAST_MIN` channels are channels-last, as in `_convolution_as_matmul`.
     """
-    kernel = weight.shape[2:]
-    if (
-        transposed
-        or groups != 1
-        or x.dim() != 4
-        or _pair(dilation) != (1, 1)
-        or not _unit_stride(stride, padding, kernel)
-    ):
+    if transposed or not _after_autograd(x, weight, stride, padding, dilation, groups):
         return NotImplemented
-    (ph, pw), (kh, kw) = _pair(padding), _pair(kernel)
+    (ph, pw), (kh, kw) = _pair(padding), _pair(weight.shape[2:])
     out_channels, channels = weight.shape[:2]
     batch, _, rows, cols = grad.shape
     grad_input = grad_weight = grad_bias = None
@@ -1054,21 +1055,16 @@ def _patches(x: torch.Tensor, kernel: tuple[int, int], padding: tuple[int, int],
     One zero pad, each row cut once and shared by its kw taps, one cat: rows in the weight's (C, kh, kw)
     order, or with `reverse` the taps read from the last offset back (an input gradient's flipped kernel).
     """
-    (kh, kw), (ph, pw) = kernel, padding
-    channels, batch, height, width = x.shape
-    rows, cols = height + 2 * ph - kh + 1, width + 2 * pw - kw + 1
-    taps = _taps(x, 2, kernel, padding, (rows, cols), reverse)
+    taps = _taps(x, 2, kernel, padding, reverse)
+    channels, batch, rows, cols = taps[0].shape
     # (C, kh*kw*B, rows, cols), laid out as (C, kh*kw, B, rows, cols) -> (C*kh*kw, B*rows*cols). A cat,
     # not a stack: a stack is a cat and a view, and the delegate copies every view it cannot elide.
-    return torch.cat(taps, dim=1).reshape(channels * kh * kw, batch * rows * cols)
+    return torch.cat(taps, dim=1).reshape(channels * len(taps), batch * rows * cols)
 
 
 def _patches_last(x: torch.Tensor, kernel: tuple[int, int], padding: tuple[int, int], *, reverse: bool = False) -> Any:
     """`_patches` of the channels-last (B, H, W, C) `x`: (B, rows, cols, kh*kw*C), columns in (kh, kw, C) order."""
-    (kh, kw), (ph, pw) = kernel, padding
-    _, height, width, _ = x.shape
-    rows, cols = height + 2 * ph - kh + 1, width + 2 * pw - kw + 1
-    return torch.cat(_taps(x, 1, kernel, padding, (rows, cols), reverse), dim=-1)
+    return torch.cat(_taps(x, 1, kernel, padding, reverse), dim=-1)
 
 
 def _taps(
@@ -1076,7 +1072,6 @@ def _taps(
     dim: int,
     kernel: tuple[int, int],
     padding: tuple[int, int],
-    out: tuple[int, int],
     reverse: bool,
 ) -> list[torch.Tensor]:
     """The kh*kw unit-stride taps of `x` over its spatial dims (`dim`, `dim` + 1), after one zero pad.
@@ -1085,7 +1080,8 @@ def _taps(
     The pad is constant_pad_nd, not F.pad: in the joint graph F.pad stays aten.pad, which
     `_merge_duplicates` does not merge.
     """
-    (kh, kw), (ph, pw), (rows, cols) = kernel, padding, out
+    (kh, kw), (ph, pw) = kernel, padding
+    rows, cols = x.shape[dim] + 2 * ph - kh + 1, x.shape[dim + 1] + 2 * pw - kw + 1
     if ph or pw:
         x = torch.constant_pad_nd(x, [0, 0] * (x.dim() - 2 - dim) + [pw, pw, ph, ph], 0.0)
     order_h = range(kh - 1, -1, -1) if reverse else range(kh)
@@ -1111,8 +1107,7 @@ def _merge_duplicates(program: ExportedProgram) -> None:
         aten.view.default,
         aten._unsafe_view.default,
         aten.clone.default,
-        aten.alias.default,
-    }
+    }  # not alias: `key` looks through it
     seen: dict[Any, torch.fx.Node] = {}
 
     def key(value: Any) -> Any:
@@ -1125,8 +1120,6 @@ def _merge_duplicates(program: ExportedProgram) -> None:
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target not in pure:
             continue
-        if node.target is aten.alias.default:
-            continue  # looked through by `key`
         signature = (node.target, key(node.args), key(sorted(node.kwargs.items())))
         first = seen.setdefault(signature, node)
         if first is not node:
